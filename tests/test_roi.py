@@ -6,19 +6,17 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
-from pyproj import Transformer
 from shapely import box
 
 from tessera.errors import UserError
-from tessera.grid import tile_at
+from tessera.grid import reproject, tile_at
 from tessera.roi import rasterize_roi, read_roi, read_roi_mask, write_roi_mask
 
 ROI_LONLAT = box(6.01, 52.02, 6.03, 52.03)
 
 
 def _utm(geometry, epsg=32632):
-    to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
-    return shapely.ops.transform(to_utm.transform, geometry.segmentize(0.001))
+    return reproject(geometry, 4326, epsg, densify=0.001)
 
 
 def _write_vector(path, geometries, crs, driver):

@@ -19,7 +19,8 @@ from functools import cached_property
 from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.windows import Window
-from shapely import box, ops
+import shapely
+from shapely import box
 from shapely.geometry.base import BaseGeometry
 
 from tessera.errors import UserError
@@ -119,8 +120,7 @@ class Tile:
 
     def project(self, geometry_lonlat: BaseGeometry) -> BaseGeometry:
         """A WGS84 geometry in this tile's UTM coordinates (densified, so edges stay true)."""
-        to_utm = Transformer.from_crs(4326, self.epsg, always_xy=True)
-        return ops.transform(to_utm.transform, geometry_lonlat.segmentize(_DENSIFY_DEGREES))
+        return reproject(geometry_lonlat, 4326, self.epsg, densify=_DENSIFY_DEGREES)
 
     def pixel_box(self, window: Window) -> BaseGeometry:
         """The footprint of a pixel window in this tile's UTM coordinates."""
@@ -129,6 +129,12 @@ class Tile:
 
     def __str__(self) -> str:
         return self.name
+
+
+def reproject(geometry: BaseGeometry, src_crs, dst_crs, *, densify: float) -> BaseGeometry:
+    """Reproject a geometry, first densifying it (segments of at most ``densify`` source units)."""
+    transformer = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
+    return shapely.transform(geometry.segmentize(densify), transformer.transform, interleaved=False)
 
 
 def tile_at(lon: float, lat: float) -> Tile:

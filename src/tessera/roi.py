@@ -15,12 +15,12 @@ import pyogrio
 import rasterio
 import rasterio.features
 import shapely
-from pyproj import CRS, Transformer
-from shapely import box, ops
+from pyproj import CRS
+from shapely import box
 from shapely.geometry.base import BaseGeometry
 
 from tessera.errors import UserError
-from tessera.grid import Tile
+from tessera.grid import Tile, reproject
 from tessera.io import atomic_path
 
 _NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
@@ -98,10 +98,8 @@ def _read_raster_mask(path: Path) -> tuple[BaseGeometry, CRS]:
 def _to_lonlat(geometry: BaseGeometry, crs: CRS) -> BaseGeometry:
     if crs.equals(CRS.from_epsg(4326)):
         return geometry
-    to_lonlat = Transformer.from_crs(crs, 4326, always_xy=True)
     # Densify in the source CRS so that long straight edges stay true after reprojection.
-    step = 100.0 if crs.is_projected else 0.001
-    return ops.transform(to_lonlat.transform, geometry.segmentize(step))
+    return reproject(geometry, crs, 4326, densify=100.0 if crs.is_projected else 0.001)
 
 
 def rasterize_roi(roi_lonlat: BaseGeometry, tile: Tile) -> np.ndarray:
