@@ -116,7 +116,7 @@ class Tile:
         return Window(0, 0, self.width, self.height)
 
     def window_transform(self, window: Window) -> Affine:
-        return self.transform * Affine.translation(window.col_off, window.row_off)
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
 
     def project(self, geometry_lonlat: BaseGeometry) -> BaseGeometry:
         """A WGS84 geometry in this tile's UTM coordinates (densified, so edges stay true)."""

@@ -1,0 +1,87 @@
+import pytest
+import yaml
+
+from tessera import config as cfg
+from tessera.errors import UserError
+from tessera.plan import make_plan
+
+DEMO_ROI = "5.992,52.040,6.008,52.046"
+
+
+def test_defaults_are_filled():
+    config = cfg.validate({"roi": DEMO_ROI, "year": 2024})
+    assert config["source"] == "demo"
+    assert config["model"] == {"family": "v2", "checkpoint": "demo", "trust_checkpoint": False}
+    assert config["patch_size"] == 512 and config["output_dir"] == "results" and config["device"] == "auto"
+    assert config["fetch"]["min_coverage_pct"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"yeer": 2024}, "unknown key 'yeer'"),
+        ({"model": {"famly": "v2"}}, "unknown key 'famly' in 'model'"),
+        ({"year": 2030}, "config key 'year': 2030 is greater than the maximum of 2025"),
+        ({"year": 2016}, "config key 'year': 2016 is less than the minimum of 2017"),
+        ({"year": "2024"}, "config key 'year': '2024' is not of type integer"),
+        ({"source": "sentinelhub"}, "config key 'source': 'sentinelhub' is not one of demo"),
+        ({"model": {"family": "v3"}}, "config key 'model.family': 'v3' is not one of v2, v1.0, v1.0-qat, v1.1"),
+        ({"device": "tpu"}, "config key 'device'"),
+        ({"patch_size": 8}, "config key 'patch_size'"),
+    ],
+)
+def test_bad_values_name_the_key(bad, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        cfg.validate(cfg.merge({"roi": DEMO_ROI, "year": 2024}, bad))
+
+
+def test_missing_required_key():
+    with pytest.raises(UserError, match="'roi' is required"):
+        cfg.validate({"year": 2024})
+
+
+def test_config_files_merge_like_snakemake(tmp_path):
+    base, over = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    base.write_text(yaml.safe_dump({"roi": DEMO_ROI, "year": 2024, "model": {"family": "v2", "checkpoint": "x.pt"}}))
+    over.write_text(yaml.safe_dump({"model": {"checkpoint": "y.pt"}}))
+    config = cfg.load([base, over])
+    assert config["model"] == {"family": "v2", "checkpoint": "y.pt", "trust_checkpoint": False}
+    with pytest.raises(UserError, match="does not exist"):
+        cfg.load([tmp_path / "missing.yaml"])
+    (tmp_path / "bad.yaml").write_text("roi: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        cfg.load([tmp_path / "bad.yaml"])
+
+
+def test_shipped_configs_are_valid():
+    for path in ["config/config.yaml", "config/demo.yaml"]:
+        cfg.load([path])
+
+
+def test_plan_of_the_demo_roi():
+    plan = make_plan(cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32}))
+    assert [t.name for t in plan.tiles] == ["grid_5.95_52.05", "grid_6.05_52.05"]
+    counts = plan.job_counts()
+    assert counts["fetch_s2"] == 2 and counts["infer"] == sum(len(t.patches) for t in plan.tiles) >= 4
+    for tile in plan.tiles:
+        covered = sum(p.width * p.height for p in tile.patches)
+        assert covered == tile.window.width * tile.window.height
+
+
+def test_an_l_shaped_roi_skips_empty_patches(tmp_path):
+    import json
+
+    import shapely
+    from shapely import box
+
+    l_shape = shapely.union_all([box(6.01, 52.01, 6.02, 52.03), box(6.01, 52.01, 6.03, 52.02)])
+    path = tmp_path / "l.geojson"
+    path.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(l_shape)}))
+    (tile,) = make_plan(cfg.validate({"roi": str(path), "year": 2024, "patch_size": 64})).tiles
+    all_patches = (tile.window.width // 64 + 1) * (tile.window.height // 64 + 1)
+    assert 0 < len(tile.patches) < all_patches
+
+
+def test_max_tiles_guard():
+    with pytest.raises(UserError, match="more than max_tiles=2000"):
+        make_plan(cfg.validate({"roi": "0,40,10,50", "year": 2024}))
