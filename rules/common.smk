@@ -1,0 +1,86 @@
+# Config validation, the parse-time plan and path helpers shared by every rule.
+import sys
+
+from tessera import config as tessera_config
+from tessera.errors import UserError
+from tessera.grid import patch_name
+from tessera.plan import make_plan
+
+try:
+    CFG = tessera_config.validate(config)
+    PLAN = make_plan(CFG)
+except UserError as error:
+    # One line naming the bad input, not a traceback.
+    print(f"tessera: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+YEAR = CFG["year"]
+WORK = f"{CFG['work_dir']}/{YEAR}"
+OUT = CFG["output_dir"]
+FAMILY = CFG["model"]["family"]
+TILES = [t.name for t in PLAN.tiles]
+EMBED_DIR = f"{OUT}/global_0.1_degree_representation/{YEAR}"
+LANDMASK_DIR = f"{OUT}/global_0.1_degree_tiff_all"
+ENV = "../envs/tessera.yaml"
+
+
+wildcard_constraints:
+    tile=r"grid_-?\d+\.\d5_-?\d+\.\d5",
+    patch=r"r\d+_c\d+",
+
+
+def window_arg(window):
+    return f"{window.col_off},{window.row_off},{window.width},{window.height}"
+
+
+def tile_window(wildcards):
+    return window_arg(PLAN.by_name[wildcards.tile].window)
+
+
+def patch_window(wildcards):
+    return window_arg(PLAN.by_name[wildcards.tile].patch(wildcards.patch))
+
+
+def tile_patches(wildcards):
+    tile = PLAN.by_name[wildcards.tile]
+    return [f"{WORK}/{tile.name}/patches/{patch_name(p)}.npy" for p in tile.patches]
+
+
+def checkpoint_path():
+    if CFG["model"]["checkpoint"] == "demo":
+        return f"{CFG['work_dir']}/demo/checkpoint-{FAMILY}.pt"
+    return CFG["model"]["checkpoint"]
+
+
+def roi_input():
+    """The ROI file as an input (so editing it reruns what depends on it); nothing for a bbox."""
+    from tessera.roi import is_bbox
+
+    return [] if is_bbox(CFG["roi"]) else [CFG["roi"]]
+
+
+def fetch_inputs(wildcards):
+    inputs = {"roi_mask": f"{WORK}/{wildcards.tile}/roi.tif"}
+    if CFG["source"] == "demo":
+        inputs["catalog"] = rules.demo_catalog.output[0]
+    return inputs
+
+
+def fetch_options(sensor):
+    fetch = CFG["fetch"]
+    options = f"--min-coverage-pct {fetch['min_coverage_pct']} --min-scenes {fetch['min_scenes']}"
+    if sensor == "s2":
+        options += f" --s2-resampling {fetch['s2_resampling']}"
+    if CFG["source"] == "demo":
+        options += f" --demo-catalog {rules.demo_catalog.output[0]}"
+    return options
+
+
+def all_outputs():
+    outputs = expand(f"{EMBED_DIR}/{{tile}}/{{tile}}.npy", tile=TILES)
+    outputs += expand(f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy", tile=TILES)
+    outputs += expand(f"{LANDMASK_DIR}/{{tile}}.tiff", tile=TILES)
+    if CFG["export"]["cog"]:
+        outputs += expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES)
+    outputs.append(f"{OUT}/tessera_metadata.json")
+    return outputs

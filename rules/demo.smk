@@ -1,0 +1,30 @@
+# The embedded demo: synthetic scenes behind a local STAC API, and seeded random weights.
+
+
+rule demo_catalog:
+    output:
+        f"{CFG['work_dir']}/demo/{YEAR}/catalog.json",
+    params:
+        roi=CFG["roi"],
+        year=YEAR,
+    log:
+        f"logs/demo_catalog/{YEAR}.log",
+    benchmark:
+        f"logs/benchmarks/demo_catalog/{YEAR}.tsv"
+    conda:
+        ENV
+    shell:
+        "tessera demo-catalog --roi '{params.roi}' --year {params.year} --out {output} 2> {log}"
+
+
+rule demo_checkpoint:
+    output:
+        f"{CFG['work_dir']}/demo/checkpoint-{{family}}.pt",
+    log:
+        "logs/demo_checkpoint/{family}.log",
+    benchmark:
+        "logs/benchmarks/demo_checkpoint/{family}.tsv"
+    conda:
+        ENV
+    shell:
+        "tessera demo-checkpoint --family {wildcards.family} --out {output} 2> {log}"

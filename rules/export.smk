@@ -1,0 +1,67 @@
+# Per tile: int8 + scales in geotessera's layout, landmask, float32 COG; the dataset sidecar.
+
+
+rule assemble:
+    input:
+        patches=tile_patches,
+        roi_mask=f"{WORK}/{{tile}}/roi.tif",
+    output:
+        embedding=f"{EMBED_DIR}/{{tile}}/{{tile}}.npy",
+        scales=f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy",
+        checksums=f"{EMBED_DIR}/{{tile}}/SHA256",
+        landmask=f"{LANDMASK_DIR}/{{tile}}.tiff",
+    params:
+        family=FAMILY,
+    log:
+        "logs/assemble/{tile}.log",
+    benchmark:
+        "logs/benchmarks/assemble/{tile}.tsv"
+    conda:
+        ENV
+    shell:
+        "tessera assemble --tile {wildcards.tile} --family {params.family} --roi-mask {input.roi_mask}"
+        " --embedding {output.embedding} --scales {output.scales} --checksums {output.checksums}"
+        " --landmask {output.landmask} {input.patches} 2> {log}"
+
+
+rule export_cog:
+    input:
+        embedding=rules.assemble.output.embedding,
+        scales=rules.assemble.output.scales,
+        landmask=rules.assemble.output.landmask,
+        checkpoint=checkpoint_path(),
+    output:
+        f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif",
+    params:
+        tags=f"--tag TESSERA_MODEL={FAMILY} --tag TESSERA_SOURCE={CFG['source']} --tag TESSERA_YEAR={YEAR}",
+    log:
+        "logs/export_cog/{tile}.log",
+    benchmark:
+        "logs/benchmarks/export_cog/{tile}.tsv"
+    conda:
+        ENV
+    shell:
+        "tessera export-cog --embedding {input.embedding} --scales {input.scales} --landmask {input.landmask}"
+        " --checkpoint {input.checkpoint} {params.tags} --out {output} 2> {log}"
+
+
+rule metadata:
+    input:
+        checkpoint=checkpoint_path(),
+        embeddings=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}.npy", tile=TILES),
+    output:
+        f"{OUT}/tessera_metadata.json",
+    params:
+        family=FAMILY,
+        variant=CFG["export"]["variant"],
+        source=CFG["source"],
+        year=YEAR,
+    log:
+        "logs/metadata.log",
+    benchmark:
+        "logs/benchmarks/metadata.tsv"
+    conda:
+        ENV
+    shell:
+        "tessera metadata --family {params.family} --variant {params.variant} --checkpoint {input.checkpoint}"
+        " --source {params.source} --year {params.year} --out {output} {input.embeddings} 2> {log}"

@@ -1,0 +1,256 @@
+"""The `tessera` command: planning, and one sub-command per workflow stage.
+
+Snakemake rules call these sub-commands with explicit arguments; users call `tessera plan` to see
+what a config will do. Mistakes a user can fix end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rasterio.windows import Window
+
+from tessera import __version__
+from tessera.errors import UserError
+
+log = logging.getLogger("tessera")
+
+
+def _window(text: str) -> Window:
+    """A pixel window written as col_off,row_off,width,height."""
+    try:
+        col, row, width, height = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not col_off,row_off,width,height") from None
+    return Window(col, row, width, height)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from tessera import config
+    from tessera.plan import make_plan
+
+    plan = make_plan(config.load(args.config))
+    cfg = plan.config
+    print(f"ROI {cfg['roi']}  year {cfg['year']}  source {cfg['source']}  model {cfg['model']['family']}")
+    print(f"{'tile':<20} {'EPSG':>6} {'tile px':>11} {'work window (col,row,w,h)':>28} {'patches':>8}")
+    for t in plan.tiles:
+        w = t.window
+        print(f"{t.name:<20} {t.tile.epsg:>6} {t.tile.width:>5}x{t.tile.height:<5} "
+              f"{f'{w.col_off},{w.row_off},{w.width},{w.height}':>28} {len(t.patches):>8}")
+    pixels = sum(t.window.width * t.window.height for t in plan.tiles)
+    print(f"{len(plan.tiles)} tiles, {sum(len(t.patches) for t in plan.tiles)} patches, {pixels:,} pixels in work windows")
+    counts = plan.job_counts()
+    print("jobs: " + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items())) + f"; total {sum(counts.values())}")
+
+
+def cmd_roi_mask(args: argparse.Namespace) -> None:
+    from tessera.grid import Tile
+    from tessera.roi import read_roi, write_roi_mask
+
+    write_roi_mask(read_roi(args.roi), Tile.from_name(args.tile), args.out)
+
+
+def cmd_demo_catalog(args: argparse.Namespace) -> None:
+    from tessera.demo import generate_catalog
+    from tessera.roi import read_roi
+
+    out = Path(args.out)
+    generate_catalog(out.parent, args.year, read_roi(args.roi).bounds, seed=args.seed)
+
+
+def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
+    from tessera.models import make_demo_checkpoint
+
+    make_demo_checkpoint(args.out, family=args.family, seed=args.seed)
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from tessera import fetch
+    from tessera.grid import Tile
+    from tessera.roi import read_roi_mask
+    from tessera.sources import open_source
+
+    tile = Tile.from_name(args.tile)
+    roi_mask = read_roi_mask(args.roi_mask, window=args.window)
+    fetcher = fetch.fetch_s2 if args.sensor == "s2" else fetch.fetch_s1
+    options = dict(roi_mask=roi_mask, min_coverage_pct=args.min_coverage_pct, min_scenes=args.min_scenes,
+                   search_cache=Path(args.out).with_name(f"search_{args.sensor}.json"))
+    if args.sensor == "s2":
+        options["resampling"] = args.s2_resampling
+    with open_source({"name": args.source}, demo_catalog=args.demo_catalog) as source:
+        fetcher(tile, args.window, args.year, source, Path(args.out), **options)
+
+
+def cmd_stack(args: argparse.Namespace) -> None:
+    from tessera.stack import write_stack_index
+
+    write_stack_index(Path(args.s2), Path(args.s1), Path(args.out))
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from tessera.infer import embed_stack_patch
+
+    embed_stack_patch(
+        Path(args.stack), args.patch, roi_mask_path=Path(args.roi_mask), checkpoint=Path(args.checkpoint),
+        family=args.family, trust_checkpoint=args.trust_checkpoint, device=args.device, seed=args.seed,
+        batch_pixels=args.batch_pixels, threads=args.threads, out=Path(args.out),
+    )
+
+
+def cmd_assemble(args: argparse.Namespace) -> None:
+    from tessera.assemble import assemble_tile
+
+    assemble_tile(
+        args.tile, [Path(p) for p in args.patches], family=args.family, roi_mask_path=Path(args.roi_mask),
+        embedding_path=Path(args.embedding), scales_path=Path(args.scales),
+        checksums_path=Path(args.checksums), landmask_path=Path(args.landmask),
+    )
+
+
+def cmd_export_cog(args: argparse.Namespace) -> None:
+    from tessera.export import write_tile_cog
+    from tessera.models import checkpoint_sha256
+
+    tags = dict(t.split("=", 1) for t in args.tag)
+    tags["TESSERA_CHECKPOINT_SHA256"] = checkpoint_sha256(Path(args.checkpoint))
+    write_tile_cog(Path(args.embedding), Path(args.scales), Path(args.landmask), Path(args.out), tags=tags)
+
+
+def cmd_metadata(args: argparse.Namespace) -> None:
+    from tessera.export import write_metadata
+
+    write_metadata(Path(args.out), family=args.family, variant=args.variant, checkpoint=Path(args.checkpoint),
+                   source=args.source, year=args.year, embeddings=[Path(p) for p in args.embeddings])
+
+
+def cmd_embed_patch(args: argparse.Namespace) -> None:
+    from tessera.infer import embed_reference_patch
+
+    embed_reference_patch(Path(args.patch_dir), Path(args.checkpoint), args.family, Path(args.out),
+                          data_source=args.data_source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tessera-workflow {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="print the tiles, patches and job counts a config will produce")
+    p.add_argument("--config", action="append", required=True, metavar="FILE",
+                   help="config YAML; repeat to merge several in order, like snakemake --configfile")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("roi-mask", help="(rule roi_mask) rasterise the ROI onto a tile grid")
+    p.add_argument("--roi", required=True)
+    p.add_argument("--tile", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_roi_mask)
+
+    p = sub.add_parser("demo-catalog", help="(rule demo_catalog) generate the synthetic demo scenes and STAC catalog")
+    p.add_argument("--roi", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="path of the catalog.json to write")
+    p.set_defaults(func=cmd_demo_catalog)
+
+    p = sub.add_parser("demo-checkpoint", help="(rule demo_checkpoint) write seeded random weights in a published layout")
+    p.add_argument("--family", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_demo_checkpoint)
+
+    p = sub.add_parser("fetch", help="(rules fetch_s2, fetch_s1) search and read a tile's scenes into its stack")
+    p.add_argument("sensor", choices=["s2", "s1"])
+    p.add_argument("--tile", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--window", type=_window, required=True, help="work window col_off,row_off,width,height")
+    p.add_argument("--roi-mask", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--demo-catalog")
+    p.add_argument("--min-coverage-pct", type=float, default=0.01)
+    p.add_argument("--min-scenes", type=int, default=1)
+    p.add_argument("--s2-resampling", choices=["bilinear", "nearest"], default="bilinear")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("stack", help="(rule stack) verify a tile's S2 and S1 stacks and index them")
+    p.add_argument("--s2", required=True)
+    p.add_argument("--s1", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("infer", help="(rule infer) embed one patch of a tile's stack")
+    p.add_argument("--stack", required=True, help="the tile's stack.json")
+    p.add_argument("--patch", type=_window, required=True, help="patch window col_off,row_off,width,height (tile pixels)")
+    p.add_argument("--roi-mask", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--family")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary pickles")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-pixels", type=int, default=4096)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("assemble", help="(rule assemble) patches -> int8 tile + scales in geotessera's layout")
+    p.add_argument("--tile", required=True)
+    p.add_argument("--family", required=True)
+    p.add_argument("--roi-mask", required=True)
+    p.add_argument("--embedding", required=True, help="int8 (H, W, D) .npy to write")
+    p.add_argument("--scales", required=True, help="float32 (H, W) .npy to write")
+    p.add_argument("--checksums", required=True, help="sha256sum-style file to write")
+    p.add_argument("--landmask", required=True, help="landmask GeoTIFF to write")
+    p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npy")
+    p.set_defaults(func=cmd_assemble)
+
+    p = sub.add_parser("export-cog", help="(rule export_cog) float32 Cloud-Optimized GeoTIFF of a tile")
+    p.add_argument("--embedding", required=True)
+    p.add_argument("--scales", required=True)
+    p.add_argument("--landmask", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_cog)
+
+    p = sub.add_parser("metadata", help="(rule metadata) write tessera_metadata.json")
+    p.add_argument("--family", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("embeddings", nargs="+", help="the tiles' embedding .npy files")
+    p.set_defaults(func=cmd_metadata)
+
+    p = sub.add_parser("embed-patch", help="embed one directory in the reference per-patch layout")
+    p.add_argument("patch_dir")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--family")
+    p.add_argument("--data-source", choices=["mpc", "aws"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_embed_patch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"tessera: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tessera: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
