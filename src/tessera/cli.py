@@ -112,10 +112,10 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 def cmd_export_cog(args: argparse.Namespace) -> None:
     from tessera.export import write_tile_cog
-    from tessera.models import checkpoint_sha256
+    from tessera.io import sha256_file
 
     tags = dict(t.split("=", 1) for t in args.tag)
-    tags["TESSERA_CHECKPOINT_SHA256"] = checkpoint_sha256(Path(args.checkpoint))
+    tags["TESSERA_CHECKPOINT_SHA256"] = sha256_file(args.checkpoint)
     write_tile_cog(Path(args.embedding), Path(args.scales), Path(args.landmask), Path(args.out), tags=tags)
 
 

@@ -37,3 +37,14 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints can be gigabytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,74 @@
+"""Patch embeddings -> one tile in geotessera's layout: int8 codes + per-pixel float32 scales.
+
+Memory stays bounded by the patch size: codes go straight into a memory-mapped .npy and each patch
+is quantised on its own. Pixels without an embedding (outside the ROI, or no valid observation)
+get code 0 and scale NaN, which geotessera dequantises to NaN.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tessera.errors import UserError
+from tessera.grid import Tile
+from tessera.io import atomic_path, sha256_file
+
+_PATCH_NAME = re.compile(r"^r(\d+)_c(\d+)$")
+
+
+def patch_origin(path: Path) -> tuple[int, int]:
+    """(row_off, col_off) of a patch file named r<row>_c<col>.npy."""
+    match = _PATCH_NAME.match(path.stem)
+    if not match:
+        raise UserError(f"patch file {str(path)!r} is not named r<row>_c<col>.npy")
+    return int(match.group(1)), int(match.group(2))
+
+
+def assemble_tile(
+    tile_name: str,
+    patch_paths: list[Path],
+    *,
+    family: str,
+    roi_mask_path: Path,
+    embedding_path: Path,
+    scales_path: Path,
+    checksums_path: Path,
+    landmask_path: Path,
+) -> None:
+    from tessera.infer import quantize
+    from tessera.models import get_family
+
+    tile = Tile.from_name(tile_name)
+    quantiser = get_family(family)
+    dims = {np.load(p, mmap_mode="r").shape[-1] for p in patch_paths}
+    if len(dims) != 1:
+        raise UserError(f"patches of {tile_name} disagree on the embedding size ({sorted(dims)}): rerun their inference")
+    (dim,) = dims
+    scales = np.full((tile.height, tile.width), np.nan, np.float32)
+    with atomic_path(embedding_path) as tmp_embedding:
+        codes = np.lib.format.open_memmap(tmp_embedding, mode="w+", dtype=np.int8, shape=(tile.height, tile.width, dim))
+        for path in patch_paths:
+            row, col = patch_origin(path)
+            embedding = np.load(path)
+            height, width = embedding.shape[:2]
+            if row + height > tile.height or col + width > tile.width:
+                raise UserError(f"patch {str(path)!r} reaches outside tile {tile_name}: it belongs to another tile")
+            patch_codes, patch_scales = quantize(embedding, quantiser)
+            codes[row:row + height, col:col + width] = patch_codes
+            scales[row:row + height, col:col + width] = patch_scales
+        codes.flush()
+        del codes
+        with atomic_path(scales_path) as tmp_scales:
+            np.save(tmp_scales, scales)
+            # The landmask doubles as the ROI mask: 1 where the tile has (or should have) embeddings.
+            with atomic_path(landmask_path) as tmp_landmask:
+                shutil.copyfile(roi_mask_path, tmp_landmask)
+                with atomic_path(checksums_path) as tmp_checksums:
+                    tmp_checksums.write_text(
+                        f"{sha256_file(tmp_embedding)}  {embedding_path.name}\n"
+                        f"{sha256_file(tmp_scales)}  {scales_path.name}\n"
+                    )
