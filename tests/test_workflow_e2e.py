@@ -1,0 +1,85 @@
+"""The whole workflow end to end on a tiny demo config: STAC fetch, stack, inference, exports."""
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+from conftest import job_stats, run_snakemake
+from tessera.grid import Tile
+from tessera.roi import rasterize_roi, read_roi
+
+pytestmark = pytest.mark.slow
+
+# Two tiles either side of the UTM 31/32 edge, a few hundred pixels in all.
+TINY_ROI = "5.998,52.040,6.002,52.042"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    config = workdir / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"roi": TINY_ROI, "year": 2024, "source": "demo", "patch_size": 16,
+                                      "model": {"family": "v2", "checkpoint": "demo"}, "device": "cpu"}))
+    result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir, config, result
+
+
+def test_all_stages_ran(demo_run):
+    _, _, result = demo_run
+    stats = job_stats(result.stdout)
+    for rule in ["demo_catalog", "demo_checkpoint", "fetch_s2", "fetch_s1", "stack", "infer", "assemble", "export_cog"]:
+        assert stats[rule] >= 1, rule
+    assert stats["fetch_s2"] == 2 and stats["infer"] >= 4
+
+
+def test_geotessera_layout_and_no_data(demo_run):
+    workdir, _, _ = demo_run
+    roi = read_roi(TINY_ROI)
+    metadata = json.loads((workdir / "results/tessera_metadata.json").read_text())
+    assert metadata["dataset_version"] == "2.0" and metadata["dataset_variant"] == "local"
+    assert len(metadata["checkpoint_sha256"]) == 64
+    for name in ["grid_5.95_52.05", "grid_6.05_52.05"]:
+        tile = Tile.from_name(name)
+        folder = workdir / "results/global_0.1_degree_representation/2024" / name
+        codes = np.load(folder / f"{name}.npy")
+        scales = np.load(folder / f"{name}_scales.npy")
+        assert codes.dtype == np.int8 and codes.shape[:2] == (tile.height, tile.width) and codes.flags.c_contiguous
+        assert scales.dtype == np.float32 and scales.shape == (tile.height, tile.width)
+        inside = rasterize_roi(roi, tile) > 0
+        assert np.isnan(scales[~inside]).all() and (codes[~inside] == 0).all()
+        valid = np.isfinite(scales)
+        assert valid.sum() > 0.9 * inside.sum()  # synthetic scenes leave few pixels unobserved
+        assert ((scales[valid] > 0) & (scales[valid] < 1)).all()
+        with rasterio.open(workdir / "results/global_0.1_degree_tiff_all" / f"{name}.tiff") as landmask:
+            assert landmask.crs.to_epsg() == tile.epsg and landmask.transform == tile.transform
+            np.testing.assert_array_equal(landmask.read(1) > 0, inside)
+        checksums = (folder / "SHA256").read_text().split()
+        assert checksums[1] == f"{name}.npy" and checksums[3] == f"{name}_scales.npy"
+
+
+def test_cog_matches_dequantised_tile(demo_run):
+    workdir, _, _ = demo_run
+    name = "grid_6.05_52.05"
+    folder = workdir / "results/global_0.1_degree_representation/2024" / name
+    dequantised = np.load(folder / f"{name}.npy").astype(np.float32) * np.load(folder / f"{name}_scales.npy")[..., None]
+    with rasterio.open(workdir / f"results/cog/2024/{name}_2024.tif") as cog:
+        assert cog.crs.to_epsg() == 32632 and np.isnan(cog.nodata)
+        assert cog.descriptions[0] == "Tessera_Band_0" and cog.overviews(1)
+        assert cog.tags()["TESSERA_MODEL"] == "v2"
+        rows, cols = np.nonzero(np.isfinite(dequantised[..., 0]))
+        window = rasterio.windows.Window(cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1)
+        data = np.moveaxis(cog.read(window=window), 0, -1)
+    expected = dequantised[window.row_off:window.row_off + window.height, window.col_off:window.col_off + window.width]
+    np.testing.assert_array_equal(np.isnan(data), np.isnan(expected))
+    np.testing.assert_allclose(data[np.isfinite(data)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_second_run_does_nothing(demo_run):
+    workdir, config, _ = demo_run
+    result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
