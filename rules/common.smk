@@ -29,6 +29,17 @@ wildcard_constraints:
     patch=r"r\d+_c\d+",
 
 
+def grows_with_attempt(base):
+    """A resource (MB or minutes) that grows with each retry, so an OOM or timeout is not repeated."""
+    return lambda wildcards, attempt: base * attempt
+
+
+# Inference holds a patch's whole time series (about 80 steps x P x P x 12 channels, as uint16 and
+# as float32 model inputs): about 8 GB for 512 px patches, less for smaller ones.
+INFER_MEM_MB = max(2000, int(8000 * (CFG["patch_size"] / 512) ** 2))
+INFER_GPUS = 0 if CFG["device"] == "cpu" else 1
+
+
 def window_arg(window):
     return f"{window.col_off},{window.row_off},{window.width},{window.height}"
 

@@ -10,6 +10,9 @@ rule assemble:
         scales=f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy",
         checksums=f"{EMBED_DIR}/{{tile}}/SHA256",
         landmask=f"{LANDMASK_DIR}/{{tile}}.tiff",
+    resources:
+        mem_mb=grows_with_attempt(2000),
+        runtime=grows_with_attempt(30),
     params:
         family=FAMILY,
     log:
@@ -32,6 +35,9 @@ rule export_cog:
         checkpoint=checkpoint_path(),
     output:
         f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif",
+    resources:
+        mem_mb=grows_with_attempt(2000),
+        runtime=grows_with_attempt(30),
     params:
         tags=f"--tag TESSERA_MODEL={FAMILY} --tag TESSERA_SOURCE={CFG['source']} --tag TESSERA_YEAR={YEAR}",
     log:

@@ -6,6 +6,9 @@ rule roi_mask:
         roi_input(),
     output:
         f"{WORK}/{{tile}}/roi.tif",
+    resources:
+        mem_mb=grows_with_attempt(1000),
+        runtime=grows_with_attempt(10),
     params:
         roi=CFG["roi"],
     log:
@@ -27,6 +30,9 @@ for sensor in ("s2", "s1"):
             unpack(fetch_inputs),
         output:
             directory(f"{WORK}/{{tile}}/{sensor}.zarr"),
+        resources:
+            mem_mb=grows_with_attempt(2000),
+            runtime=grows_with_attempt(120),
         params:
             window=tile_window,
             source=CFG["source"],
@@ -50,6 +56,9 @@ rule stack:
         s1=f"{WORK}/{{tile}}/s1.zarr",
     output:
         f"{WORK}/{{tile}}/stack.json",
+    resources:
+        mem_mb=grows_with_attempt(1000),
+        runtime=grows_with_attempt(30),
     log:
         "logs/stack/{tile}.log",
     benchmark:

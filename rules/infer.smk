@@ -16,6 +16,10 @@ rule infer:
         seed=CFG["infer"]["seed"],
         batch_pixels=CFG["infer"]["batch_pixels"],
     threads: 2
+    resources:
+        mem_mb=grows_with_attempt(INFER_MEM_MB),
+        runtime=grows_with_attempt(60),
+        gpu=INFER_GPUS,
     log:
         "logs/infer/{tile}/{patch}.log",
     benchmark:
