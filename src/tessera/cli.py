@@ -133,6 +133,15 @@ def cmd_embed_patch(args: argparse.Namespace) -> None:
                           data_source=args.data_source)
 
 
+def cmd_install_profile(args: argparse.Namespace) -> None:
+    from tessera.profiles import install_profile
+
+    target = install_profile(args.name, cpu_partition=args.cpu_partition, gpu_partition=args.gpu_partition,
+                             account=args.account, qos=args.qos, dest=Path(args.dest) if args.dest else None,
+                             force=args.force)
+    print(f"installed {target}; run: snakemake --profile {args.name} --configfile <your config>")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tessera-workflow {__version__}")
@@ -143,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", required=True, metavar="FILE",
                    help="config YAML; repeat to merge several in order, like snakemake --configfile")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("install-profile", help="install a shipped Snakemake profile for `snakemake --profile NAME`")
+    p.add_argument("name", choices=["slurm"])
+    p.add_argument("--cpu-partition", help="default: $TESSERA_CPU_PARTITION")
+    p.add_argument("--gpu-partition", help="default: $TESSERA_GPU_PARTITION")
+    p.add_argument("--account", help="SLURM account (default: $TESSERA_SLURM_ACCOUNT, else SLURM's default)")
+    p.add_argument("--qos", help="SLURM QoS (default: $TESSERA_SLURM_QOS)")
+    p.add_argument("--dest", help="profile root (default: $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")
+    p.add_argument("--force", action="store_true", help="replace an existing profile of that name")
+    p.set_defaults(func=cmd_install_profile)
 
     p = sub.add_parser("roi-mask", help="(rule roi_mask) rasterise the ROI onto a tile grid")
     p.add_argument("--roi", required=True)

@@ -1,0 +1,70 @@
+"""Snakemake profiles: what a dry-run under each would submit, and installing the SLURM one."""
+
+import os
+
+import pytest
+import yaml
+
+from conftest import REPO, run_snakemake
+from tessera.errors import UserError
+from tessera.profiles import install_profile
+
+
+def _dry_run_resources(tmp_path, *args, env=None):
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        result = run_snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/demo.yaml"), *args)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs, rule = [], None
+    for line in result.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("rule ") and line.endswith(":"):
+            rule = line[5:-1]
+        elif line.startswith("resources:") and rule:
+            jobs.append((rule, dict(kv.split("=", 1) for kv in line[len("resources: "):].split(", "))))
+    return jobs, result
+
+
+def test_slurm_workflow_profile_maps_inference_to_gpu(tmp_path):
+    jobs, result = _dry_run_resources(tmp_path, "--workflow-profile", str(REPO / "profiles/slurm"),
+                                      env={"TESSERA_CPU_PARTITION": "cpuq", "TESSERA_GPU_PARTITION": "gpuq"})
+    by_rule = {}
+    for rule, res in jobs:
+        by_rule.setdefault(rule, []).append(res)
+    assert all(r["slurm_partition"] == "gpuq" and r["gpu"] == "1" for r in by_rule["infer"])
+    for rule in ["fetch_s2", "fetch_s1", "stack", "assemble", "export_cog", "roi_mask"]:
+        assert all(r["slurm_partition"] == "cpuq" and "gpu" not in r for r in by_rule[rule]), rule
+    assert "$" not in result.stdout
+    assert "Group job prep" in result.stdout  # one submission per tile for its preparation
+
+
+def test_installed_profile_is_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    target = install_profile("slurm", cpu_partition="c1", gpu_partition="g1", account="proj")
+    assert target == tmp_path / "cfg/snakemake/slurm/config.yaml"
+    profile = yaml.safe_load(target.read_text())
+    assert profile["default-resources"] == {"slurm_partition": "c1", "slurm_account": "proj"}
+    jobs, _ = _dry_run_resources(tmp_path, "--profile", "slurm")
+    infer = [res for rule, res in jobs if rule == "infer"]
+    assert infer and all(r["slurm_partition"] == "g1" and r["slurm_account"] == "proj" for r in infer)
+
+
+def test_install_profile_refuses_missing_partitions_and_silent_overwrite(tmp_path, monkeypatch):
+    monkeypatch.delenv("TESSERA_CPU_PARTITION", raising=False)
+    monkeypatch.delenv("TESSERA_GPU_PARTITION", raising=False)
+    with pytest.raises(UserError, match="--cpu-partition"):
+        install_profile("slurm", cpu_partition=None, gpu_partition=None, dest=tmp_path)
+    install_profile("slurm", cpu_partition="a", gpu_partition="b", dest=tmp_path)
+    with pytest.raises(UserError, match="--force"):
+        install_profile("slurm", cpu_partition="x", gpu_partition="y", dest=tmp_path)
+    install_profile("slurm", cpu_partition="x", gpu_partition="y", dest=tmp_path, force=True)
+
+
+def test_resources_grow_with_attempt(tmp_path):
+    jobs, _ = _dry_run_resources(tmp_path, "--cores", "2")
+    fetch = next(res for rule, res in jobs if rule == "fetch_s2")
+    assert fetch["mem_mb"] == "2000" and fetch["runtime"] == "120"
