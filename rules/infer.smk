@@ -15,7 +15,7 @@ rule infer:
         device=CFG["device"],
         seed=CFG["infer"]["seed"],
         batch_pixels=CFG["infer"]["batch_pixels"],
-    threads: 2
+    threads: 4
     resources:
         mem_mb=grows_with_attempt(INFER_MEM_MB),
         runtime=grows_with_attempt(60),

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,3 +35,26 @@ def job_stats(output: str) -> dict[str, int]:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# Two tiles either side of the UTM 31/32 edge, a few hundred pixels in all: the whole workflow in
+# about a minute.
+TINY_ROI = "5.998,52.040,6.002,52.042"
+
+
+def write_tiny_config(directory: Path, **overrides) -> Path:
+    config = {"roi": TINY_ROI, "year": 2024, "source": "demo", "patch_size": 16,
+              "model": {"family": "v2", "checkpoint": "demo"}, "device": "cpu", **overrides}
+    path = directory / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_run(tmp_path_factory):
+    """One local run of the tiny demo, shared by the tests that inspect its outputs."""
+    workdir = tmp_path_factory.mktemp("tiny-demo")
+    config = write_tiny_config(workdir)
+    result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir, config, result

@@ -5,39 +5,23 @@ import json
 import numpy as np
 import pytest
 import rasterio
-import yaml
 
-from conftest import job_stats, run_snakemake
+from conftest import TINY_ROI, job_stats, run_snakemake
 from tessera.grid import Tile
 from tessera.roi import rasterize_roi, read_roi
 
 pytestmark = pytest.mark.slow
 
-# Two tiles either side of the UTM 31/32 edge, a few hundred pixels in all.
-TINY_ROI = "5.998,52.040,6.002,52.042"
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e")
-    config = workdir / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"roi": TINY_ROI, "year": 2024, "source": "demo", "patch_size": 16,
-                                      "model": {"family": "v2", "checkpoint": "demo"}, "device": "cpu"}))
-    result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return workdir, config, result
-
-
-def test_all_stages_ran(demo_run):
-    _, _, result = demo_run
+def test_all_stages_ran(tiny_demo_run):
+    _, _, result = tiny_demo_run
     stats = job_stats(result.stdout)
     for rule in ["demo_catalog", "demo_checkpoint", "fetch_s2", "fetch_s1", "stack", "infer", "assemble", "export_cog"]:
         assert stats[rule] >= 1, rule
     assert stats["fetch_s2"] == 2 and stats["infer"] >= 4
 
 
-def test_geotessera_layout_and_no_data(demo_run):
-    workdir, _, _ = demo_run
+def test_geotessera_layout_and_no_data(tiny_demo_run):
+    workdir, _, _ = tiny_demo_run
     roi = read_roi(TINY_ROI)
     metadata = json.loads((workdir / "results/tessera_metadata.json").read_text())
     assert metadata["dataset_version"] == "2.0" and metadata["dataset_variant"] == "local"
@@ -61,8 +45,8 @@ def test_geotessera_layout_and_no_data(demo_run):
         assert checksums[1] == f"{name}.npy" and checksums[3] == f"{name}_scales.npy"
 
 
-def test_cog_matches_dequantised_tile(demo_run):
-    workdir, _, _ = demo_run
+def test_cog_matches_dequantised_tile(tiny_demo_run):
+    workdir, _, _ = tiny_demo_run
     name = "grid_6.05_52.05"
     folder = workdir / "results/global_0.1_degree_representation/2024" / name
     dequantised = np.load(folder / f"{name}.npy").astype(np.float32) * np.load(folder / f"{name}_scales.npy")[..., None]
@@ -78,8 +62,8 @@ def test_cog_matches_dequantised_tile(demo_run):
     np.testing.assert_allclose(data[np.isfinite(data)], expected[np.isfinite(expected)], rtol=1e-6)
 
 
-def test_second_run_does_nothing(demo_run):
-    workdir, config, _ = demo_run
+def test_second_run_does_nothing(tiny_demo_run):
+    workdir, config, _ = tiny_demo_run
     result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
