@@ -1,4 +1,5 @@
 # Config validation, the parse-time plan and path helpers shared by every rule.
+import os
 import sys
 
 from tessera import config as tessera_config
@@ -93,5 +94,5 @@ def all_outputs():
     outputs += expand(f"{LANDMASK_DIR}/{{tile}}.tiff", tile=TILES)
     if CFG["export"]["cog"]:
         outputs += expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES)
-    outputs.append(f"{OUT}/tessera_metadata.json")
+    outputs += [f"{OUT}/tessera_metadata.json", f"{OUT}/manifest.parquet", f"{OUT}/landmasks.parquet"]
     return outputs

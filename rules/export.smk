@@ -51,23 +51,29 @@ rule export_cog:
         " --checkpoint {input.checkpoint} {params.tags} --out {output} 2> {log}"
 
 
-rule metadata:
+rule catalog:
     input:
         checkpoint=checkpoint_path(),
         embeddings=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}.npy", tile=TILES),
+        scales=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy", tile=TILES),
+        landmasks=expand(f"{LANDMASK_DIR}/{{tile}}.tiff", tile=TILES),
     output:
-        f"{OUT}/tessera_metadata.json",
+        metadata=f"{OUT}/tessera_metadata.json",
+        manifest=f"{OUT}/manifest.parquet",
+        registry=f"{OUT}/registry.parquet",
+        landmasks=f"{OUT}/landmasks.parquet",
     params:
         family=FAMILY,
         variant=CFG["export"]["variant"],
         source=CFG["source"],
         year=YEAR,
+        output_dir=lambda wildcards, output: os.path.dirname(output.metadata),
     log:
-        "logs/metadata.log",
+        "logs/catalog.log",
     benchmark:
-        "logs/benchmarks/metadata.tsv"
+        "logs/benchmarks/catalog.tsv"
     conda:
         ENV
     shell:
-        "tessera metadata --family {params.family} --variant {params.variant} --checkpoint {input.checkpoint}"
-        " --source {params.source} --year {params.year} --out {output} {input.embeddings} 2> {log}"
+        "tessera catalog --output-dir {params.output_dir} --family {params.family} --variant {params.variant}"
+        " --checkpoint {input.checkpoint} --source {params.source} --year {params.year} {input.embeddings} 2> {log}"

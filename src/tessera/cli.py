@@ -111,7 +111,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 
 def cmd_export_cog(args: argparse.Namespace) -> None:
-    from tessera.export import write_tile_cog
+    from tessera.export.cog import write_tile_cog
     from tessera.io import sha256_file
 
     tags = dict(t.split("=", 1) for t in args.tag)
@@ -119,11 +119,14 @@ def cmd_export_cog(args: argparse.Namespace) -> None:
     write_tile_cog(Path(args.embedding), Path(args.scales), Path(args.landmask), Path(args.out), tags=tags)
 
 
-def cmd_metadata(args: argparse.Namespace) -> None:
-    from tessera.export import write_metadata
+def cmd_catalog(args: argparse.Namespace) -> None:
+    from tessera.export.geotessera import write_manifests, write_metadata
 
-    write_metadata(Path(args.out), family=args.family, variant=args.variant, checkpoint=Path(args.checkpoint),
-                   source=args.source, year=args.year, embeddings=[Path(p) for p in args.embeddings])
+    output_dir = Path(args.output_dir)
+    write_manifests(output_dir)
+    write_metadata(output_dir / "tessera_metadata.json", family=args.family, variant=args.variant,
+                   checkpoint=Path(args.checkpoint), source=args.source, year=args.year,
+                   embeddings=[Path(p) for p in args.embeddings])
 
 
 def cmd_embed_patch(args: argparse.Namespace) -> None:
@@ -236,15 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_cog)
 
-    p = sub.add_parser("metadata", help="(rule metadata) write tessera_metadata.json")
+    p = sub.add_parser("catalog", help="(rule catalog) manifests and tessera_metadata.json of an output directory")
+    p.add_argument("--output-dir", required=True)
     p.add_argument("--family", required=True)
     p.add_argument("--variant", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--source", required=True)
     p.add_argument("--year", type=int, required=True)
-    p.add_argument("--out", required=True)
     p.add_argument("embeddings", nargs="+", help="the tiles' embedding .npy files")
-    p.set_defaults(func=cmd_metadata)
+    p.set_defaults(func=cmd_catalog)
 
     p = sub.add_parser("embed-patch", help="embed one directory in the reference per-patch layout")
     p.add_argument("patch_dir")

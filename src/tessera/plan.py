@@ -53,7 +53,7 @@ class Plan:
             per_tile.append("export_cog")
         counts = Counter({rule: len(self.tiles) for rule in per_tile})
         counts["infer"] = sum(len(t.patches) for t in self.tiles)
-        counts["metadata"] = 1
+        counts["catalog"] = 1
         counts["all"] = 1
         if self.config["source"] == "demo":
             counts["demo_catalog"] = 1

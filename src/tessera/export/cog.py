@@ -1,9 +1,7 @@
-"""Exports beyond the geotessera tile files: float32 COGs and the dataset sidecar."""
+"""Float32 Cloud-Optimized GeoTIFFs of tiles."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,11 +10,8 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 
-from tessera import __version__
-from tessera.io import atomic_path, sha256_file
+from tessera.io import atomic_path
 
-# geotessera's dataset versions by model family (tessera_metadata.json "dataset_version").
-DATASET_VERSIONS = {"v1.0": "1.0", "v1.0-qat": "1.0", "v1.1": "1.1", "v2": "2.0"}
 _ROWS_PER_BLOCK = 256
 
 
@@ -55,25 +50,3 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, landmask_path: Path,
                 staging, tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=256,
                 overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(os.cpu_count() or 1),
             )
-
-
-def write_metadata(
-    out: Path, *, family: str, variant: str, checkpoint: Path, source: str, year: int, embeddings: list[Path]
-) -> None:
-    """geotessera's dataset sidecar, plus what made the embeddings (provenance)."""
-    version = DATASET_VERSIONS[family]
-    sidecar = {
-        "dataset_version": version,
-        "dataset_version_path": f"v{version}",
-        "dataset_variant": variant,
-        "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "generator": f"tessera-workflow {__version__}",
-        "model_family": family,
-        "checkpoint": checkpoint.name,
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "data_source": source,
-        "years": [year],
-        "tiles": sorted(p.stem for p in embeddings),
-    }
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")

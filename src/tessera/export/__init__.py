@@ -1,0 +1,1 @@
+"""Exports: geotessera's layout and manifests, COGs, STAC, quicklooks."""
