@@ -85,3 +85,21 @@ def test_an_l_shaped_roi_skips_empty_patches(tmp_path):
 def test_max_tiles_guard():
     with pytest.raises(UserError, match="more than max_tiles=2000"):
         make_plan(cfg.validate({"roi": "0,40,10,50", "year": 2024}))
+
+
+def test_plan_estimates_use_cached_searches(tmp_path):
+    import json
+
+    from tessera.plan import TYPICAL_S2_ITEMS, estimates
+
+    config = cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32, "work_dir": str(tmp_path)})
+    plan = make_plan(config)
+    before = estimates(plan)
+    assert before["cached_searches"] == 0 and before["s2_scenes"] == 2 * TYPICAL_S2_ITEMS
+    assert before["macs"] == pytest.approx(before["pixels"] * 0.43e9)
+    cache = tmp_path / "2024" / plan.tiles[0].name / "search_s2.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"type": "FeatureCollection", "features": [{}] * 7}))
+    after = estimates(plan)
+    assert after["cached_searches"] == 1 and after["s2_scenes"] == TYPICAL_S2_ITEMS + 7
+    assert after["download_bytes"] < before["download_bytes"]

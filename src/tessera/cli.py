@@ -30,7 +30,7 @@ def _window(text: str) -> Window:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from tessera import config
-    from tessera.plan import make_plan
+    from tessera.plan import estimates, make_plan
 
     plan = make_plan(config.load(args.config))
     cfg = plan.config
@@ -44,6 +44,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"{len(plan.tiles)} tiles, {sum(len(t.patches) for t in plan.tiles)} patches, {pixels:,} pixels in work windows")
     counts = plan.job_counts()
     print("jobs: " + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items())) + f"; total {sum(counts.values())}")
+    est = estimates(plan)
+    searched = f"{est['cached_searches']} cached searches" if est["cached_searches"] else "typical revisits, no cached search yet"
+    print(f"estimates ({searched}):")
+    print(f"  scenes to read      S2 {est['s2_scenes']:,}, S1 {est['s1_scenes']:,}")
+    print(f"  download            {est['download_bytes'] / 1e9:,.2f} GB at most (window reads, before COG compression)")
+    print(f"  stacks on disk      {est['stack_bytes'] / 1e9:,.2f} GB uncompressed (Zarr + zstd stores less)")
+    print(f"  compute             {est['macs'] / 1e12:,.1f} TMAC for {est['pixels']:,} work-window pixels "
+          f"({cfg['model']['family']}; a GPU doing 10 TMAC/s takes {est['macs'] / 1e13 / 60:,.1f} min)")
+    print(f"  outputs             {est['output_bytes'] / 1e9:,.2f} GB int8 + scales")
 
 
 def cmd_roi_mask(args: argparse.Namespace) -> None:

@@ -6,10 +6,12 @@ offline and cheap: geometry only, no raster or network I/O.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
@@ -62,6 +64,33 @@ class Plan:
         return counts
 
 
+# Sizing assumptions of `tessera plan`, per tile-year, used where no cached search says better.
+# Sentinel-2: a 5-day revisit, and about 1.5 granules per date (MGRS tiles overlap);
+# Sentinel-1: one pass every 6 days in each direction in Europe (fewer elsewhere).
+TYPICAL_S2_ITEMS = 110
+TYPICAL_S2_DATES = 73
+TYPICAL_S1_ITEMS = 120
+# Bytes read per window pixel and scene, uncompressed: S2 4 bands at 10 m + 6 at 20 m (uint16)
+# + SCL at 20 m (uint8); S1 VV + VH float32 at 10 m. COG compression typically halves this.
+S2_BYTES_PER_PIXEL = 4 * 2 + 6 * 2 / 4 + 1 / 4
+S1_BYTES_PER_PIXEL = 2 * 4
+# Stack bytes per pixel and time step, uncompressed: S2 10 × uint16 + mask; S1 2 × int16.
+STACK_S2_BYTES = 10 * 2 + 1
+STACK_S1_BYTES = 2 * 2
+# Multiply-accumulates per pixel at typical sequence lengths (UPSTREAM.md §9): v1.0 and v1.0-QAT
+# always 40 + 40 steps; v1.1 and v2 (small) bucketed, about 64 + 64 for a year of observations.
+MACS_PER_PIXEL = {"v1.0": 3.53e9, "v1.0-qat": 1.84e9, "v1.1": 3.40e9, "v2": 0.43e9}
+
+
+def _cached_item_count(path: Path) -> int | None:
+    """Items in a cached search result (the fetch stage writes it), or None when there is none."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    items = data.get("features", []) if isinstance(data, dict) else data
+    return len(items)
+
+
 def plan_tiles(roi: BaseGeometry, patch_size: int) -> list[TilePlan]:
     plans = []
     for tile, part in tiles_for_geometry(roi):
@@ -90,3 +119,27 @@ def make_plan(config: dict) -> Plan:
     if not tiles:
         raise UserError(f"roi {config['roi']!r} touches no pixel of any tile: give a larger region")
     return Plan(config, roi, tuple(tiles))
+
+
+def estimates(plan: Plan) -> dict[str, float]:
+    """What a run will cost: scenes, bytes downloaded, stack bytes on disk, compute."""
+    cfg = plan.config
+    work = Path(cfg["work_dir"]) / str(cfg["year"])
+    totals = Counter()
+    for t in plan.tiles:
+        pixels = t.window.width * t.window.height
+        s2_items = _cached_item_count(work / t.name / "search_s2.json")
+        s1_items = _cached_item_count(work / t.name / "search_s1.json")
+        totals["cached_searches"] += (s2_items is not None) + (s1_items is not None)
+        s2_items = TYPICAL_S2_ITEMS if s2_items is None else s2_items
+        s1_items = TYPICAL_S1_ITEMS if s1_items is None else s1_items
+        totals["s2_scenes"] += s2_items
+        totals["s1_scenes"] += s1_items
+        totals["download_bytes"] += pixels * (s2_items * S2_BYTES_PER_PIXEL + s1_items * S1_BYTES_PER_PIXEL)
+        totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
+        totals["pixels"] += sum(p.width * p.height for p in t.patches)
+    totals["macs"] = totals["pixels"] * MACS_PER_PIXEL[cfg["model"]["family"]]
+    # int8 codes + float32 scale per pixel of every tile, plus the float32 COG (about half compressed).
+    tile_pixels = sum(t.tile.width * t.tile.height for t in plan.tiles)
+    totals["output_bytes"] = tile_pixels * (128 + 4)
+    return dict(totals)
