@@ -49,12 +49,18 @@ def tile_window(wildcards):
     return window_arg(PLAN.by_name[wildcards.tile].window)
 
 
-def patch_window(wildcards):
-    return window_arg(PLAN.by_name[wildcards.tile].patch(wildcards.patch))
+def patch_args(wildcards):
+    """--patch arguments of an inference job: one patch, or every patch of the tile."""
+    tile = PLAN.by_name[wildcards.tile]
+    patches = [tile.patch(wildcards.patch)] if "patch" in wildcards.keys() else tile.patches
+    return " ".join(f"--patch {window_arg(p)}" for p in patches)
 
 
 def tile_patches(wildcards):
+    """What assemble reads: the patch files, or the tile's patch folder (inference per tile)."""
     tile = PLAN.by_name[wildcards.tile]
+    if CFG["infer"]["per"] == "tile":
+        return [f"{WORK}/{tile.name}/patches"]
     return [f"{WORK}/{tile.name}/patches/{patch_name(p)}.npy" for p in tile.patches]
 
 
@@ -86,6 +92,23 @@ def fetch_options(sensor):
     if CFG["source"] == "demo":
         options += f" --demo-catalog {rules.demo_catalog.output[0]}"
     return options
+
+
+INFER_COMMAND = (
+    "tessera infer --stack {input.stack} {params.patches} --roi-mask {input.roi_mask}"
+    " --checkpoint {input.checkpoint} --family {params.family} {params.trust} --device {params.device}"
+    " --seed {params.seed} --batch-pixels {params.batch_pixels} --threads {threads}"
+    " --out-dir {params.out_dir} 2> {log}"
+)
+
+
+INFER_PARAMS = dict(
+    family=FAMILY,
+    trust="--trust-checkpoint" if CFG["model"]["trust_checkpoint"] else "",
+    device=CFG["device"],
+    seed=CFG["infer"]["seed"],
+    batch_pixels=CFG["infer"]["batch_pixels"],
+)
 
 
 def all_outputs():

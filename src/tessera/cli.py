@@ -100,20 +100,23 @@ def cmd_stack(args: argparse.Namespace) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from tessera.infer import embed_stack_patch
+    from tessera.patches import embed_stack_patches
 
-    embed_stack_patch(
+    embed_stack_patches(
         Path(args.stack), args.patch, roi_mask_path=Path(args.roi_mask), checkpoint=Path(args.checkpoint),
         family=args.family, trust_checkpoint=args.trust_checkpoint, device=args.device, seed=args.seed,
-        batch_pixels=args.batch_pixels, threads=args.threads, out=Path(args.out),
+        batch_pixels=args.batch_pixels, threads=args.threads, out_dir=Path(args.out_dir),
     )
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
     from tessera.assemble import assemble_tile
 
+    patch_files = []
+    for path in map(Path, args.patches):
+        patch_files += sorted(path.glob("r*_c*.npy")) if path.is_dir() else [path]
     assemble_tile(
-        args.tile, [Path(p) for p in args.patches], family=args.family, roi_mask_path=Path(args.roi_mask),
+        args.tile, patch_files, family=args.family, roi_mask_path=Path(args.roi_mask),
         embedding_path=Path(args.embedding), scales_path=Path(args.scales),
         checksums_path=Path(args.checksums), landmask_path=Path(args.landmask),
     )
@@ -214,9 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_stack)
 
-    p = sub.add_parser("infer", help="(rule infer) embed one patch of a tile's stack")
+    p = sub.add_parser("infer", help="(rule infer) embed patches of a tile's stack")
     p.add_argument("--stack", required=True, help="the tile's stack.json")
-    p.add_argument("--patch", type=_window, required=True, help="patch window col_off,row_off,width,height (tile pixels)")
+    p.add_argument("--patch", type=_window, action="append", required=True,
+                   help="patch window col_off,row_off,width,height in tile pixels; repeat for several")
     p.add_argument("--roi-mask", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--family")
@@ -225,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-pixels", type=int, default=4096)
     p.add_argument("--threads", type=int)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out-dir", required=True, help="writes <out-dir>/r<row>_c<col>.npy per patch")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("assemble", help="(rule assemble) patches -> int8 tile + scales in geotessera's layout")
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", required=True, help="float32 (H, W) .npy to write")
     p.add_argument("--checksums", required=True, help="sha256sum-style file to write")
     p.add_argument("--landmask", required=True, help="landmask GeoTIFF to write")
-    p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npy")
+    p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npy, or folders of them")
     p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("export-cog", help="(rule export_cog) float32 Cloud-Optimized GeoTIFF of a tile")

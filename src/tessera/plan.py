@@ -54,7 +54,8 @@ class Plan:
         if self.config["export"]["cog"]:
             per_tile.append("export_cog")
         counts = Counter({rule: len(self.tiles) for rule in per_tile})
-        counts["infer"] = sum(len(t.patches) for t in self.tiles)
+        per_patch = self.config["infer"]["per"] == "patch"
+        counts["infer"] = sum(len(t.patches) for t in self.tiles) if per_patch else len(self.tiles)
         counts["catalog"] = 1
         counts["all"] = 1
         if self.config["source"] == "demo":
