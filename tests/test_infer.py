@@ -90,7 +90,8 @@ def test_more_than_256_observations_are_subsampled():
     arrays = synthetic_arrays(seed=1, height=1, width=3, t_s2=300, t_asc=3, t_desc=0)
     arrays["masks"][:] = 1
     arrays["doys"] = (np.arange(300) % 365 + 1).astype(np.uint16)
-    batches = list(V2.prepare_batches(arrays, np.arange(3), data_source="mpc", seed=0, batch_pixels=64))
+    batches = list(V2.prepare_batches(arrays, np.arange(3), data_source="mpc", seed=0, batch_pixels=8))
+    assert [len(b.pixels) for b in batches] == [2, 1]  # 8 pixels of 64 steps = 2 pixels of 256 steps
     s2 = torch.cat([b.s2_x for b in batches])
     assert s2.shape[1] == 256
     np.testing.assert_array_equal(s2[0, :, -1].numpy(), arrays["doys"][pad_pattern(300, 256)])

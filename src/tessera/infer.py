@@ -92,7 +92,8 @@ def embed_arrays(
     """float32 (H, W, D) embeddings of a patch; NaN where ``valid`` is False or nothing was observed.
 
     ``arrays`` holds the reference per-patch arrays (``bands`` ... ``sar_descending_doy``); ``model``
-    comes from :func:`tessera.models.load_model`.
+    comes from :func:`tessera.models.load_model`. ``batch_pixels`` pixels of up to 64 time steps
+    make one batch (fewer pixels for longer series), so memory does not grow with the observations.
     """
     family: Family = model.family
     height, width = check_arrays(arrays)

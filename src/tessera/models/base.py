@@ -340,6 +340,16 @@ def s1_valid_counts(asc: np.ndarray, desc: np.ndarray, pixels: np.ndarray) -> np
     return count
 
 
+# ``batch_pixels`` counts pixels of up to this many time steps; longer buckets get proportionally
+# fewer pixels per batch, so that activation memory does not grow with the number of observations.
+STEPS_PER_BATCH_PIXEL = 64
+
+
+def pixels_per_batch(batch_pixels: int, steps: int) -> int:
+    """Pixels per batch for sequences of ``steps`` time steps (at least one)."""
+    return max(1, min(batch_pixels, batch_pixels * STEPS_PER_BATCH_PIXEL // steps))
+
+
 class BucketedFamily(Family):
     """Families that feed every valid observation, resampled to a per-pixel bin length.
 
@@ -347,7 +357,8 @@ class BucketedFamily(Family):
     ascending then descending) in chronological order, standardised (S1 per orbit), resampled by
     ``pattern(n, length)`` to ``length = max(bin, 1)`` steps. A sensor without valid steps gets
     ``length`` all-zero rows (DOY 0 too); a pixel without valid steps in either sensor is no-data.
-    Pixels are grouped by (s2 bin, s1 bin) and each group gathered with index arrays.
+    Pixels are grouped by (s2 bin, s1 bin) and each group gathered with index arrays, in batches
+    of at most :func:`pixels_per_batch` pixels.
     """
 
     def bins(self, counts: np.ndarray) -> np.ndarray:
@@ -377,8 +388,9 @@ class BucketedFamily(Family):
         s1_source = _S1Source(arrays, norm)
         for start, end in zip(starts, ends):
             length_s2, length_s1 = max(int(keys[start, 0]), 1), max(int(keys[start, 1]), 1)
-            for chunk in range(start, end, batch_pixels):
-                members = order[chunk:min(chunk + batch_pixels, end)]
+            step = pixels_per_batch(batch_pixels, max(length_s2, length_s1))
+            for chunk in range(start, end, step):
+                members = order[chunk:min(chunk + step, end)]
                 group = pixels[members]
                 yield Batch(
                     pixels=group,
