@@ -59,10 +59,12 @@ def test_shipped_configs_are_valid():
 
 
 def test_plan_of_the_demo_roi():
-    plan = make_plan(cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32}))
+    plan = make_plan(cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32, "infer": {"per": "patch"}}))
     assert [t.name for t in plan.tiles] == ["grid_5.95_52.05", "grid_6.05_52.05"]
     counts = plan.job_counts()
     assert counts["fetch_s2"] == 2 and counts["infer"] == sum(len(t.patches) for t in plan.tiles) >= 4
+    per_tile = make_plan(cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32}))
+    assert per_tile.job_counts()["infer"] == 2
     for tile in plan.tiles:
         covered = sum(p.width * p.height for p in tile.patches)
         assert covered == tile.window.width * tile.window.height
