@@ -141,6 +141,19 @@ def cmd_catalog(args: argparse.Namespace) -> None:
                    embeddings=[Path(p) for p in args.embeddings])
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tessera.export.verify import verify_output
+
+    problems = verify_output(Path(args.output_dir))
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.output_dir}", file=sys.stderr)
+        return 1
+    print(f"{args.output_dir}: OK")
+    return 0
+
+
 def cmd_embed_patch(args: argparse.Namespace) -> None:
     from tessera.infer import embed_reference_patch
 
@@ -262,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", nargs="+", help="the tiles' embedding .npy files")
     p.set_defaults(func=cmd_catalog)
 
+    p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
+    p.add_argument("output_dir")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("embed-patch", help="embed one directory in the reference per-patch layout")
     p.add_argument("patch_dir")
     p.add_argument("--checkpoint", required=True)
@@ -277,14 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        status = args.func(args)
     except UserError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
