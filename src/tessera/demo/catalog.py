@@ -139,7 +139,7 @@ class Granule:
         """The world at the centres of this granule's pixels."""
         transform, width, height = self.grid(resolution)
         cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-        x, y = transform * (cols, rows)
+        x, y = transform @ (cols, rows)
         lon, lat = Transformer.from_crs(self.epsg, 4326, always_xy=True).transform(x, y)
         return world.place(np.asarray(lon), np.asarray(lat))
 
@@ -380,7 +380,7 @@ def _s1_pass_items(world: World, granule: Granule, place: Place, when: datetime,
         item_dir = staging / S1_COLLECTION / item_id
         item_dir.mkdir(parents=True)
         rows = _rows_touching(extent, transform, height)
-        slice_transform = transform * Affine.translation(0, rows.start)
+        slice_transform = transform @ Affine.translation(0, rows.start)
         inside = _inside(extent, slice_transform, width, rows.stop - rows.start)
         slice_granule = Granule(granule.epsg, _bounds_of(slice_transform, width, rows.stop - rows.start))
         assets = {}
@@ -457,13 +457,13 @@ def _rows_touching(extent: BaseGeometry, transform: Affine, height: int) -> slic
 
 def _inside(extent: BaseGeometry, transform: Affine, width: int, height: int) -> np.ndarray:
     cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    x, y = transform * (cols, rows)
+    x, y = transform @ (cols, rows)
     return shapely.contains_xy(extent, x, y)
 
 
 def _bounds_of(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
-    west, north = transform * (0, 0)
-    east, south = transform * (width, height)
+    west, north = transform @ (0, 0)
+    east, south = transform @ (width, height)
     return west, south, east, north
 
 
