@@ -1,0 +1,104 @@
+"""TESSERA v1.0 QAT: the model behind the GeoTessera v1 int8 product (UPSTREAM.md §4.8).
+
+Same inputs as v1.0 (40 + 40 random steps, v1.0 normalisation) and the same shape of encoder, but
+4 layers and 4 heads per backbone and a different pooling: a hand-written GRU over the
+transformer outputs, LayerNorm on its outputs, a linear score, softmax over time, and the
+weighted sum of the transformer outputs. The hand-written cell is *not* ``nn.GRU``: the reset
+gate multiplies the hidden state before its projection, and ``z`` weighs the candidate state.
+v1.1 reuses this pooling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tessera.models.v1_0 import SampledFamily
+
+
+class HandWrittenGRUCell(nn.Module):
+    """One step of the reference's GRU cell (bias-free projections, separate gate biases):
+
+    r = σ(W_ir x + W_hr h + b_r),  z = σ(W_iz x + W_hz h + b_z),
+    ĥ = tanh(W_ih x + W_hh (r ⊙ h) + b_h),  h' = (1 − z) ⊙ h + z ⊙ ĥ.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.W_ir = nn.Linear(d_model, d_model, bias=False)
+        self.W_iz = nn.Linear(d_model, d_model, bias=False)
+        self.W_ih = nn.Linear(d_model, d_model, bias=False)
+        self.W_hr = nn.Linear(d_model, d_model, bias=False)
+        self.W_hz = nn.Linear(d_model, d_model, bias=False)
+        self.W_hh = nn.Linear(d_model, d_model, bias=False)
+        self.b_r = nn.Parameter(torch.zeros(d_model))
+        self.b_z = nn.Parameter(torch.zeros(d_model))
+        self.b_h = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        r = torch.sigmoid(self.W_ir(x) + self.W_hr(h) + self.b_r)
+        z = torch.sigmoid(self.W_iz(x) + self.W_hz(h) + self.b_z)
+        candidate = torch.tanh(self.W_ih(x) + self.W_hh(r * h) + self.b_h)
+        return (1 - z) * h + z * candidate
+
+
+class HandWrittenGRU(nn.Module):
+    """The cell run over (B, T, D) from h0 = 0; returns every step's hidden state (B, T, D)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.gru_cell = HandWrittenGRUCell(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], x.shape[2])
+        states = []
+        for step in range(x.shape[1]):
+            h = self.gru_cell(x[:, step], h)
+            states.append(h)
+        return torch.stack(states, dim=1)
+
+
+class NormalisedGRUAttentionPooling(nn.Module):
+    """Weights from LayerNorm(GRU outputs) → linear score → softmax, applied to the tokens.
+
+    As the reference: one step returns that token, no step returns zeros.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.temporal_context = HandWrittenGRU(d_model)
+        self.layer_norm = nn.LayerNorm(d_model)
+        self.query = nn.Linear(d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 0:
+            return x.new_zeros(x.shape[0], x.shape[2])
+        if x.shape[1] == 1:
+            return x[:, 0]
+        weights = torch.softmax(self.query(self.layer_norm(self.temporal_context(x))), dim=1)
+        return (weights * x).sum(dim=1)
+
+
+class V1_0_QAT(SampledFamily):
+    name = "v1.0-qat"
+    description = "TESSERA v1.0 QAT (GeoTessera v1 int8 product; 4 layers, hand-written GRU pooling)"
+
+    def default_arch(self) -> dict[str, Any]:
+        return {"latent_dim": 128, "nhead": 4, "num_layers": 4, "dim_feedforward": 4096}
+
+    def matches_keys(self, keys: set[str]) -> bool:
+        # v1.1 has the same backbones but an MLP dim_reducer (dim_reducer.1 is its LayerNorm).
+        return ("s2_backbone.attn_pool.temporal_context.gru_cell.W_ir.weight" in keys
+                and "dim_reducer.1.weight" not in keys)
+
+    def pooling(self, d_model: int) -> nn.Module:
+        return NormalisedGRUAttentionPooling(d_model)
+
+    def empty_orbit_placeholders(self, asc_steps: int, desc_steps: int) -> tuple[bool, bool]:
+        """The QAT reference gives every orbit without any step one all-zero step at DOY 180."""
+        return asc_steps == 0, desc_steps == 0
+
+
+FAMILY = V1_0_QAT()
