@@ -110,6 +110,7 @@ def test_embed_arrays_no_data_valid_mask_and_batch_independence(model):
     masked = embed_arrays(model, arrays, valid=valid, device="cpu")
     assert np.isnan(masked[~valid]).all()
     np.testing.assert_allclose(masked[valid], full[valid], atol=1e-5, rtol=0, equal_nan=True)
+    assert np.isnan(embed_arrays(model, arrays, valid=np.zeros((7, 9), bool), device="cpu")).all()
 
 
 def test_pixels_outside_valid_are_not_computed(model, monkeypatch):
