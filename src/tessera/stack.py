@@ -1,0 +1,412 @@
+"""The per-tile stacks (Zarr v3, docs/INTERNALS.md "Stack format") and the reference per-patch layout.
+
+``s2.zarr`` holds S2 ``bands``/``masks``/``doys``; ``s1.zarr`` holds ``sar``/``doys`` in sub-groups
+``ascending`` and ``descending``. Both cover the tile's work window only, grow one time step at a
+time while a fetch runs, and appear at their final path only once complete (built in a temporary
+sibling, ``complete: true`` set last, then renamed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from affine import Affine
+from rasterio.windows import Window
+from zarr.codecs import ZstdCodec
+
+from tessera.errors import UserError
+from tessera.io import atomic_path
+
+S2_CHANNELS = 10
+S1_CHANNELS = 2  # VV, VH
+S1_ORBITS = ("ascending", "descending")
+MAX_CHUNK = 512
+_COMPRESSOR = ZstdCodec(level=3)
+_DOY_CHUNK = 512
+INDEX_FORMAT = 1
+
+# What each series holds: array name -> (dtype, channels or None); doys dtype. The dtypes are the
+# reference's (UPSTREAM.md §2), so that exporting to its .npy layout is a plain copy.
+_S2_ARRAYS = {"bands": ("uint16", S2_CHANNELS), "masks": ("uint8", None)}
+_S2_DOY_DTYPE = "uint16"
+_S1_ARRAYS = {"sar": ("int16", S1_CHANNELS)}
+_S1_DOY_DTYPE = "int16"
+
+REFERENCE_FILES = {
+    "bands": ("bands.npy", np.uint16),
+    "masks": ("masks.npy", np.uint8),
+    "doys": ("doys.npy", np.uint16),
+    "sar_ascending": ("sar_ascending.npy", np.int16),
+    "sar_ascending_doy": ("sar_ascending_doy.npy", np.int16),
+    "sar_descending": ("sar_descending.npy", np.int16),
+    "sar_descending_doy": ("sar_descending_doy.npy", np.int16),
+}
+
+
+@dataclass(frozen=True)
+class StackGrid:
+    """Where a stack lives: the tile, the year, its work window and that window's georeferencing."""
+
+    tile: str
+    year: int
+    window: Window  # in tile pixel coordinates
+    crs: str  # "EPSG:326zz"
+    transform: Affine  # of the window
+    source: str
+
+    def attrs(self) -> dict:
+        return {
+            "tile": self.tile,
+            "year": self.year,
+            "window": [int(self.window.col_off), int(self.window.row_off), int(self.window.width), int(self.window.height)],
+            "crs": self.crs,
+            "transform": list(self.transform)[:6],
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping) -> StackGrid:
+        return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]), attrs["source"])
+
+
+def chunk_edge(patch_size: int) -> int:
+    """Spatial chunk edge of the stores: one patch reads few chunks, and chunks stay small."""
+    return min(patch_size, MAX_CHUNK)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+class _SeriesWriter:
+    """Arrays of one zarr group that grow along time, with their dates, day-of-year and scene ids."""
+
+    def __init__(self, group: zarr.Group, arrays: dict, doy_dtype: str, height: int, width: int, chunk: int):
+        self._group = group
+        self._arrays = {}
+        for name, (dtype, channels) in arrays.items():
+            shape, chunks = (0, height, width), (1, chunk, chunk)
+            if channels:
+                shape, chunks = (*shape, channels), (*chunks, channels)
+            self._arrays[name] = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_COMPRESSOR, fill_value=0)
+        self._doys = group.create_array("doys", shape=(0,), chunks=(_DOY_CHUNK,), dtype=doy_dtype, fill_value=0)
+        self.dates: list[str] = []
+        self.scenes: list[list[str]] = []
+        group.attrs.update({"dates": [], "scenes": []})
+
+    def append(self, date: dt.date, scenes: list[str], data: dict[str, np.ndarray]) -> None:
+        if self.dates and date.isoformat() <= self.dates[-1]:
+            raise ValueError(f"time steps must be appended in ascending date order: {date} after {self.dates[-1]}")
+        for name, array in self._arrays.items():
+            step = data[name]
+            if step.shape != array.shape[1:] or step.dtype != array.dtype:
+                raise ValueError(f"{name}: expected {array.dtype} {array.shape[1:]}, got {step.dtype} {step.shape}")
+            array.append(step[np.newaxis], axis=0)
+        self._doys.append(np.array([date.timetuple().tm_yday], dtype=self._doys.dtype), axis=0)
+        self.dates.append(date.isoformat())
+        self.scenes.append(list(scenes))
+        self._group.attrs.update({"dates": self.dates, "scenes": self.scenes})
+
+    def __len__(self) -> int:
+        return len(self.dates)
+
+
+class S2StackWriter:
+    """Appends S2 time steps; created by ``write_s2``."""
+
+    def __init__(self, group: zarr.Group, grid: StackGrid, chunk: int):
+        self.skipped: dict[str, str] = {}
+        self._series = _SeriesWriter(group, _S2_ARRAYS, _S2_DOY_DTYPE, int(grid.window.height), int(grid.window.width), chunk)
+
+    def append(self, date: dt.date, scenes: list[str], bands: np.ndarray, mask: np.ndarray) -> None:
+        """One date: ``bands`` uint16 (H, W, 10) in S2_BANDS order, ``mask`` uint8 (H, W), 1 = valid."""
+        self._series.append(date, scenes, {"bands": bands, "masks": mask})
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+
+class S1StackWriter:
+    """Appends S1 time steps per orbit direction; created by ``write_s1``."""
+
+    def __init__(self, group: zarr.Group, grid: StackGrid, chunk: int):
+        self.skipped: dict[str, str] = {}
+        height, width = int(grid.window.height), int(grid.window.width)
+        self._orbits = {
+            orbit: _SeriesWriter(group.create_group(orbit), _S1_ARRAYS, _S1_DOY_DTYPE, height, width, chunk)
+            for orbit in S1_ORBITS
+        }
+
+    def append(self, orbit: str, date: dt.date, scenes: list[str], sar: np.ndarray) -> None:
+        """One date of one orbit direction: ``sar`` int16 (H, W, 2) [VV, VH] codes, 0 = missing."""
+        self._orbits[orbit].append(date, scenes, {"sar": sar})
+
+    def __len__(self) -> int:
+        return sum(len(series) for series in self._orbits.values())
+
+
+@contextlib.contextmanager
+def _write_store(path: Path, grid: StackGrid, writer_class, chunk: int):
+    with atomic_path(path, directory=True) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        group.attrs.update({**grid.attrs(), "skipped": {}, "complete": False})
+        writer = writer_class(group, grid, chunk)
+        yield writer
+        group.attrs.update({"skipped": writer.skipped})
+        group.attrs.update({"complete": True})  # last: a store without it was never finished
+
+
+def write_s2(path: str | os.PathLike, grid: StackGrid, *, chunk: int = MAX_CHUNK) -> contextlib.AbstractContextManager[S2StackWriter]:
+    """Context manager building ``s2.zarr``; the store appears at ``path`` only if the block succeeds."""
+    return _write_store(Path(path), grid, S2StackWriter, chunk)
+
+
+def write_s1(path: str | os.PathLike, grid: StackGrid, *, chunk: int = MAX_CHUNK) -> contextlib.AbstractContextManager[S1StackWriter]:
+    """Context manager building ``s1.zarr``; the store appears at ``path`` only if the block succeeds."""
+    return _write_store(Path(path), grid, S1StackWriter, chunk)
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimeSeries:
+    """One time axis of a stack: its arrays (zarr, read lazily), day-of-year, dates and scene ids."""
+
+    arrays: Mapping[str, zarr.Array]
+    doys: np.ndarray
+    dates: tuple[str, ...]
+    scenes: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.dates)
+
+
+@dataclass(frozen=True)
+class S2Stack:
+    path: Path
+    grid: StackGrid
+    skipped: Mapping[str, str]
+    series: TimeSeries
+
+    @property
+    def bands(self) -> zarr.Array:
+        return self.series.arrays["bands"]
+
+    @property
+    def masks(self) -> zarr.Array:
+        return self.series.arrays["masks"]
+
+
+@dataclass(frozen=True)
+class S1Stack:
+    path: Path
+    grid: StackGrid
+    skipped: Mapping[str, str]
+    ascending: TimeSeries
+    descending: TimeSeries
+
+    def orbit(self, name: str) -> TimeSeries:
+        return {"ascending": self.ascending, "descending": self.descending}[name]
+
+
+def _open_complete(path: Path, kind: str) -> zarr.Group:
+    if not path.exists():
+        raise UserError(f"{kind} stack {path} does not exist: run the fetch step for this tile first")
+    try:
+        group = zarr.open_group(path, mode="r", zarr_format=3)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise UserError(f"{kind} stack {path} is not a readable Zarr v3 store ({exc}): delete it and rerun the fetch step") from None
+    if group.attrs.get("complete") is not True:
+        raise UserError(f"{kind} stack {path} is incomplete (its fetch did not finish): delete it and rerun the fetch step")
+    return group
+
+
+def _read_series(group: zarr.Group, names) -> TimeSeries:
+    return TimeSeries(
+        arrays={name: group[name] for name in names},
+        doys=group["doys"][:],
+        dates=tuple(group.attrs["dates"]),
+        scenes=tuple(tuple(ids) for ids in group.attrs["scenes"]),
+    )
+
+
+def open_s2(path: str | os.PathLike) -> S2Stack:
+    """Open a complete ``s2.zarr``; UserError if it is missing or incomplete."""
+    path = Path(path)
+    group = _open_complete(path, "S2")
+    attrs = group.attrs.asdict()
+    return S2Stack(path, StackGrid.from_attrs(attrs), attrs["skipped"], _read_series(group, _S2_ARRAYS))
+
+
+def open_s1(path: str | os.PathLike) -> S1Stack:
+    """Open a complete ``s1.zarr``; UserError if it is missing or incomplete."""
+    path = Path(path)
+    group = _open_complete(path, "S1")
+    attrs = group.attrs.asdict()
+    orbits = {orbit: _read_series(group[orbit], _S1_ARRAYS) for orbit in S1_ORBITS}
+    return S1Stack(path, StackGrid.from_attrs(attrs), attrs["skipped"], **orbits)
+
+
+def _read_boundless(array: zarr.Array, window: Window) -> np.ndarray:
+    """array[:, rows, cols, ...] for a window that may reach outside the stack; outside reads as 0."""
+    height, width = array.shape[1], array.shape[2]
+    row0, col0 = int(window.row_off), int(window.col_off)
+    out = np.zeros((array.shape[0], int(window.height), int(window.width), *array.shape[3:]), dtype=array.dtype)
+    r_start, r_stop = max(row0, 0), min(row0 + int(window.height), height)
+    c_start, c_stop = max(col0, 0), min(col0 + int(window.width), width)
+    if r_start < r_stop and c_start < c_stop:
+        out[:, r_start - row0:r_stop - row0, c_start - col0:c_stop - col0] = array[:, r_start:r_stop, c_start:c_stop]
+    return out
+
+
+def read_window(s2_path: str | os.PathLike, s1_path: str | os.PathLike, window: Window) -> dict[str, np.ndarray]:
+    """A window of both stacks in the reference per-patch layout (keys as REFERENCE_FILES).
+
+    ``window`` is in work-window pixel coordinates (0, 0 = the stacks' top-left pixel). Parts of
+    the window outside the stacks read as 0 (missing), as the reference pads edge patches.
+    """
+    s2, s1 = open_s2(s2_path), open_s1(s1_path)
+    arrays = {
+        "bands": _read_boundless(s2.bands, window),
+        "masks": _read_boundless(s2.masks, window),
+        "doys": s2.series.doys,
+    }
+    for orbit in S1_ORBITS:
+        series = s1.orbit(orbit)
+        arrays[f"sar_{orbit}"] = _read_boundless(series.arrays["sar"], window)
+        arrays[f"sar_{orbit}_doy"] = series.doys
+    return arrays
+
+
+# --- the stack stage: index and verification ---------------------------------------------------
+
+
+def _array_digest(array: zarr.Array | np.ndarray) -> str:
+    """sha256 of dtype, shape and C-order content, read one time step at a time (bounded memory)."""
+    digest = hashlib.sha256(f"{np.dtype(array.dtype).str}{tuple(array.shape)}".encode())
+    if array.ndim == 1:
+        digest.update(np.ascontiguousarray(array[:]).tobytes())
+    else:
+        for step in range(array.shape[0]):
+            digest.update(np.ascontiguousarray(array[step]).tobytes())
+    return digest.hexdigest()
+
+
+def _describe_series(series: TimeSeries) -> dict:
+    return {
+        "dates": list(series.dates),
+        "doys": series.doys.tolist(),
+        "scenes": [list(ids) for ids in series.scenes],
+        "arrays": {
+            name: {"shape": list(array.shape), "dtype": np.dtype(array.dtype).name, "sha256": _array_digest(array)}
+            for name, array in {**series.arrays, "doys": series.doys}.items()
+        },
+    }
+
+
+def _describe(s2: S2Stack, s1: S1Stack) -> dict:
+    if s2.grid != s1.grid:
+        raise UserError(
+            f"the S2 stack {s2.path} and S1 stack {s1.path} disagree on tile, year, window, CRS, transform or source "
+            f"({s2.grid} vs {s1.grid}): delete both and rerun the fetch steps of this tile"
+        )
+    return {
+        "format": INDEX_FORMAT,
+        **s2.grid.attrs(),
+        "s2": {"skipped": dict(s2.skipped), **_describe_series(s2.series)},
+        "s1": {"skipped": dict(s1.skipped), **{orbit: _describe_series(s1.orbit(orbit)) for orbit in S1_ORBITS}},
+    }
+
+
+def write_stack_index(s2_path: str | os.PathLike, s1_path: str | os.PathLike, out_json: str | os.PathLike) -> dict:
+    """The ``stack`` stage: check both stores are complete and on the same grid, write ``stack.json``.
+
+    The index records the time axes, scene ids, shapes and a checksum of every array; store paths
+    are kept relative to the index so that a work directory can be moved.
+    """
+    out_json = Path(out_json)
+    index = _describe(open_s2(s2_path), open_s1(s1_path))
+    index["stores"] = {
+        "s2": os.path.relpath(Path(s2_path).absolute(), out_json.parent.absolute()),
+        "s1": os.path.relpath(Path(s1_path).absolute(), out_json.parent.absolute()),
+    }
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(index, indent=1))
+    return index
+
+
+@dataclass(frozen=True)
+class VerifiedStack:
+    """A stack index whose stores still match it."""
+
+    index: dict
+    s2_path: Path
+    s1_path: Path
+
+
+def verify_stack_index(index_json: str | os.PathLike) -> VerifiedStack:
+    """Check that the stores named by ``stack.json`` still hold exactly what it records (checksums included)."""
+    index_json = Path(index_json)
+    if not index_json.exists():
+        raise UserError(f"stack index {index_json} does not exist: run the stack step for this tile first")
+    index = json.loads(index_json.read_text())
+    s2_path = index_json.parent / index["stores"]["s2"]
+    s1_path = index_json.parent / index["stores"]["s1"]
+    current = _describe(open_s2(s2_path), open_s1(s1_path))
+    recorded = {key: value for key, value in index.items() if key != "stores"}
+    if current != recorded:
+        differing = sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
+        raise UserError(
+            f"stack index {index_json} no longer matches its stores (differs in {', '.join(differing)}): rerun the stack step of this tile"
+        )
+    return VerifiedStack(index, s2_path, s1_path)
+
+
+# --- the reference per-patch layout ------------------------------------------------------------
+
+
+def export_reference_patch(s2_path: str | os.PathLike, s1_path: str | os.PathLike, window: Window, out_dir: str | os.PathLike) -> Path:
+    """Write a window of the stacks as the reference's per-patch ``.npy`` files into ``out_dir``."""
+    arrays = read_window(s2_path, s1_path, window)
+    with atomic_path(out_dir, directory=True) as tmp:
+        for key, (filename, _) in REFERENCE_FILES.items():
+            np.save(tmp / filename, arrays[key])
+    return Path(out_dir)
+
+
+def read_reference_patch(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The reference per-patch ``.npy`` files of a directory (ours or the reference's), checked for dtype and shape."""
+    directory = Path(directory)
+    arrays = {}
+    for key, (filename, dtype) in REFERENCE_FILES.items():
+        path = directory / filename
+        if not path.exists():
+            raise UserError(f"reference patch {directory} has no {filename}: export all of {', '.join(f for f, _ in REFERENCE_FILES.values())}")
+        array = np.load(path, allow_pickle=False)
+        if array.dtype != dtype:
+            raise UserError(f"{path} is {array.dtype}, the reference layout needs {np.dtype(dtype).name}: re-export it")
+        arrays[key] = array
+    _check_reference_shapes(directory, arrays)
+    return arrays
+
+
+def _check_reference_shapes(directory: Path, arrays: dict[str, np.ndarray]) -> None:
+    bands, masks = arrays["bands"], arrays["masks"]
+    expected = {
+        "bands": (len(arrays["doys"]), *masks.shape[1:], S2_CHANNELS),
+        "masks": (len(arrays["doys"]), *bands.shape[1:3]),
+    }
+    for orbit in S1_ORBITS:
+        expected[f"sar_{orbit}"] = (len(arrays[f"sar_{orbit}_doy"]), *bands.shape[1:3], S1_CHANNELS)
+    for key, shape in expected.items():
+        if arrays[key].shape != shape:
+            raise UserError(f"{directory / REFERENCE_FILES[key][0]} has shape {arrays[key].shape}, expected {shape}: re-export the patch")

@@ -1,0 +1,157 @@
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+import zarr
+from affine import Affine
+from rasterio.windows import Window
+
+from tessera.errors import UserError
+from tessera.stack import (
+    StackGrid,
+    export_reference_patch,
+    open_s1,
+    open_s2,
+    read_reference_patch,
+    read_window,
+    verify_stack_index,
+    write_s1,
+    write_s2,
+    write_stack_index,
+)
+
+H, W = 20, 30
+GRID = StackGrid(
+    tile="grid_6.05_52.05", year=2024, window=Window(100, 200, W, H), crs="EPSG:32632",
+    transform=Affine(10, 0, 301000, 0, -10, 5770000), source="demo",
+)
+
+
+def _s2_step(seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 10000, (H, W, 10), dtype=np.uint16), rng.integers(0, 2, (H, W), dtype=np.uint8)
+
+
+def _s1_step(seed):
+    return np.random.default_rng(seed).integers(0, 32767, (H, W, 2), dtype=np.int16)
+
+
+@pytest.fixture
+def stacks(tmp_path):
+    s2_path, s1_path = tmp_path / "s2.zarr", tmp_path / "s1.zarr"
+    with write_s2(s2_path, GRID, chunk=8) as writer:
+        writer.append(dt.date(2024, 1, 5), ["a1", "a2"], *_s2_step(1))
+        writer.append(dt.date(2024, 12, 31), ["b"], *_s2_step(2))
+        writer.skipped["bad"] = "truncated"
+    with write_s1(s1_path, GRID, chunk=8) as writer:
+        writer.append("ascending", dt.date(2024, 2, 1), ["s1a"], _s1_step(3))
+        writer.append("ascending", dt.date(2024, 2, 13), ["s1b"], _s1_step(4))
+    return s2_path, s1_path
+
+
+def test_append_and_read_back(stacks):
+    s2_path, s1_path = stacks
+    s2, s1 = open_s2(s2_path), open_s1(s1_path)
+    assert s2.grid == GRID and s1.grid == GRID
+    assert s2.series.dates == ("2024-01-05", "2024-12-31")
+    assert s2.series.doys.tolist() == [5, 366] and s2.series.doys.dtype == np.uint16
+    assert s2.series.scenes == (("a1", "a2"), ("b",))
+    assert s2.skipped == {"bad": "truncated"}
+    bands, mask = _s2_step(2)
+    np.testing.assert_array_equal(s2.bands[1], bands)
+    np.testing.assert_array_equal(s2.masks[1], mask)
+    assert s2.bands.chunks == (1, 8, 8, 10)
+    assert len(s1.ascending) == 2 and len(s1.descending) == 0
+    assert s1.descending.arrays["sar"].shape == (0, H, W, 2)
+    assert s1.ascending.doys.tolist() == [32, 44] and s1.ascending.doys.dtype == np.int16
+    np.testing.assert_array_equal(s1.ascending.arrays["sar"][0], _s1_step(3))
+    assert zarr.open_group(s2_path, mode="r").attrs["complete"] is True
+
+
+def test_failure_mid_write_leaves_no_store(tmp_path):
+    path = tmp_path / "s2.zarr"
+    with pytest.raises(RuntimeError):
+        with write_s2(path, GRID) as writer:
+            writer.append(dt.date(2024, 1, 5), ["a"], *_s2_step(1))
+            raise RuntimeError("network gone")
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_store_is_refused(tmp_path, stacks):
+    s2_path, _ = stacks
+    zarr.open_group(s2_path, mode="r+").attrs["complete"] = False
+    with pytest.raises(UserError, match="incomplete"):
+        open_s2(s2_path)
+    with pytest.raises(UserError, match="does not exist"):
+        open_s1(tmp_path / "missing.zarr")
+
+
+def test_appends_must_be_in_date_order_with_the_right_shapes(tmp_path):
+    with pytest.raises(ValueError), write_s2(tmp_path / "s2.zarr", GRID) as writer:
+        writer.append(dt.date(2024, 3, 1), ["a"], *_s2_step(1))
+        writer.append(dt.date(2024, 3, 1), ["b"], *_s2_step(2))
+    with pytest.raises(ValueError), write_s1(tmp_path / "s1.zarr", GRID) as writer:
+        writer.append("descending", dt.date(2024, 3, 1), ["a"], _s1_step(1).astype(np.int32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_window_pads_outside_with_zeros(stacks):
+    arrays = read_window(*stacks, Window(W - 4, H - 5, 8, 8))
+    bands, mask = _s2_step(1)
+    assert arrays["bands"].shape == (2, 8, 8, 10) and arrays["bands"].dtype == np.uint16
+    np.testing.assert_array_equal(arrays["bands"][0, :5, :4], bands[H - 5:, W - 4:])
+    assert not arrays["bands"][:, 5:].any() and not arrays["bands"][:, :, 4:].any()
+    np.testing.assert_array_equal(arrays["masks"][0, :5, :4], mask[H - 5:, W - 4:])
+    assert arrays["sar_ascending"].shape == (2, 8, 8, 2)
+    assert arrays["sar_descending"].shape == (0, 8, 8, 2)
+    assert arrays["sar_descending_doy"].dtype == np.int16
+
+
+def test_stack_index_records_and_verifies(tmp_path, stacks):
+    s2_path, s1_path = stacks
+    index = write_stack_index(s2_path, s1_path, tmp_path / "stack.json")
+    on_disk = json.loads((tmp_path / "stack.json").read_text())
+    assert on_disk == index
+    assert index["s2"]["arrays"]["bands"]["shape"] == [2, H, W, 10]
+    assert index["s1"]["ascending"]["scenes"] == [["s1a"], ["s1b"]]
+    assert index["stores"] == {"s2": "s2.zarr", "s1": "s1.zarr"}
+    verified = verify_stack_index(tmp_path / "stack.json")
+    assert verified.s2_path == s2_path
+
+    zarr.open_array(s2_path / "bands", mode="r+")[0, 3, 3, 3] += 1
+    with pytest.raises(UserError, match="no longer matches.*s2"):
+        verify_stack_index(tmp_path / "stack.json")
+
+
+def test_stack_index_refuses_stacks_on_different_grids(tmp_path, stacks):
+    s2_path, _ = stacks
+    other = tmp_path / "other_s1.zarr"
+    with write_s1(other, StackGrid(**{**GRID.__dict__, "window": Window(0, 0, W, H)})):
+        pass
+    with pytest.raises(UserError, match="disagree"):
+        write_stack_index(s2_path, other, tmp_path / "stack.json")
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_reference_patch_round_trip(tmp_path, stacks):
+    window = Window(5, 2, 16, 16)
+    export_reference_patch(*stacks, window, tmp_path / "patch")
+    assert sorted(p.name for p in (tmp_path / "patch").iterdir()) == sorted([
+        "bands.npy", "masks.npy", "doys.npy", "sar_ascending.npy", "sar_ascending_doy.npy",
+        "sar_descending.npy", "sar_descending_doy.npy",
+    ])
+    back = read_reference_patch(tmp_path / "patch")
+    expected = read_window(*stacks, window)
+    assert back.keys() == expected.keys()
+    for key in expected:
+        assert back[key].dtype == expected[key].dtype
+        np.testing.assert_array_equal(back[key], expected[key])
+
+
+def test_reference_patch_with_wrong_dtype_is_refused(tmp_path, stacks):
+    export_reference_patch(*stacks, Window(0, 0, 4, 4), tmp_path / "patch")
+    np.save(tmp_path / "patch" / "doys.npy", np.array([5, 366], dtype=np.int64))
+    with pytest.raises(UserError, match="doys.npy is int64"):
+        read_reference_patch(tmp_path / "patch")
