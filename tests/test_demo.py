@@ -1,6 +1,9 @@
 import filecmp
 import json
 import socket
+import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -358,6 +361,29 @@ def test_server_is_stopped_when_the_block_raises(catalog_json, error):
             raise error()
     assert _refuses_connections(url)
     assert _server_processes(catalog_json) == []
+
+
+def test_server_dies_with_a_killed_parent(catalog_json):
+    # SIGKILL runs no finally: the kernel's parent-death signal must stop the server.
+    script = (
+        "import sys, time\n"
+        "from tessera.demo import serve_catalog\n"
+        "with serve_catalog(sys.argv[1]) as url:\n"
+        "    print(url, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(catalog_json)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = parent.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and _server_processes(catalog_json)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _server_processes(catalog_json) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _server_processes(catalog_json) == []
+    assert _refuses_connections(url)
 
 
 def test_serving_a_missing_catalog_is_a_user_error(tmp_path):

@@ -243,10 +243,6 @@ def _days(year: int, first_offset: int, revisit_days: int) -> list[date]:
     return [first + timedelta(days=offset) for offset in range(0, count, revisit_days)]
 
 
-def _noise_rng(world: World, item_id: str) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([world.seed, zlib.crc32(item_id.encode())]))
-
-
 def _s2_items(world: World, year: int, bbox, revisit_days: int, staging: Path) -> Iterator[pystac.Item]:
     granules = _s2_granules(bbox)
     places = {(index, gsd): granule.place(world, gsd) for index, granule in enumerate(granules) for gsd in (10, 20)}
@@ -268,7 +264,7 @@ def _s2_item(world: World, granule: Granule, places: dict[int, Place], when: dat
     item_id = f"S2{unit}_MSIL2A_{when:%Y%m%dT%H%M%S}_R{_S2_RELATIVE_ORBIT:03d}_T{tile}_{generated:%Y%m%dT%H%M%S}"
     item_dir = staging / S2_COLLECTION / item_id
     item_dir.mkdir(parents=True)
-    noise = _noise_rng(world, item_id)
+    noise = world.rng("sensor noise", zlib.crc32(item_id.encode()))
     assets: dict[str, pystac.Asset] = {}
     for gsd in (10, 20):
         bands = _S2_BANDS_AT[gsd]
@@ -354,7 +350,7 @@ def _s1_pass_items(world: World, granule: Granule, place: Place, when: datetime,
                    relative_orbit: int, split: bool, staging: Path) -> Iterator[pystac.Item]:
     day = when.date()
     vv, vh = world.backscatter(place, day, orbit_state)
-    speckle = np.random.default_rng(np.random.SeedSequence([world.seed, day.toordinal(), relative_orbit]))
+    speckle = world.rng("speckle", day.toordinal(), relative_orbit)
     # Multi-looked intensity speckle: gamma distributed with mean 1 and ENL shape.
     vv = vv * speckle.gamma(_S1_EQUIVALENT_LOOKS, 1 / _S1_EQUIVALENT_LOOKS, vv.shape)
     vh = vh * speckle.gamma(_S1_EQUIVALENT_LOOKS, 1 / _S1_EQUIVALENT_LOOKS, vh.shape)

@@ -30,23 +30,25 @@ STARTUP_TIMEOUT_SECONDS = 60.0
 _STOP_GRACE_SECONDS = 5.0
 _POLL_SECONDS = 0.1
 _PR_SET_PDEATHSIG = 1
+# Resolved now, not in the forked child, where a lock held by another thread could block dlopen.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends it SIGTERM if our process dies.
+    """Runs in the child before exec: the kernel sends it SIGTERM when the parent dies.
 
-    That covers what no ``finally`` can: the parent being killed by SIGKILL or by an unhandled
-    SIGTERM (Snakemake stopping a job).
+    That covers what no ``finally`` can: the parent killed by SIGKILL, or by a SIGTERM it does not
+    handle (Snakemake stopping a job). Linux ties this to the thread that started the server.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def serve_catalog(catalog_json: Path) -> Iterator[str]:
     """Serve ``catalog_json`` as a STAC API on a free 127.0.0.1 port; yield its root URL.
 
-    The server (and its process group) is stopped when the block exits, however it exits.
+    The server (and its process group) is stopped when the block exits, however it exits, and on
+    Linux also when this process is killed. Call it from a thread that outlives the block.
     """
     catalog_json = Path(catalog_json).resolve()
     if not catalog_json.is_file():
@@ -76,7 +78,7 @@ def serve_catalog(catalog_json: Path) -> Iterator[str]:
             stderr=subprocess.STDOUT,
             pass_fds=(listener.fileno(),),
             start_new_session=True,  # its own process group, stopped as a whole
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent if _prctl is not None else None,
         )
         try:
             listener.close()

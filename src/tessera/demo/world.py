@@ -140,11 +140,12 @@ class World:
 
     def __init__(self, seed: int):
         self.seed = seed
-        fields = [SmoothField(self._rng("land", index), 150.0, 800.0) for index in range(4)]
+        fields = [SmoothField(self.rng("land", index), 150.0, 800.0) for index in range(4)]
         self._water, self._built, self._vegetation, self._sowing = fields
-        self._texture = SmoothField(self._rng("texture"), 20.0, 90.0)
+        self._texture = SmoothField(self.rng("texture"), 20.0, 90.0)
 
-    def _rng(self, purpose: str, *numbers: int) -> np.random.Generator:
+    def rng(self, purpose: str, *numbers: int) -> np.random.Generator:
+        """A generator seeded by the world's seed, a purpose and numbers (date, orbit...)."""
         # A stable integer per purpose (str hashes are salted per process, so encode the bytes).
         tag = int.from_bytes(purpose.encode(), "little")
         return np.random.default_rng(np.random.SeedSequence([self.seed, tag, *numbers]))
@@ -173,7 +174,7 @@ class World:
         return cover
 
     def weather(self, day: date) -> Weather:
-        rng = self._rng("weather", day.toordinal())
+        rng = self.rng("weather", day.toordinal())
         # 1 in mid-July, 0 in mid-January: more clear days in summer, as in north-west Europe.
         summer = 0.5 * (1 - math.cos(2 * math.pi * (_day_of_year(day) - 15) / 365.25))
         draw = rng.random()
@@ -194,7 +195,7 @@ class World:
 
     def sky(self, place: Place, day: date) -> Sky:
         weather = self.weather(day)
-        clouds = SmoothField(self._rng("clouds", day.toordinal()), 300.0, 2000.0)
+        clouds = SmoothField(self.rng("clouds", day.toordinal()), 300.0, 2000.0)
         threshold = _quantile(1 - weather.cloud_cover) if weather.cloud_cover > 0 else math.inf
         field = clouds.at_xy(place.x, place.y)
         cloudy = field > threshold
@@ -203,7 +204,7 @@ class World:
         cloud_at_sun_side = clouds.at_xy(place.x - _SHADOW_OFFSET_METRES[0], place.y - _SHADOW_OFFSET_METRES[1])
         shadow = (cloud_at_sun_side > threshold) & ~cloudy
         if weather.cirrus:
-            cirrus_field = SmoothField(self._rng("cirrus", day.toordinal()), 1000.0, 4000.0)
+            cirrus_field = SmoothField(self.rng("cirrus", day.toordinal()), 1000.0, 4000.0)
             cirrus = (cirrus_field.at_xy(place.x, place.y) > _quantile(0.6)) & ~cloudy & ~shadow
         else:
             cirrus = np.zeros(place.cover.shape, dtype=bool)
