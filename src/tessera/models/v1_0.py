@@ -189,8 +189,15 @@ class SampledFamily(Family):
     def embedding_dim(self, arch: Mapping[str, Any]) -> int:
         return int(arch["latent_dim"])
 
+    def arch_from_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """Published v1.0 checkpoints record no architecture; demo checkpoints keep theirs in ``config``."""
+        config = checkpoint.get("config")
+        if not isinstance(config, Mapping):
+            return {}
+        return {key: config[key] for key in self.default_arch() if key in config}
+
     def checkpoint_payload(self, state_dict, arch):
-        return {"model_state_dict": state_dict}
+        return {"model_state_dict": state_dict, "config": dict(arch)}
 
     def empty_orbit_placeholders(self, asc_steps: int, desc_steps: int) -> tuple[bool, bool]:
         """Which orbits get one all-zero step at DOY 180 because they have no step at all.
