@@ -1,0 +1,271 @@
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+from affine import Affine
+from pyproj import Transformer
+from rasterio.windows import Window
+
+from tessera.errors import UserError
+from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
+from tessera.grid import tile_at
+from tessera.sources import Source
+from tessera.sources.mpc import MPC_ASSET_KEYS
+from tessera.stack import open_s1, open_s2
+
+TILE = tile_at(6.05, 52.05)  # UTM 32N, next to the zone 31 edge at 6°E
+WINDOW = Window(100, 100, 40, 30)
+H, W = 30, 40
+S2_BANDS = ("B04", "B02", "B03", "B08", "B8A", "B05", "B06", "B07", "B11", "B12")
+
+
+@dataclass(frozen=True)
+class ListedSource(Source):
+    """A source whose search answers from a list of items instead of a STAC API."""
+
+    listed: tuple = ()
+
+    def search(self, collection, bbox_lonlat, year):
+        return [item for item in self.listed if item.collection_id == collection]
+
+
+def source(items, harmonisation="mpc"):
+    return ListedSource("test", "http://unused", "sentinel-2-l2a", "sentinel-1-rtc", MPC_ASSET_KEYS, harmonisation, listed=tuple(items))
+
+
+def write_raster(path, data, transform, crs=f"EPSG:{TILE.epsg}", nodata=None):
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype=data.dtype,
+                       crs=crs, transform=transform, nodata=nodata, tiled=True, blockxsize=16, blockysize=16) as dst:
+        dst.write(data, 1)
+    return path
+
+
+# Granules cover the window with a 10-pixel margin, on the tile's own 10 m grid unless said otherwise.
+MARGIN = 10
+GRANULE_TRANSFORM = TILE.window_transform(WINDOW) @ Affine.translation(-MARGIN, -MARGIN)
+
+
+def window_field(values):
+    """A (H, W) field placed inside a granule-sized array (edge value repeated in the margin)."""
+    return np.pad(values, MARGIN, mode="edge")
+
+
+def s2_item(tmp_path, item_id, when, reflectance, scl, *, crs=None, transform=None, scl_transform=None, cloud=10.0):
+    """An MPC-shaped S2 item; ``reflectance`` is one (h, w) field used for every band (band b gets + b)."""
+    crs = crs or f"EPSG:{TILE.epsg}"
+    transform = transform or GRANULE_TRANSFORM
+    folder = tmp_path / item_id
+    folder.mkdir()
+    item = pystac.Item(item_id, None, None, when, {"eo:cloud_cover": cloud}, collection="sentinel-2-l2a")
+    for offset, band in enumerate(S2_BANDS):
+        path = write_raster(folder / f"{band}.tif", (reflectance + offset).astype(np.uint16), transform, crs, nodata=0)
+        item.add_asset(band, pystac.Asset(str(path)))
+    scl_path = write_raster(folder / "SCL.tif", scl.astype(np.uint8), scl_transform or transform, crs, nodata=0)
+    item.add_asset("SCL", pystac.Asset(str(scl_path)))
+    return item
+
+
+def s1_item(tmp_path, item_id, when, orbit, vv, vh, transform=GRANULE_TRANSFORM):
+    folder = tmp_path / item_id
+    folder.mkdir()
+    props = {"sat:orbit_state": orbit} if orbit else {}
+    item = pystac.Item(item_id, None, None, when, props, collection="sentinel-1-rtc")
+    for name, field in (("vv", vv), ("vh", vh)):
+        path = write_raster(folder / f"{name}.tif", field.astype(np.float32), transform, nodata=-32768)
+        item.add_asset(name, pystac.Asset(str(path)))
+    return item
+
+
+def utc(*args):
+    return dt.datetime(*args, tzinfo=dt.timezone.utc)
+
+
+CLEAR = window_field(np.full((H, W), 4))
+CONSTANT = window_field(np.full((H, W), 1500))
+
+
+# --- encodings ---------------------------------------------------------------------------------
+
+
+def test_s1_code_matches_hand_computed_values():
+    gamma0 = np.array([0.1, 1.0, 0.0, -0.5, np.nan, np.inf, 1e-4, 1e9], dtype=np.float64)
+    # 0.1: (20·(-1) + 50)·200 = 6000; 1.0: 10000; 1e-4: (-80 + 50)·200 < 0 -> 0; 1e9: 46000 -> 32767
+    assert encode_s1(gamma0).tolist() == [6000, 10000, 0, 0, 0, 0, 0, 32767]
+    assert encode_s1(gamma0).dtype == np.int16
+    just_above = 10 ** ((6000.75 / 200 - 50) / 20)  # code 6000.75 truncates, not rounds
+    assert encode_s1(np.array([just_above])).tolist() == [6000]
+
+
+def test_mpc_harmonisation_starts_after_2022_01_25_and_spares_values_below_1000():
+    mpc, none = source([]), source([], harmonisation="none")
+    values = np.array([999.0, 1000.0, 1500.0, 1500.9, np.nan])
+    assert encode_s2(values, dt.date(2022, 1, 25), mpc).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, dt.date(2022, 1, 26), mpc).tolist() == [999, 0, 500, 500, 0]
+    assert encode_s2(values, dt.date(2024, 6, 1), none).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, dt.date(2022, 1, 26), mpc).dtype == np.uint16
+
+
+def test_scl_classes():
+    assert [int(c) for c in np.arange(12) if valid_scl(np.array([c]))[0]] == [4, 5, 6, 7, 10, 11]
+
+
+# --- Sentinel-2 --------------------------------------------------------------------------------
+
+
+def test_s2_single_granule_encoding_mask_and_time_axis(tmp_path):
+    scl = np.full((H, W), 4)
+    scl[:, :10] = 9  # cloud high
+    scl[:5, :] = 3  # cloud shadow
+    item = s2_item(tmp_path, "A", utc(2024, 2, 10, 10, 30), CONSTANT, window_field(scl))
+    report = fetch_s2(TILE, WINDOW, 2024, source([item]), tmp_path / "s2.zarr")
+    stack = open_s2(tmp_path / "s2.zarr")
+    assert stack.series.dates == ("2024-02-10",) and stack.series.doys.tolist() == [41]
+    assert stack.series.scenes == (("A",),)
+    # MPC rule after 2022-01-25: 1500 + b -> 500 + b; band order is the reference's.
+    np.testing.assert_array_equal(stack.bands[0, 10, 20], [500 + S2_BANDS.index(b) for b in S2_BANDS])
+    np.testing.assert_array_equal(stack.masks[0], (scl == 4).astype(np.uint8))
+    # Invalid pixels keep the granule's values (as the reference's single-granule days).
+    assert stack.bands[0, 0, 0, 0] == 500
+    assert stack.grid.transform == TILE.window_transform(WINDOW)
+    assert report["kept"] == ["2024-02-10"] and report["skipped"] == {} and report["bytes"] > 0
+
+
+def test_same_day_granules_merge_by_first_valid_in_datetime_order(tmp_path):
+    early_scl = np.full((H, W), 4)
+    early_scl[:, :20] = 8  # cloudy in the left half
+    late_scl = np.full((H, W), 5)
+    late_scl[:10, :] = 0  # no data in the top rows
+    early = s2_item(tmp_path, "early", utc(2024, 5, 1, 10, 0), window_field(np.full((H, W), 100)), window_field(early_scl))
+    late = s2_item(tmp_path, "late", utc(2024, 5, 1, 10, 5), window_field(np.full((H, W), 200)), window_field(late_scl))
+    fetch_s2(TILE, WINDOW, 2024, source([late, early]), tmp_path / "s2.zarr")
+    stack = open_s2(tmp_path / "s2.zarr")
+    assert stack.series.scenes == (("early", "late"),)
+    red = stack.bands[0, :, :, 0]
+    assert (red[:, 20:] == 100).all()  # early is valid there and comes first
+    assert (red[10:, :20] == 200).all()  # early cloudy, late valid
+    assert (red[:10, :20] == 100).all()  # neither valid: first granule's values, mask 0
+    expected_mask = np.ones((H, W), np.uint8)
+    expected_mask[:10, :20] = 0
+    np.testing.assert_array_equal(stack.masks[0], expected_mask)
+
+
+def test_granule_from_another_utm_zone_lands_where_it_should(tmp_path):
+    # A zone 31 granule whose value is a linear function of its own easting/northing.
+    to31 = Transformer.from_crs(TILE.epsg, 32631, always_xy=True)
+    west, north = TILE.window_transform(WINDOW) @ (0, 0)
+    x31, y31 = to31.transform(west, north)
+    origin = (np.floor(x31 / 10) * 10 - 500, np.floor(y31 / 10) * 10 + 500)
+    size = 150
+    cols, rows = np.meshgrid(np.arange(size), np.arange(size))
+    x_centre, y_centre = origin[0] + (cols + 0.5) * 10, origin[1] - (rows + 0.5) * 10
+
+    def field(x, y):
+        return 3000 + 2.0 * (x - origin[0]) - 1.5 * (origin[1] - y)
+
+    item = s2_item(tmp_path, "z31", utc(2024, 7, 1, 10), field(x_centre, y_centre), np.full((size, size), 4),
+                   crs="EPSG:32631", transform=Affine(10, 0, origin[0], 0, -10, origin[1]))
+    fetch_s2(TILE, WINDOW, 2024, source([item], harmonisation="none"), tmp_path / "s2.zarr", resampling="bilinear")
+    red = open_s2(tmp_path / "s2.zarr").bands[0, :, :, 0].astype(float)
+    transform = TILE.window_transform(WINDOW)
+    cc, rr = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    xs, ys = transform @ (cc, rr)
+    expected = field(*to31.transform(xs, ys))
+    # Bilinear on a linear field is exact, up to GDAL's approximate transformer (error <= 1/8 pixel,
+    # WarpedVRT's default tolerance) and rounding to the source's integers. One pixel off would be 25.
+    gradient_per_pixel = np.hypot(2.0 * 10, 1.5 * 10)
+    assert np.abs(red - expected).max() <= 0.125 * gradient_per_pixel + 1
+    assert open_s2(tmp_path / "s2.zarr").masks[0].all()
+
+
+def test_dates_below_min_coverage_are_skipped(tmp_path):
+    scl = np.full((H, W), 9)
+    scl[0, 0] = 4  # one valid pixel of 1200: 0.083 %
+    item = s2_item(tmp_path, "A", utc(2024, 3, 1, 10), CONSTANT, window_field(scl))
+    clear = s2_item(tmp_path, "B", utc(2024, 3, 2, 10), CONSTANT, CLEAR)
+    report = fetch_s2(TILE, WINDOW, 2024, source([item, clear]), tmp_path / "low.zarr", min_coverage_pct=0.01)
+    assert report["kept"] == ["2024-03-01", "2024-03-02"]
+    report = fetch_s2(TILE, WINDOW, 2024, source([item, clear]), tmp_path / "high.zarr", min_coverage_pct=0.1)
+    assert report["kept"] == ["2024-03-02"] and report["low_coverage"] == ["2024-03-01"]
+    # Coverage counts ROI pixels only: an ROI of just that pixel makes the date 100 % covered...
+    roi = np.zeros((H, W), bool)
+    roi[0, 0] = True
+    report = fetch_s2(TILE, WINDOW, 2024, source([item]), tmp_path / "roi.zarr", roi_mask=roi, min_coverage_pct=50)
+    assert report["kept"] == ["2024-03-01"]
+    # ... and an ROI that the valid pixel misses makes it 0 %: no usable date, the tile fails.
+    with pytest.raises(UserError, match="grid_6.05_52.05: 0 usable Sentinel-2 dates"):
+        fetch_s2(TILE, WINDOW, 2024, source([item]), tmp_path / "none.zarr", roi_mask=~roi, min_coverage_pct=0)
+    assert not (tmp_path / "none.zarr").exists()
+
+
+def test_unreadable_scene_is_recorded_and_skipped(tmp_path):
+    broken = s2_item(tmp_path, "broken", utc(2024, 4, 1, 10, 0), CONSTANT, CLEAR)
+    twin = s2_item(tmp_path, "twin", utc(2024, 4, 1, 10, 5), window_field(np.full((H, W), 700)), CLEAR)
+    good = s2_item(tmp_path, "good", utc(2024, 4, 11, 10), CONSTANT, CLEAR)
+    b04 = tmp_path / "broken" / "B04.tif"
+    b04.write_bytes(b04.read_bytes()[:600])  # truncated: header readable, tiles not
+    report = fetch_s2(TILE, WINDOW, 2024, source([broken, twin, good]), tmp_path / "s2.zarr")
+    stack = open_s2(tmp_path / "s2.zarr")
+    assert list(stack.skipped) == ["broken"] and "B04" in stack.skipped["broken"]
+    assert report["skipped"] == stack.skipped
+    # The day of the broken granule is rebuilt from its twin alone.
+    assert stack.series.scenes == (("twin",), ("good",))
+    assert (stack.bands[0, :, :, 0] == 700).all()
+
+
+def test_too_few_usable_dates_fail_the_tile_naming_the_failed_scenes(tmp_path):
+    broken = s2_item(tmp_path, "S2A_broken", utc(2024, 4, 1, 10), CONSTANT, CLEAR)
+    (tmp_path / "S2A_broken" / "SCL.tif").write_bytes(b"not a tiff")
+    good = s2_item(tmp_path, "good", utc(2024, 4, 11, 10), CONSTANT, CLEAR)
+    with pytest.raises(UserError, match=r"tile grid_6.05_52.05: 1 usable Sentinel-2 dates.*min_scenes=2.*S2A_broken: SCL"):
+        fetch_s2(TILE, WINDOW, 2024, source([broken, good]), tmp_path / "s2.zarr", min_scenes=2)
+    assert not (tmp_path / "s2.zarr").exists()
+
+
+def test_fully_cloudy_scenes_are_not_used_as_the_reference_searches_cloud_cover_below_100(tmp_path):
+    cloudy = s2_item(tmp_path, "cloudy", utc(2024, 4, 1, 10), CONSTANT, CLEAR, cloud=100.0)
+    good = s2_item(tmp_path, "good", utc(2024, 4, 11, 10), CONSTANT, CLEAR, cloud=99.9)
+    report = fetch_s2(TILE, WINDOW, 2024, source([cloudy, good]), tmp_path / "s2.zarr")
+    assert report["kept"] == ["2024-04-11"] and report["excluded_full_cloud"] == 1
+
+
+# --- Sentinel-1 --------------------------------------------------------------------------------
+
+
+def test_s1_merges_first_non_zero_per_date_and_orbit_and_honours_nodata(tmp_path):
+    first_vv = np.full((H, W), 0.1)
+    first_vv[:, :20] = -32768  # nodata in the left half
+    # Half a pixel off our grid, so that bilinear mixes neighbours: across the nodata edge it must not.
+    half_pixel_off = GRANULE_TRANSFORM @ Affine.translation(0.5, 0.5)
+    first = s1_item(tmp_path, "first", utc(2024, 6, 3, 5, 0), "ascending", window_field(first_vv),
+                    window_field(np.full((H, W), 0.01)), transform=half_pixel_off)
+    second = s1_item(tmp_path, "second", utc(2024, 6, 3, 5, 1), "ascending",
+                     window_field(np.full((H, W), 1.0)), window_field(np.full((H, W), 1.0)))
+    evening = s1_item(tmp_path, "evening", utc(2024, 6, 3, 17), "descending",
+                      window_field(np.full((H, W), 1.0)), window_field(np.full((H, W), 0.1)))
+    no_orbit = s1_item(tmp_path, "no_orbit", utc(2024, 6, 4, 5), None,
+                       window_field(np.full((H, W), 1.0)), window_field(np.full((H, W), 1.0)))
+    report = fetch_s1(TILE, WINDOW, 2024, source([second, evening, first, no_orbit]), tmp_path / "s1.zarr")
+    stack = open_s1(tmp_path / "s1.zarr")
+    assert stack.ascending.dates == ("2024-06-03",) and stack.ascending.scenes == (("first", "second"),)
+    assert stack.descending.scenes == (("evening",),) and stack.descending.doys.tolist() == [155]
+    sar = stack.ascending.arrays["sar"][0]
+    # Right half from "first" (γ0 0.1 -> 6000, right up to the nodata edge: nodata is not blended in),
+    # left half from "second" (γ0 1 -> 10000). VH everywhere from "first": float32(0.01) is just
+    # below 0.01, so its code 1999.99... truncates to 1999.
+    assert (sar[:, 20:, 0] == 6000).all() and (sar[:, :20, 0] == 10000).all()
+    assert (sar[:, :, 1] == 1999).all()
+    assert (stack.descending.arrays["sar"][0] == [10000, 6000]).all()
+    assert "no_orbit" in stack.skipped and "no_orbit" in report["skipped"]
+    assert report["kept"] == ["2024-06-03 ascending", "2024-06-03 descending"]
+
+
+def test_s1_polarisation_below_min_coverage_is_dropped(tmp_path):
+    vh = np.full((H, W), np.float32(-32768))
+    vh[0, 0] = 0.1  # 1 pixel of 1200
+    item = s1_item(tmp_path, "A", utc(2024, 6, 3, 5), "descending", window_field(np.full((H, W), 0.1)), window_field(vh))
+    fetch_s1(TILE, WINDOW, 2024, source([item]), tmp_path / "s1.zarr", min_coverage_pct=0.1, resampling="nearest")
+    sar = open_s1(tmp_path / "s1.zarr").descending.arrays["sar"][0]
+    assert (sar[..., 0] == 6000).all() and not sar[..., 1].any()
