@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tessera import models
 from tessera.errors import UserError
@@ -27,8 +28,12 @@ def _demo_payload(demo: Path) -> dict:
     return torch.load(demo, weights_only=True)
 
 
-def test_registry_lists_v2_and_refuses_unknown_names():
-    assert "v2" in family_names()
+def test_registry_holds_the_families_the_config_accepts():
+    schema = yaml.safe_load((Path(models.__file__).parents[1] / "config.schema.yaml").read_text())
+    assert family_names() == schema["properties"]["model"]["properties"]["family"]["enum"]
+
+
+def test_registry_refuses_unknown_names():
     assert get_family("v2").name == "v2"
     assert get_family(get_family("v2")) is get_family("v2")
     with pytest.raises(UserError, match="model family 'v9' is unknown: use one of .*v2"):
@@ -121,8 +126,16 @@ def test_non_tensor_state_entry(demo, tmp_path):
         load_model(tmp_path / "listentry.pt")
 
 
+def test_explicit_family_that_does_not_match(demo):
+    v1_1 = VECTORS / "v1.1" / "checkpoint.pt"
+    with pytest.raises(UserError, match=r"checkpoint '.*v1.1/checkpoint.pt' looks like family v1.1, not v2"):
+        load_model(v1_1, "v2")
+    with pytest.raises(UserError, match="looks like family v2, not v1.0-qat"):
+        load_model(demo, "v1.0-qat")
+
+
 class _GruFamily(Family):
-    """A stand-in for a v1.x family: its keys have a GRU in the pooling."""
+    """A second family claiming v1.x keys, to make detection ambiguous."""
 
     name = "gru-standin"
     state_dict_keys = ("model_state_dict",)
@@ -131,13 +144,10 @@ class _GruFamily(Family):
         return any(".attn_pool.temporal_context." in k for k in keys)
 
 
-def test_explicit_family_that_does_not_match(demo, monkeypatch):
+def test_ambiguous_detection_asks_for_the_family(monkeypatch):
     monkeypatch.setitem(models.FAMILIES, _GruFamily.name, _GruFamily())
-    v1_1 = VECTORS / "v1.1" / "checkpoint.pt"
-    with pytest.raises(UserError, match=r"checkpoint '.*v1.1/checkpoint.pt' looks like family gru-standin, not v2"):
-        load_model(v1_1, "v2")
-    with pytest.raises(UserError, match="looks like family v2, not gru-standin"):
-        load_model(demo, "gru-standin")
+    with pytest.raises(UserError, match="could be any of v1.1, gru-standin: set the model family"):
+        load_model(VECTORS / "v1.1" / "checkpoint.pt")
 
 
 def test_explicit_family_without_any_match(tmp_path):
