@@ -86,7 +86,10 @@ def fetch_inputs(wildcards):
 
 def fetch_options(sensor):
     fetch = CFG["fetch"]
-    options = f"--min-coverage-pct {fetch['min_coverage_pct']} --min-scenes {fetch['min_scenes']}"
+    options = (
+        f"--min-coverage-pct {fetch['min_coverage_pct']} --min-scenes {fetch['min_scenes']}"
+        f" --patch-size {CFG['patch_size']}"
+    )
     if sensor == "s2":
         options += f" --s2-resampling {fetch['s2_resampling']}"
     if CFG["source"] == "demo":

@@ -86,7 +86,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     roi_mask = read_roi_mask(args.roi_mask, window=args.window)
     fetcher = fetch.fetch_s2 if args.sensor == "s2" else fetch.fetch_s1
     options = dict(roi_mask=roi_mask, min_coverage_pct=args.min_coverage_pct, min_scenes=args.min_scenes,
-                   search_cache=Path(args.out).with_name(f"search_{args.sensor}.json"))
+                   search_cache=Path(args.out).with_name(f"search_{args.sensor}.json"), patch_size=args.patch_size)
     if args.sensor == "s2":
         options["resampling"] = args.s2_resampling
     with open_source({"name": args.source}, demo_catalog=args.demo_catalog) as source:
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-coverage-pct", type=float, default=0.01)
     p.add_argument("--min-scenes", type=int, default=1)
     p.add_argument("--s2-resampling", choices=["bilinear", "nearest"], default="bilinear")
+    p.add_argument("--patch-size", type=int, default=512, help="inference patch edge (sets the stack's chunking)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_fetch)
 
