@@ -269,3 +269,47 @@ def test_s1_polarisation_below_min_coverage_is_dropped(tmp_path):
     fetch_s1(TILE, WINDOW, 2024, source([item]), tmp_path / "s1.zarr", min_coverage_pct=0.1, resampling="nearest")
     sar = open_s1(tmp_path / "s1.zarr").descending.arrays["sar"][0]
     assert (sar[..., 0] == 6000).all() and not sar[..., 1].any()
+
+
+# --- integration: the demo source's real STAC API and COGs over HTTP --------------------------
+
+
+def test_demo_source_end_to_end_and_rerun_from_the_search_cache(tmp_path, monkeypatch):
+    from shapely import box
+
+    from tessera.demo import generate_catalog
+    from tessera.grid import tiles_for_geometry, work_window
+    from tessera.sources import open_source
+    from tessera.stack import verify_stack_index, write_stack_index
+
+    bbox = (5.998, 52.040, 6.002, 52.042)  # across 6°E: granules in UTM zones 31 and 32
+    catalog = generate_catalog(tmp_path / "catalog", 2024, bbox, seed=3, s2_revisit_days=60, s1_revisit_days=90)
+    tile, part = next((tile, part) for tile, part in tiles_for_geometry(box(*bbox)) if tile.epsg == 32632)
+    window = work_window(tile, part)
+    work = tmp_path / tile.name
+    with open_source("demo", demo_catalog=catalog) as demo:
+        s2 = fetch_s2(tile, window, 2024, demo, work / "s2.zarr", search_cache=work / "search_s2.json", patch_size=16)
+        s1 = fetch_s1(tile, window, 2024, demo, work / "s1.zarr", search_cache=work / "search_s1.json", patch_size=16)
+    assert s2["kept"] and s2["skipped"] == {} and s1["skipped"] == {}
+    stack = open_s2(work / "s2.zarr")
+    scenes = {scene for step in stack.series.scenes for scene in step}
+    assert any("_T31" in scene for scene in scenes) and any("_T32" in scene for scene in scenes)
+    masks = stack.masks[:]
+    assert 0 < masks.mean() < 1  # clouds are masked, clear land is not
+    assert (np.median(stack.bands[:][masks == 1], axis=0) > 0).all()
+    radar = open_s1(work / "s1.zarr")
+    assert len(radar.ascending) and len(radar.descending)
+    # S1 validity is "VV or VH non-zero"; very dark VH (below -25 dB) is coded 0 like missing data.
+    assert (radar.ascending.arrays["sar"][:] != 0).any(axis=-1).mean() > 0.9
+    write_stack_index(work / "s2.zarr", work / "s1.zarr", work / "stack.json")
+    assert verify_stack_index(work / "stack.json").index["s2"]["dates"] == s2["kept"]
+
+    # A rerun searches no more: the cached items' hrefs move to the new server's port.
+    def no_search(*args):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(Source, "search", no_search)
+    with open_source("demo", demo_catalog=catalog) as demo:
+        again = fetch_s2(tile, window, 2024, demo, work / "s2.zarr", search_cache=work / "search_s2.json", patch_size=16)
+    assert again["kept"] == s2["kept"]
+    np.testing.assert_array_equal(open_s2(work / "s2.zarr").bands[:], stack.bands[:])

@@ -34,8 +34,8 @@ def open_source(source_config: dict | str, *, demo_catalog: Path | None = None) 
     """
     name = source_config["name"] if isinstance(source_config, dict) else source_config
     if name == "demo":
-        if demo_catalog is None or not Path(demo_catalog).exists():
-            raise UserError(f"source demo: demo catalog {demo_catalog} does not exist: generate it first (the workflow's demo_catalog step)")
+        if demo_catalog is None:
+            raise UserError("source demo needs its demo catalog: pass the catalog.json written by `tessera demo-catalog`")
         from tessera.demo import serve_catalog  # the demo generator is only needed by this source
 
         with serve_catalog(demo_catalog) as url:
