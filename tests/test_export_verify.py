@@ -1,0 +1,150 @@
+"""tessera.export.verify on a sound synthetic output directory and on each kind of damage.
+
+``build_output_dir`` (also used by the other test_export_* files) makes a small but real output
+directory with our own export code: ROI masks on the tile grid, patch embeddings, assemble_tile,
+write_tile_cog, write_manifests and write_metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from shapely import box
+
+from tessera.assemble import assemble_tile
+from tessera.export.cog import write_tile_cog
+from tessera.export.geotessera import TileFiles, write_manifests, write_metadata
+from tessera.export.stac import tile_cog_path
+from tessera.export.verify import verify_output
+from tessera.grid import Tile, patch_name, tiles_for_geometry, work_window
+from tessera.roi import read_roi_mask, write_roi_mask
+
+YEAR = 2024
+# Three tiles: two neighbours in UTM zone 31 and one across the 6° E edge in zone 32.
+ROI = box(5.885, 52.035, 6.015, 52.075)
+DIMS = 16
+
+
+def synthetic_embedding(tile: Tile, window, roi_inside: np.ndarray, dims: int = DIMS) -> np.ndarray:
+    """float32 (h, w, dims): smooth fields of the pixel's easting/northing, NaN outside the ROI and in a
+    'never seen' hole (as inference writes pixels with no valid observation)."""
+    rng = np.random.default_rng(7)  # the same fields for every tile, so neighbours look continuous
+    frequencies = rng.uniform(-1 / 2000, 1 / 2000, size=(2, dims))
+    phases = rng.uniform(0, 2 * np.pi, size=dims)
+    transform = tile.window_transform(window)
+    cols, rows = np.meshgrid(np.arange(window.width) + 0.5, np.arange(window.height) + 0.5)
+    east, north = transform @ (cols, rows)
+    east, north = east - 600_000, north - 5_770_000  # keep the phase arguments small
+    fields = 0.4 * np.sin(2 * np.pi * (east[..., None] * frequencies[0] + north[..., None] * frequencies[1]) + phases)
+    embedding = fields.astype(np.float32)
+    hole = (cols - window.width * 0.3) ** 2 + (rows - window.height * 0.5) ** 2 < (min(window.width, window.height) * 0.12) ** 2
+    embedding[hole | ~roi_inside] = np.nan
+    return embedding
+
+
+def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR, dims: int = DIMS) -> Path:
+    """A sound output directory for ``roi`` (tiles made with our export code); returns its path."""
+    out = root / "results"
+    work = root / "work"
+    checkpoint = root / "demo-checkpoint.pt"
+    checkpoint.write_bytes(b"not a real checkpoint")
+    embeddings = []
+    for tile, part in tiles_for_geometry(roi):
+        window = work_window(tile, part)
+        roi_mask = write_roi_mask(roi, tile, work / tile.name / "roi.tif")
+        patch = work / tile.name / "patches" / f"{patch_name(window)}.npy"
+        patch.parent.mkdir(parents=True, exist_ok=True)
+        np.save(patch, synthetic_embedding(tile, window, read_roi_mask(roi_mask, window), dims))
+        files = TileFiles.locate(out, tile, year)
+        assemble_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, embedding_path=files.embedding,
+                      scales_path=files.scales, checksums_path=files.checksums, landmask_path=files.landmask)
+        if cogs:
+            write_tile_cog(files.embedding, files.scales, files.landmask, tile_cog_path(out, tile.name, year),
+                           tags={"TESSERA_YEAR": str(year)})
+        embeddings.append(files.embedding)
+    write_manifests(out)
+    write_metadata(out / "tessera_metadata.json", family="v2", variant="local", checkpoint=checkpoint,
+                   source="demo", year=year, embeddings=embeddings)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sound_dir(tmp_path_factory) -> Path:
+    return build_output_dir(tmp_path_factory.mktemp("verify"), cogs=False)
+
+
+@pytest.fixture
+def damaged_dir(sound_dir, tmp_path) -> Path:
+    """A private copy of the sound directory that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(sound_dir, tmp_path / "results"))
+
+
+def _tile(output_dir: Path, name: str = "grid_5.95_52.05") -> TileFiles:
+    return TileFiles.locate(output_dir, Tile.from_name(name), YEAR)
+
+
+def test_sound_directory_passes(sound_dir):
+    assert verify_output(sound_dir) == []
+    assert [t.name for t, _ in tiles_for_geometry(ROI)] == ["grid_5.85_52.05", "grid_5.95_52.05", "grid_6.05_52.05"]
+
+
+def test_missing_scales_is_named(damaged_dir):
+    files = _tile(damaged_dir)
+    files.scales.unlink()
+    problems = verify_output(damaged_dir)
+    assert any("2024/grid_5.95_52.05: scales file" in p and "missing" in p for p in problems), problems
+    # The manifest still lists the tile, whose files are now incomplete.
+    assert any("manifest.parquet lists 2024/grid_5.95_52.05" in p for p in problems), problems
+
+
+def test_truncated_npy_is_named(damaged_dir):
+    files = _tile(damaged_dir)
+    data = files.embedding.read_bytes()
+    files.embedding.write_bytes(data[: len(data) // 2])
+    problems = verify_output(damaged_dir)
+    assert problems and all("grid_5.95_52.05" in p for p in problems), problems
+    assert any("cannot read the .npy files" in p for p in problems), problems
+
+
+def test_flipped_bytes_fail_the_checksum(damaged_dir):
+    files = _tile(damaged_dir)
+    data = bytearray(files.embedding.read_bytes())
+    data[-1] ^= 0xFF  # same size and header: only the checksum can tell
+    files.embedding.write_bytes(bytes(data))
+    assert verify_output(damaged_dir) == [
+        f"2024/grid_5.95_52.05: {files.embedding.name} does not match its SHA256 (corrupted or changed)"
+    ]
+
+
+def test_scale_of_one_is_named(damaged_dir):
+    files = _tile(damaged_dir)
+    scales = np.load(files.scales)
+    row, col = np.argwhere(np.isfinite(scales))[0]
+    scales[row, col] = 1.0
+    np.save(files.scales, scales)
+    problems = verify_output(damaged_dir)
+    assert any("2024/grid_5.95_52.05: 1 scales outside (0, 1), e.g. 1" in p for p in problems), problems
+
+
+def test_manifest_row_without_files_is_named(damaged_dir):
+    import shutil
+
+    files = _tile(damaged_dir, "grid_6.05_52.05")
+    shutil.rmtree(files.embedding.parent)
+    files.landmask.unlink()
+    problems = verify_output(damaged_dir)
+    assert problems == ["manifest.parquet lists 2024/grid_6.05_52.05 but its files are not all present"]
+    assert len(pq.read_table(damaged_dir / "manifest.parquet")) == 3
+
+
+def test_tile_missing_from_manifest_is_named(damaged_dir):
+    table = pq.read_table(damaged_dir / "manifest.parquet")
+    pq.write_table(table.filter(np.asarray(table["lon"]) != 5.85), damaged_dir / "manifest.parquet")
+    assert verify_output(damaged_dir) == [
+        "2024/grid_5.85_52.05: present but not in manifest.parquet (rerun the catalog rule)"
+    ]
