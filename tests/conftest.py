@@ -21,7 +21,7 @@ def run_snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess
 
 def job_stats(output: str) -> dict[str, int]:
     """The 'Job stats' table of a snakemake run or dry-run, as {rule: count}."""
-    lines = output.splitlines()
+    lines = [line.strip() for line in output.splitlines()]
     start = lines.index("Job stats:") + 3
     stats = {}
     for line in lines[start:]:
@@ -44,7 +44,8 @@ TINY_ROI = "5.998,52.040,6.002,52.042"
 
 def write_tiny_config(directory: Path, **overrides) -> Path:
     config = {"roi": TINY_ROI, "year": 2024, "source": "demo", "patch_size": 16,
-              "model": {"family": "v2", "checkpoint": "demo"}, "device": "cpu", **overrides}
+              "model": {"family": "v2", "checkpoint": "demo"}, "device": "cpu", "infer": {"per": "patch"},
+              **overrides}
     path = directory / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
