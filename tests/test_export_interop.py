@@ -1,0 +1,227 @@
+"""Our outputs read by the tools users read them with.
+
+Unmarked: the per-zone VRT mosaics through GDAL (rasterio), which every user of the mosaics goes
+through. Marked ``interop`` (need ``pip install -e '.[interop]'``, skipped otherwise): geotessera 0.7.5
+offline on our geotessera-layout directory, ``rio cogeo validate`` on every COG, rioxarray on the
+COGs and mosaics.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from pyproj import Transformer
+from rasterio.windows import Window
+from shapely import box
+
+from tessera.export.geotessera import find_tiles
+from tessera.export.mosaic import ZoneGrid, write_mosaic_cog, write_zone_mosaics
+from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
+from tessera.export.stac import tile_cog_path
+from tessera.grid import Tile
+from test_export_verify import YEAR, build_output_dir
+
+ZONE31 = ("grid_5.85_52.05", "grid_5.95_52.05")
+
+
+def _dequantised(files) -> np.ndarray:
+    return np.load(files.embedding).astype(np.float32) * np.load(files.scales)[..., None]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """Three tiles (two in zone 31, one in zone 32) with float COGs, quicklooks and zone mosaics."""
+    out = build_output_dir(tmp_path_factory.mktemp("mosaic"))
+    tiles = find_tiles(out)
+    basis = fit_pca(tiles)
+    for files in tiles:
+        write_tile_quicklook(files, basis, *quicklook_paths(out, files.tile.name, YEAR))
+    write_zone_mosaics(out, YEAR)
+    return out
+
+
+def _mosaic(out: Path, layer: str, epsg: int) -> Path:
+    return out / "mosaic" / str(YEAR) / f"{layer}_{YEAR}_epsg{epsg}.vrt"
+
+
+# --- mosaics (GDAL through rasterio) -------------------------------------------------------------
+
+
+def test_one_mosaic_per_zone_and_layer(run_dir):
+    assert sorted(p.name for p in (run_dir / "mosaic" / str(YEAR)).iterdir()) == [
+        "quicklook_2024_epsg32631.vrt", "quicklook_2024_epsg32632.vrt",
+        "tessera_2024_epsg32631.vrt", "tessera_2024_epsg32632.vrt",
+    ]
+    with rasterio.open(_mosaic(run_dir, "tessera", 32632)) as zone32:
+        assert zone32.crs.to_epsg() == 32632 and zone32.count == 16
+        assert zone32.descriptions[0] == "Tessera_Band_0" and np.isnan(zone32.nodata)
+
+
+def test_zone_grid_is_snapped_and_tiles_move_less_than_a_pixel_north_west():
+    tiles = [Tile.from_name(name) for name in ZONE31]
+    grid = ZoneGrid.for_tiles(tiles)
+    assert grid.transform.c % 10 == 0 and grid.transform.f % 10 == 0 and grid.epsg == 32631
+    for tile in tiles:
+        col_off, row_off = grid.offsets[tile.name]
+        placed_west, placed_north = grid.transform @ (col_off, row_off)
+        assert 0 <= tile.transform.c - placed_west < 10
+        assert 0 <= placed_north - tile.transform.f < 10
+        assert col_off + tile.width <= grid.width and row_off + tile.height <= grid.height
+    with pytest.raises(ValueError, match="one CRS"):
+        ZoneGrid.for_tiles([Tile.from_name("grid_5.95_52.05"), Tile.from_name("grid_6.05_52.05")])
+
+
+def test_a_pixel_lands_where_it_should(run_dir):
+    tiles = {f.tile.name: f for f in find_tiles(run_dir)}
+    grid = ZoneGrid.for_tiles([tiles[name].tile for name in ZONE31])
+    with rasterio.open(_mosaic(run_dir, "tessera", 32631)) as mosaic:
+        assert mosaic.transform == grid.transform and (mosaic.width, mosaic.height) == (grid.width, grid.height)
+        for name in ZONE31:
+            files = tiles[name]
+            values = _dequantised(files)
+            row, col = np.argwhere(np.isfinite(values[..., 0]))[len(np.argwhere(np.isfinite(values[..., 0]))) // 2]
+            col_off, row_off = grid.offsets[name]
+            # By index: tile pixel (row, col) is zone pixel (row_off + row, col_off + col), every band exact.
+            read = mosaic.read(window=Window(col_off + col, row_off + row, 1, 1))[:, 0, 0]
+            np.testing.assert_array_equal(read, values[row, col])
+            # By coordinates: the tile pixel's centre, moved by its tile's sub-pixel shift.
+            x, y = files.tile.transform @ (col + 0.5, row + 0.5)
+            shift_x, shift_y = np.subtract(grid.transform @ (col_off, row_off), (files.tile.transform.c, files.tile.transform.f))
+            assert mosaic.index(x + shift_x, y + shift_y) == (row_off + row, col_off + col)
+            assert mosaic.index(x, y)[0] in (row_off + row, row_off + row + 1)  # less than a pixel off
+
+
+def test_no_tile_hides_its_neighbours_data(run_dir):
+    tiles = {f.tile.name: f for f in find_tiles(run_dir)}
+    grid = ZoneGrid.for_tiles([tiles[name].tile for name in ZONE31])
+    expected = np.full((grid.height, grid.width), np.nan, np.float32)
+    for name in ZONE31:  # in name order, a later tile's data over an earlier one's
+        band0 = _dequantised(tiles[name])[..., 0]
+        col_off, row_off = grid.offsets[name]
+        target = expected[row_off:row_off + band0.shape[0], col_off:col_off + band0.shape[1]]
+        target[np.isfinite(band0)] = band0[np.isfinite(band0)]
+    with rasterio.open(_mosaic(run_dir, "tessera", 32631)) as mosaic:
+        np.testing.assert_array_equal(mosaic.read(1), expected)
+    with rasterio.open(_mosaic(run_dir, "quicklook", 32631)) as quicklook:
+        assert [c.name for c in quicklook.colorinterp] == ["red", "green", "blue", "alpha"]
+        np.testing.assert_array_equal(quicklook.read(4) == 255, np.isfinite(expected))
+        for name in ZONE31:
+            col_off, row_off = grid.offsets[name]
+            with rasterio.open(quicklook_paths(run_dir, name, YEAR)[1]) as tile_rgb:
+                rgba = tile_rgb.read()
+            window = Window(col_off, row_off, rgba.shape[2], rgba.shape[1])
+            mosaic_rgba = quicklook.read(window=window)
+            mine = rgba[3] == 255
+            np.testing.assert_array_equal(mosaic_rgba[:, mine], rgba[:, mine])
+
+
+def test_mosaics_move_with_the_output_directory(run_dir, tmp_path):
+    moved = Path(shutil.copytree(run_dir, tmp_path / "moved"))
+    with rasterio.open(_mosaic(moved, "tessera", 32631)) as mosaic:
+        assert all(Path(f).is_relative_to(moved) for f in mosaic.files if f.endswith(".tif"))
+        assert np.isfinite(mosaic.read(1)).any()
+
+
+def test_mosaic_cog_on_request(run_dir, tmp_path):
+    vrt = _mosaic(run_dir, "quicklook", 32631)
+    cog = write_mosaic_cog(vrt, tmp_path / "quicklook_epsg32631.tif")
+    with rasterio.open(vrt) as src, rasterio.open(cog) as dst:
+        assert dst.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and dst.overviews(1)
+        assert dst.transform == src.transform and dst.crs == src.crs
+        np.testing.assert_array_equal(dst.read(), src.read())
+
+
+# --- geotessera, rio-cogeo, rioxarray -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def geotessera_dir(tmp_path_factory) -> Path:
+    """128 dimensions (geotessera 0.7.5 samples into (N, 128) arrays), one tile either side of 6° E."""
+    pytest.importorskip("geotessera")
+    return build_output_dir(tmp_path_factory.mktemp("geotessera"), cogs=False, roi=box(5.99, 52.04, 6.01, 52.06), dims=128)
+
+
+@pytest.mark.interop
+def test_geotessera_fetches_our_tiles_exactly(geotessera_dir, tmp_path):
+    from geotessera import GeoTessera
+
+    gt = GeoTessera(embeddings_dir=geotessera_dir, registry_dir=geotessera_dir, cache_dir=tmp_path)
+    for files in find_tiles(geotessera_dir):
+        embedding, crs, transform = gt.fetch_embedding(files.tile.lon, files.tile.lat, YEAR)
+        np.testing.assert_array_equal(embedding, _dequantised(files))
+        assert crs.to_epsg() == files.tile.epsg and transform == files.tile.transform
+
+
+@pytest.mark.interop
+def test_geotessera_samples_points_exactly(geotessera_dir, tmp_path):
+    from geotessera import GeoTessera
+
+    gt = GeoTessera(embeddings_dir=geotessera_dir, registry_dir=geotessera_dir, cache_dir=tmp_path)
+    points, expected = [], []
+    for files in find_tiles(geotessera_dir):
+        values = _dequantised(files)
+        to_lonlat = Transformer.from_crs(files.tile.epsg, 4326, always_xy=True)
+        valid = np.argwhere(np.isfinite(values[..., 0]))
+        no_data = np.argwhere(np.isnan(values[..., 0]) & (np.arange(values.shape[1]) > 100)[None, :])
+        for row, col in [*valid[:: max(1, len(valid) // 5)], no_data[0]]:
+            points.append(to_lonlat.transform(*(files.tile.transform @ (col + 0.5, row + 0.5))))
+            expected.append(values[row, col])
+    sampled = gt.sample_embeddings_at_points(points, year=YEAR, auto_download=False)
+    np.testing.assert_array_equal(sampled, np.array(expected))
+    assert np.isnan(sampled).all(axis=1).sum() == 2  # the one no-data pixel asked of each tile
+
+
+@pytest.mark.interop
+def test_geotessera_registry_tools_accept_our_directory(geotessera_dir, tmp_path):
+    tool = Path(sys.executable).with_name("geotessera-registry")
+    check = subprocess.run([str(tool), "check", "--verify-hashes", str(geotessera_dir)], capture_output=True, text=True)
+    assert check.returncode == 0 and "All hashes verified" in check.stdout, check.stdout + check.stderr
+    # geotessera's own registry of our files agrees with the registry.parquet we wrote.
+    scan = subprocess.run([str(tool), "scan", str(geotessera_dir), "--registry-dir", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert (tmp_path / "registry.parquet").exists(), scan.stdout + scan.stderr
+    columns = ["year", "lon", "lat", "lon_i", "lat_i", "hash", "scales_hash", "file_size", "scales_size"]
+    theirs = pq.read_table(tmp_path / "registry.parquet", columns=columns).to_pylist()
+    ours = pq.read_table(geotessera_dir / "registry.parquet", columns=columns).to_pylist()
+    key = lambda row: (row["year"], row["lon"], row["lat"])  # noqa: E731
+    assert sorted(theirs, key=key) == sorted(ours, key=key)
+
+
+@pytest.mark.interop
+def test_every_cog_passes_rio_cogeo_validate(run_dir, tmp_path):
+    cogeo = pytest.importorskip("rio_cogeo.cogeo")
+    cogs = [*run_dir.glob("cog/*/*.tif"), *run_dir.glob("quicklook/*/*.tif"),
+            write_mosaic_cog(_mosaic(run_dir, "tessera", 32631), tmp_path / "tessera_epsg32631.tif")]
+    assert len(cogs) == 7
+    for cog in cogs:
+        # What `rio cogeo validate --strict` runs: warnings (e.g. missing overviews) count as failures.
+        assert cogeo.cog_validate(cog, strict=True) == (True, [], []), cog
+
+
+@pytest.mark.interop
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:rioxarray.rioxarray")  # rioxarray's own use of affine
+def test_rioxarray_reads_crs_transform_and_nan_nodata(run_dir):
+    rioxarray = pytest.importorskip("rioxarray")
+    files = next(f for f in find_tiles(run_dir) if f.tile.name == "grid_5.95_52.05")
+    tile = rioxarray.open_rasterio(tile_cog_path(run_dir, files.tile.name, YEAR))
+    assert tile.rio.crs.to_epsg() == 32631 and tile.rio.transform() == files.tile.transform
+    assert np.isnan(tile.rio.nodata) and tile.dims == ("band", "y", "x")
+    assert tile.attrs["long_name"][0] == "Tessera_Band_0"
+    np.testing.assert_array_equal(np.moveaxis(tile.values, 0, -1), _dequantised(files))
+    # Pixel-centre coordinates, as xarray users expect.
+    assert float(tile.x[0]) == files.tile.transform.c + 5 and float(tile.y[0]) == files.tile.transform.f - 5
+
+    mosaic = rioxarray.open_rasterio(_mosaic(run_dir, "tessera", 32631), masked=True)
+    grid = ZoneGrid.for_tiles([Tile.from_name(name) for name in ZONE31])
+    assert mosaic.rio.crs.to_epsg() == 32631 and mosaic.rio.transform() == grid.transform
+    col_off, row_off = grid.offsets[files.tile.name]
+    np.testing.assert_array_equal(
+        mosaic.values[:, row_off:row_off + files.tile.height, col_off:col_off + files.tile.width][:, np.isfinite(tile.values[0])],
+        tile.values[:, np.isfinite(tile.values[0])])
