@@ -1,16 +1,21 @@
-"""PCA quicklooks (tessera.export.quicklook) on tiles whose principal axes are known."""
+"""PCA quicklooks (tessera.export.quicklook) on tiles whose principal axes are known, and the run
+report (tessera.export.report) that shows them."""
 
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from rasterio.io import MemoryFile
 
 from tessera.errors import UserError
-from tessera.export.geotessera import TileFiles
+from tessera.export.geotessera import TileFiles, find_tiles
 from tessera.export.quicklook import PcaBasis, fit_pca, quicklook_paths, write_tile_quicklook
+from tessera.export.report import THUMBNAIL_PIXELS, read_benchmarks, write_report
 from tessera.grid import Tile
 
 DIMS = 8
@@ -105,3 +110,99 @@ def test_tile_quicklook_png_and_cog(tiles, tmp_path):
         assert rgb.crs.to_epsg() == files.tile.epsg and rgb.transform == files.tile.transform
         assert rgb.overviews(1), "a COG quicklook needs overviews"
         np.testing.assert_array_equal(np.moveaxis(rgb.read(), 0, -1), rgba)
+
+
+# --- the run report, which shows the quicklooks --------------------------------------------------
+
+BENCHMARK_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _benchmark(path: Path, *rows: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(BENCHMARK_HEADER + "".join(f"{row}\n" for row in rows))
+
+
+def test_read_benchmarks_averages_repeats_and_keeps_unmeasured_as_nan(tmp_path):
+    _benchmark(tmp_path / "assemble" / "grid_5.95_52.05.tsv",
+               "10.0\t0:00:10\t200.0\t-\t-\t-\t-\t-\t-\t8.0", "20.0\t0:00:20\t300.0\t-\t-\t-\t-\t-\t-\t12.0")
+    _benchmark(tmp_path / "infer" / "grid_5.95_52.05" / "r0_c0.tsv", "5.0\t0:00:05\tNA\t-\t-\t-\t-\t-\t-\t-")
+    _benchmark(tmp_path / "catalog.tsv", "1.0\t0:00:01\t50\t-\t-\t-\t-\t-\t-\t0.5")
+    benchmarks = {(b.rule, b.job): b for b in read_benchmarks(tmp_path)}
+    assert set(benchmarks) == {("assemble", "grid_5.95_52.05"), ("infer", "grid_5.95_52.05/r0_c0"), ("catalog", "")}
+    assemble = benchmarks["assemble", "grid_5.95_52.05"]
+    assert (assemble.seconds, assemble.max_rss_mb, assemble.cpu_seconds) == (15.0, 250.0, 10.0)
+    assert np.isnan(benchmarks["infer", "grid_5.95_52.05/r0_c0"].max_rss_mb)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, Path, str]:
+    from test_export_verify import build_output_dir
+
+    root = tmp_path_factory.mktemp("report")
+    out = build_output_dir(root, cogs=False)
+    tiles = find_tiles(out)
+    basis = fit_pca(tiles)
+    for files in tiles[:2]:
+        write_tile_quicklook(files, basis, *quicklook_paths(out, files.tile.name, 2024))
+    benchmarks = root / "logs" / "benchmarks"
+    for files in tiles:
+        _benchmark(benchmarks / "assemble" / f"{files.tile.name}.tsv", "2.0\t0:00:02\t100\t-\t-\t-\t-\t-\t-\t1.5")
+        _benchmark(benchmarks / "infer" / files.tile.name / "r0_c0.tsv", "30.0\t0:00:30\t-\t-\t-\t-\t-\t-\t-\t-")
+    scene_ids = {f.tile.name: {"sentinel-2-l2a": ["a", "b", "c"][: i + 1], "sentinel-1-rtc": ["d"]} for i, f in enumerate(tiles)}
+    path = write_report(out, 2024, out / "report_2024.html", scene_ids=scene_ids, benchmarks_dir=benchmarks)
+    return out, path, path.read_text()
+
+
+def _rows(page: str) -> dict[str, list[str]]:
+    """Table rows keyed by their first cell, cells stripped of tags."""
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", page, flags=re.S):
+        cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, flags=re.S)]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_report_lists_tiles_with_coverage_scene_counts_and_job_time(report):
+    out, _, page = report
+    rows = _rows(page)
+    headers = rows["tile"]
+    total_roi = total_embedded = 0
+    for i, files in enumerate(find_tiles(out)):
+        with rasterio.open(files.landmask) as landmask:
+            inside = landmask.read(1) == 1
+        embedded = int((np.isfinite(np.load(files.scales)) & inside).sum())
+        total_roi, total_embedded = total_roi + int(inside.sum()), total_embedded + embedded
+        cells = dict(zip(headers, rows[files.tile.name]))
+        assert cells["ROI pixels"] == f"{int(inside.sum()):,}" and cells["embedded"] == f"{embedded:,}"
+        assert cells["coverage"] == f"{100 * embedded / inside.sum():.1f} %"
+        assert cells["sentinel-2-l2a scenes"] == str(i + 1) and cells["sentinel-1-rtc scenes"] == "1"
+        assert cells["job time (s)"] == "32.0"
+        assert cells["CRS"] == f"EPSG:{files.tile.epsg}"
+    assert f"{total_embedded:,} of {total_roi:,} ROI pixels have an embedding" in page
+    assert dict(zip(rows["rule"], rows["assemble"])) == {
+        "rule": "assemble", "jobs": "3", "wall time, sum (s)": "6.0", "longest job (s)": "2.0",
+        "CPU time (s)": "4.5", "max RSS (MB)": "100"}
+    assert rows["infer"][-2:] == ["–", "–"]  # Snakemake measured neither CPU time nor memory
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # thumbnails are pictures
+def test_report_embeds_thumbnails_and_links_quicklooks_relatively(report):
+    out, path, page = report
+    images = re.findall(r'<img alt="PCA quicklook of (grid_[\d._]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert [name for name, _ in images] == ["grid_5.85_52.05", "grid_5.95_52.05"]  # the third has no quicklook
+    for name, encoded in images:
+        with MemoryFile(base64.b64decode(encoded)) as memory, memory.open() as thumbnail:
+            assert thumbnail.driver == "PNG" and thumbnail.count == 4
+            assert max(thumbnail.width, thumbnail.height) == THUMBNAIL_PIXELS
+            assert (thumbnail.read(4) == 255).any() and (thumbnail.read(4) == 0).any()
+    links = re.findall(r'<a href="([^"]+)">', page)
+    assert links == [f"quicklook/2024/{name}_2024.png" for name, _ in images]
+    assert all((path.parent / link).is_file() for link in links)
+    assert not re.search(r'(src|href)="(https?:)?//', page), "the report must not need the network"
+
+
+def test_report_without_scenes_or_benchmarks(report):
+    out, _, _ = report
+    page = write_report(out, 2024, out / "plain" / "report.html").read_text()
+    assert "grid_5.95_52.05" in page and "scenes" not in page and "Timings" not in page
+    assert 'href="../quicklook/2024/grid_5.85_52.05_2024.png"' in page  # relative to the report's folder

@@ -1,0 +1,229 @@
+"""A self-contained HTML report of a run: provenance, tiles, coverage, scenes, timings, quicklooks.
+
+One file, no scripts, no external resources: quicklook thumbnails are embedded as base64 PNG (read
+from the quicklook COGs' overviews) and link to the full-size PNGs by relative paths. Coverage is the
+share of ROI pixels (landmask = 1) that have an embedding (finite scale). Timings come from
+Snakemake's benchmark TSVs (``benchmark:`` of each rule, e.g. ``logs/benchmarks/{rule}/{tile}.tsv``).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+
+from tessera import __version__
+from tessera.export.geotessera import TileFiles, find_tiles
+from tessera.export.quicklook import quicklook_paths
+from tessera.io import atomic_path
+
+THUMBNAIL_PIXELS = 240  # longest side of an embedded thumbnail
+# Tiles where more than a tenth of the ROI has no embedding are highlighted: worth a look at the scenes.
+LOW_COVERAGE_PERCENT = 90.0
+
+
+@dataclass(frozen=True)
+class TileCoverage:
+    roi_pixels: int
+    embedded_pixels: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.embedded_pixels / self.roi_pixels if self.roi_pixels else math.nan
+
+
+def tile_coverage(files: TileFiles) -> TileCoverage:
+    """ROI pixels of a tile (landmask = 1) and how many of them have an embedding (finite scale)."""
+    with rasterio.open(files.landmask) as landmask:
+        inside = landmask.read(1) > 0
+    embedded = np.isfinite(np.load(files.scales, mmap_mode="r")) & inside
+    return TileCoverage(int(inside.sum()), int(embedded.sum()))
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    rule: str
+    job: str  # the benchmark file's path below the rule's folder, without .tsv (e.g. a tile name)
+    seconds: float
+    max_rss_mb: float  # NaN where Snakemake could not measure it
+    cpu_seconds: float
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):  # Snakemake writes "-" or "NA" for what it could not measure
+        return math.nan
+
+
+def read_benchmarks(benchmarks_dir: Path) -> list[Benchmark]:
+    """Every Snakemake benchmark TSV below a folder; repeated measurements of a job are averaged."""
+    found = []
+    for path in sorted(Path(benchmarks_dir).rglob("*.tsv")):
+        relative = path.relative_to(benchmarks_dir).with_suffix("")
+        rule, job = (relative.parts[0], "/".join(relative.parts[1:])) if len(relative.parts) > 1 else (relative.name, "")
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        if not rows:
+            continue
+        def mean(column: str) -> float:
+            return float(np.mean([_number(row.get(column)) for row in rows]))
+
+        found.append(Benchmark(rule, job, mean("s"), mean("max_rss"), mean("cpu_time")))
+    return found
+
+
+def _thumbnail_png(quicklook_cog: Path) -> bytes:
+    """A small PNG of a quicklook COG, read from its overviews."""
+    with rasterio.open(quicklook_cog) as src:
+        factor = max(src.width, src.height) / THUMBNAIL_PIXELS
+        shape = (src.count, max(1, round(src.height / factor)), max(1, round(src.width / factor)))
+        pixels = src.read(out_shape=shape, resampling=rasterio.enums.Resampling.average)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a picture, not a map
+        with MemoryFile() as memory:
+            with memory.open(driver="PNG", width=shape[2], height=shape[1], count=shape[0], dtype="uint8") as dst:
+                dst.write(pixels)
+            return memory.read()
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; vertical-align: middle; }
+th { background: #f3f3f3; } td.name, th.name { text-align: left; font-family: monospace; }
+.low { color: #b00; font-weight: bold; }
+img { background: repeating-conic-gradient(#eee 0 25%, #fff 0 50%) 0 0 / 16px 16px; }
+"""
+
+
+def _table(headers: list[str], rows: list[list[str]], name_columns: int = 1) -> str:
+    """An HTML table; cells are given already escaped, the first ``name_columns`` are left-aligned."""
+    head = "".join(f'<th{" class=name" if i < name_columns else ""}>{h}</th>' for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(f'<td{" class=name" if i < name_columns else ""}>{c}</td>' for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _total(values: list[float]) -> float:
+    """Sum of the measured values; NaN when none was measured."""
+    measured = [v for v in values if not math.isnan(v)]
+    return float(sum(measured)) if measured else math.nan
+
+
+def _largest(values: list[float]) -> float:
+    measured = [v for v in values if not math.isnan(v)]
+    return float(max(measured)) if measured else math.nan
+
+
+def _seconds(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:,.1f}"
+
+
+def write_report(
+    output_dir: Path,
+    year: int,
+    out: Path,
+    *,
+    scene_ids: dict[str, dict[str, list[str]]] | None = None,
+    benchmarks_dir: Path | None = None,
+) -> Path:
+    """Write the HTML report of the year's tiles in ``output_dir`` to ``out``.
+
+    ``scene_ids``: tile name -> {source collection: [scene ids]} (as for the STAC Items), for the scene
+    counts; ``benchmarks_dir``: Snakemake's ``logs/benchmarks`` folder, for the timings.
+    """
+    output_dir, out = Path(output_dir), Path(out)
+    tiles = [files for files in find_tiles(output_dir) if files.year == year]
+    metadata_path = output_dir / "tessera_metadata.json"
+    metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+    benchmarks = read_benchmarks(benchmarks_dir) if benchmarks_dir and Path(benchmarks_dir).is_dir() else []
+    collections = sorted({name for ids in (scene_ids or {}).values() for name in ids})
+
+    seconds_per_tile: dict[str, float] = defaultdict(float)
+    for bench in benchmarks:
+        tile_name = bench.job.split("/")[0]
+        if tile_name.startswith("grid_") and not math.isnan(bench.seconds):
+            seconds_per_tile[tile_name] += bench.seconds
+
+    rows, total = [], TileCoverage(0, 0)
+    for files in tiles:
+        name = files.tile.name
+        coverage = tile_coverage(files) if files.present else None
+        if coverage:
+            total = TileCoverage(total.roi_pixels + coverage.roi_pixels, total.embedded_pixels + coverage.embedded_pixels)
+        png, rgb_cog = quicklook_paths(output_dir, name, year)
+        picture = ""
+        if rgb_cog.exists():
+            encoded = base64.b64encode(_thumbnail_png(rgb_cog)).decode()
+            image = f'<img alt="PCA quicklook of {name}" src="data:image/png;base64,{encoded}">'
+            picture = f'<a href="{html.escape(os.path.relpath(png, out.parent))}">{image}</a>' if png.exists() else image
+        percent = coverage.percent if coverage else math.nan
+        rows.append([
+            html.escape(name),
+            f"EPSG:{files.tile.epsg}",
+            f"{files.tile.width} × {files.tile.height}",
+            f"{coverage.roi_pixels:,}" if coverage else "incomplete",
+            f"{coverage.embedded_pixels:,}" if coverage else "–",
+            f'<span class="{"low" if percent < LOW_COVERAGE_PERCENT else ""}">{percent:.1f} %</span>' if coverage and coverage.roi_pixels else "–",
+            *[str(len((scene_ids or {}).get(name, {}).get(c, []))) for c in collections],
+            _seconds(seconds_per_tile[name]) if name in seconds_per_tile else "–",
+            picture,
+        ])
+
+    per_rule: dict[str, list[Benchmark]] = defaultdict(list)
+    for bench in benchmarks:
+        per_rule[bench.rule].append(bench)
+    rule_rows = []
+    for rule, jobs in sorted(per_rule.items()):
+        max_rss = _largest([j.max_rss_mb for j in jobs])
+        rule_rows.append([
+            html.escape(rule), str(len(jobs)), _seconds(_total([j.seconds for j in jobs])),
+            _seconds(_largest([j.seconds for j in jobs])), _seconds(_total([j.cpu_seconds for j in jobs])),
+            "–" if math.isnan(max_rss) else f"{max_rss:,.0f}",
+        ])
+
+    provenance = [
+        ["model family", metadata.get("model_family", "–")],
+        ["checkpoint", f'{metadata.get("checkpoint", "–")} (sha256 {metadata.get("checkpoint_sha256", "–")})'],
+        ["data source", metadata.get("data_source", "–")],
+        ["dataset version / variant", f'{metadata.get("dataset_version", "–")} / {metadata.get("dataset_variant", "–")}'],
+        ["outputs generated", metadata.get("generated_at", "–")],
+        ["made by", metadata.get("generator", "–")],
+    ]
+    summary = (f"{len(tiles)} tile(s); {total.embedded_pixels:,} of {total.roi_pixels:,} ROI pixels have an embedding "
+               f"({total.percent:.1f} %)" if total.roi_pixels else f"{len(tiles)} tile(s); no ROI pixel")
+    parts = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>TESSERA run {year}</title><style>{_STYLE}</style></head><body>',
+        f"<h1>TESSERA embeddings {year}</h1>",
+        f"<p>{html.escape(summary)}.</p>",
+        _table(["run", ""], [[html.escape(k), html.escape(str(v))] for k, v in provenance], name_columns=2),
+        "<h2>Tiles</h2>",
+        "<p>Coverage: ROI pixels with an embedding (no embedding where no valid observation was found). "
+        "Quicklook: the first three principal components of the embeddings as RGB, one colour scale for the run; "
+        "click for the full-size PNG.</p>",
+        _table(["tile", "CRS", "pixels", "ROI pixels", "embedded", "coverage",
+                *[f"{html.escape(c)} scenes" for c in collections], "job time (s)", "quicklook"], rows),
+    ]
+    if rule_rows:
+        parts += ["<h2>Timings</h2>",
+                  _table(["rule", "jobs", "wall time, sum (s)", "longest job (s)", "CPU time (s)", "max RSS (MB)"], rule_rows)]
+    parts.append(f"<p><small>Report by tessera-workflow {html.escape(__version__)}.</small></p></body></html>\n")
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(parts))
+    return out
