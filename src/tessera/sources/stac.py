@@ -65,7 +65,7 @@ class Source:
         """The signed href of one band of an item; KeyError if the item lacks that asset."""
         key = self.asset_keys[band]
         if key not in item.assets:
-            raise KeyError(f"item has no asset {key!r} ({band})")
+            raise KeyError(f"item has no asset {key!r}" + (f" ({band})" if key != band else ""))
         return self.sign(item.assets[key].get_absolute_href())
 
     def harmonise_s2(self, values: np.ndarray, acquired: dt.date) -> np.ndarray:
