@@ -390,3 +390,10 @@ def test_serving_a_missing_catalog_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="generate"):
         with serve_catalog(tmp_path / "catalog.json"):
             pass
+
+
+def test_server_starts_inside_a_slurm_batch_job_environment(catalog_json, monkeypatch):
+    # SLURM exports ENVIRONMENT=BATCH to batch jobs; stac-fastapi would read it as its mode.
+    monkeypatch.setenv("ENVIRONMENT", "BATCH")
+    with serve_catalog(catalog_json) as url:
+        assert pystac_client.Client.open(url).get_collection("sentinel-1-rtc").id == "sentinel-1-rtc"

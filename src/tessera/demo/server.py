@@ -64,6 +64,9 @@ def serve_catalog(catalog_json: Path) -> Iterator[str]:
         **os.environ,
         "CATALOG_HREF": catalog_json.as_uri(),
         "LOG_LEVEL": "warning",
+        # stac-fastapi reads its deployment mode from ENVIRONMENT, which SLURM sets to "BATCH"
+        # in batch jobs; the server refuses to start with that value.
+        "ENVIRONMENT": "production",
     }
     command = [
         sys.executable, "-m", "uvicorn", "stac_fastapi.static.app:app",
