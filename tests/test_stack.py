@@ -155,3 +155,19 @@ def test_reference_patch_with_wrong_dtype_is_refused(tmp_path, stacks):
     np.save(tmp_path / "patch" / "doys.npy", np.array([5, 366], dtype=np.int64))
     with pytest.raises(UserError, match="doys.npy is int64"):
         read_reference_patch(tmp_path / "patch")
+
+
+def test_corrupted_chunk_fails_to_read_instead_of_returning_garbage(tmp_path):
+    """zstd frame checksums: flipping a byte inside a stored chunk is detected on read."""
+    from tessera.stack import StackGrid, open_s2, write_s2
+
+    grid = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 16, 16), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000), "demo")
+    rng = np.random.default_rng(0)
+    with write_s2(tmp_path / "s2.zarr", grid, chunk=16) as stack:
+        stack.append(dt.date(2024, 5, 1), ["a"], rng.integers(0, 10000, (16, 16, 10), dtype=np.uint16), np.ones((16, 16), np.uint8))
+    chunk = next(p for p in (tmp_path / "s2.zarr" / "bands").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        open_s2(tmp_path / "s2.zarr").bands[:]
