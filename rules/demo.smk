@@ -7,6 +7,7 @@ rule demo_catalog:
     params:
         roi=CFG["roi"],
         year=YEAR,
+        revisits=f"--s2-revisit-days {CFG['demo']['s2_revisit_days']} --s1-revisit-days {CFG['demo']['s1_revisit_days']}",
     log:
         f"logs/demo_catalog/{YEAR}.log",
     benchmark:
@@ -14,7 +15,7 @@ rule demo_catalog:
     conda:
         ENV
     shell:
-        "tessera demo-catalog --roi '{params.roi}' --year {params.year} --out {output} 2> {log}"
+        "tessera demo-catalog --roi '{params.roi}' --year {params.year} {params.revisits} --out {output} 2> {log}"
 
 
 rule demo_checkpoint:

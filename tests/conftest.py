@@ -45,7 +45,8 @@ TINY_ROI = "5.998,52.040,6.002,52.042"
 def write_tiny_config(directory: Path, **overrides) -> Path:
     config = {"roi": TINY_ROI, "year": 2024, "source": "demo", "patch_size": 16,
               "model": {"family": "v2", "checkpoint": "demo"}, "device": "cpu", "infer": {"per": "patch"},
-              **overrides}
+              # Fewer synthetic dates than the demo's 5/12 days: the same code paths, a quicker run.
+              "demo": {"s2_revisit_days": 15, "s1_revisit_days": 24}, **overrides}
     path = directory / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -67,7 +67,8 @@ def cmd_demo_catalog(args: argparse.Namespace) -> None:
     from tessera.roi import read_roi
 
     out = Path(args.out)
-    generate_catalog(out.parent, args.year, read_roi(args.roi).bounds, seed=args.seed)
+    generate_catalog(out.parent, args.year, read_roi(args.roi).bounds, seed=args.seed,
+                     s2_revisit_days=args.s2_revisit_days, s1_revisit_days=args.s1_revisit_days)
 
 
 def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi", required=True)
     p.add_argument("--year", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s2-revisit-days", type=int, default=5)
+    p.add_argument("--s1-revisit-days", type=int, default=12)
     p.add_argument("--out", required=True, help="path of the catalog.json to write")
     p.set_defaults(func=cmd_demo_catalog)
 
