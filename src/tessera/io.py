@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -37,6 +39,20 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> None:
+    """Remove what a killed writer of ``final`` left behind (SIGKILL skips every cleanup).
+
+    Called when ``final`` is about to be written again, so nothing is removed that a live writer
+    still uses: one output has one writer at a time.
+    """
+    final = Path(final)
+    for stale in final.parent.glob(f".{glob.escape(final.stem)}.*.tmp*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
