@@ -1,7 +1,7 @@
 """A self-contained HTML report of a run: provenance, tiles, coverage, scenes, timings, quicklooks.
 
-One file, no scripts, no external resources: quicklook thumbnails are embedded as base64 PNG (read
-from the quicklook COGs' overviews) and link to the full-size PNGs by relative paths. Coverage is the
+One file, no scripts, no external resources: quicklook thumbnails (cropped to the pixels that have an
+embedding) are embedded as base64 PNG and link to the full-size PNGs by relative paths. Coverage is the
 share of ROI pixels (landmask = 1) that have an embedding (finite scale). Timings come from
 Snakemake's benchmark TSVs (``benchmark:`` of each rule, e.g. ``logs/benchmarks/{rule}/{tile}.tsv``).
 """
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
+from rasterio.windows import Window
 
 from tessera import __version__
 from tessera.export.geotessera import TileFiles, find_tiles
@@ -85,12 +87,21 @@ def read_benchmarks(benchmarks_dir: Path) -> list[Benchmark]:
     return found
 
 
-def _thumbnail_png(quicklook_cog: Path) -> bytes:
-    """A small PNG of a quicklook COG, read from its overviews."""
+def _data_window(scales_path: Path) -> Window | None:
+    """The smallest pixel window holding every embedded pixel of a tile (None if there is none)."""
+    embedded = np.isfinite(np.load(scales_path, mmap_mode="r"))
+    rows, cols = np.flatnonzero(embedded.any(axis=1)), np.flatnonzero(embedded.any(axis=0))
+    if rows.size == 0:
+        return None
+    return Window(cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)
+
+
+def _thumbnail_png(quicklook_cog: Path, window: Window) -> bytes:
+    """A small PNG of a window of a quicklook COG (read from its overviews where they suffice)."""
+    factor = max(window.width, window.height) / THUMBNAIL_PIXELS
     with rasterio.open(quicklook_cog) as src:
-        factor = max(src.width, src.height) / THUMBNAIL_PIXELS
-        shape = (src.count, max(1, round(src.height / factor)), max(1, round(src.width / factor)))
-        pixels = src.read(out_shape=shape, resampling=rasterio.enums.Resampling.average)
+        shape = (src.count, max(1, round(window.height / factor)), max(1, round(window.width / factor)))
+        pixels = src.read(window=window, out_shape=shape, resampling=Resampling.average)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a picture, not a map
         with MemoryFile() as memory:
@@ -168,8 +179,9 @@ def write_report(
             total = TileCoverage(total.roi_pixels + coverage.roi_pixels, total.embedded_pixels + coverage.embedded_pixels)
         png, rgb_cog = quicklook_paths(output_dir, name, year)
         picture = ""
-        if rgb_cog.exists():
-            encoded = base64.b64encode(_thumbnail_png(rgb_cog)).decode()
+        window = _data_window(files.scales) if files.scales.exists() else None
+        if rgb_cog.exists() and window is not None:
+            encoded = base64.b64encode(_thumbnail_png(rgb_cog, window)).decode()
             image = f'<img alt="PCA quicklook of {name}" src="data:image/png;base64,{encoded}">'
             picture = f'<a href="{html.escape(os.path.relpath(png, out.parent))}">{image}</a>' if png.exists() else image
         percent = coverage.percent if coverage else math.nan
@@ -215,8 +227,8 @@ def write_report(
         _table(["run", ""], [[html.escape(k), html.escape(str(v))] for k, v in provenance], name_columns=2),
         "<h2>Tiles</h2>",
         "<p>Coverage: ROI pixels with an embedding (no embedding where no valid observation was found). "
-        "Quicklook: the first three principal components of the embeddings as RGB, one colour scale for the run; "
-        "click for the full-size PNG.</p>",
+        "Quicklook: the first three principal components of the embeddings as RGB, one colour scale for the run, "
+        "cropped to the embedded pixels; click for the whole tile.</p>",
         _table(["tile", "CRS", "pixels", "ROI pixels", "embedded", "coverage",
                 *[f"{html.escape(c)} scenes" for c in collections], "job time (s)", "quicklook"], rows),
     ]
