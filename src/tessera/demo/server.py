@@ -57,6 +57,11 @@ def serve_catalog(catalog_json: Path) -> Iterator[str]:
     # process could take a port we picked.
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # uvicorn wraps a socket given by --fd as AF_UNIX, so asyncio never sets TCP_NODELAY on the
+    # connections it accepts: Nagle's algorithm then holds back each response's last segment
+    # until the client's delayed ACK, about 40 ms per HTTP range request. Linux copies the option
+    # from the listening socket to every accepted one.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     url = f"http://127.0.0.1:{port}/"
