@@ -133,6 +133,15 @@ def test_s2_granules_of_a_date_overlap_in_the_middle_on_unrelated_grids(items):
     assert all(abs(v / 10 - round(v / 10)) > 0.01 for v in corner)
 
 
+def test_a_bbox_inside_one_zone_gets_two_distinctly_named_granules_per_date(tmp_path):
+    # Both halves of this bbox lie east of 6°E: both granules are in zone 32, in one 100 km square.
+    catalog = generate_catalog(tmp_path / "c", 2024, (6.0005, 52.040, 6.004, 52.042), s2_revisit_days=366, s1_revisit_days=366)
+    s2 = _s2(pystac.Catalog.from_file(str(catalog)).get_items(recursive=True))
+    assert len(s2) == 2 and len({item.id for item in s2}) == 2
+    assert {_epsg(item) for item in s2} == {32632}
+    assert sorted(item.properties["s2:mgrs_tile"] for item in s2) == ["32UKC", "32ULC"]
+
+
 def test_overlapping_granules_show_the_same_surface(items):
     # On a cloud-free date both granules image the same ground: values at the same places agree
     # up to sensor noise and the half-pixel offset between the two zones' grids.

@@ -8,7 +8,8 @@ the fetch code treats them exactly like MPC items. The rasters are small cut-out
 
 Layout on each acquisition date:
 * Sentinel-2: two granules, one in the UTM zone of the west half of the bbox and one in the zone of
-  the east half, overlapping over the middle half of the bbox. Their 10/20 m grids snap to 60 m in
+  the east half, overlapping over the middle half of the bbox (in one zone, they are named as
+  neighbouring MGRS tiles). Their 10/20 m grids snap to 60 m in
   their own zone, like MGRS tiles, and to nothing else.
 * Sentinel-1: one granule in the UTM zone of the bbox centre, on a 20 m-snapped 10 m grid; every
   fourth pass is delivered as two adjacent slices of one datatake that overlap across a tilted
@@ -143,14 +144,15 @@ class Granule:
         lon, lat = Transformer.from_crs(self.epsg, 4326, always_xy=True).transform(x, y)
         return world.place(np.asarray(lon), np.asarray(lat))
 
-    def mgrs_tile(self) -> str:
-        """The MGRS 100 km square holding the granule centre, e.g. 31UGT."""
+    def mgrs_tile(self, column_shift: int = 0) -> str:
+        """The MGRS 100 km square holding the granule centre, e.g. 31UGT, or a square ``column_shift``
+        columns east of it."""
         west, south, east, north = self.bounds
         easting, northing = (west + east) / 2, (south + north) / 2
         _, lat = Transformer.from_crs(self.epsg, 4326, always_xy=True).transform(easting, northing)
         zone = self.epsg % 100
         band = "CDEFGHJKLMNPQRSTUVWX"[min(int((lat + 80) // 8), 19)]
-        column = ("ABCDEFGH", "JKLMNPQR", "STUVWXYZ")[(zone - 1) % 3][int(easting // 100_000) - 1]
+        column = ("ABCDEFGH", "JKLMNPQR", "STUVWXYZ")[(zone - 1) % 3][int(easting // 100_000) - 1 + column_shift]
         row_offset = 5 if zone % 2 == 0 else 0
         row = "ABCDEFGHJKLMNPQRSTUV"[(int(northing // 100_000) + row_offset) % 20]
         return f"{zone:02d}{band}{column}{row}"
@@ -243,22 +245,38 @@ def _days(year: int, first_offset: int, revisit_days: int) -> list[date]:
     return [first + timedelta(days=offset) for offset in range(0, count, revisit_days)]
 
 
+def _s2_tile_names(west: Granule, east: Granule) -> tuple[str, str]:
+    """MGRS names of the two granules of a date; item ids (and folders) need them to differ.
+
+    Granules of one zone are named as neighbouring tiles of that zone, whose ~10 km overlap is
+    where real granules of one zone overlap.
+    """
+    names = west.mgrs_tile(), east.mgrs_tile()
+    if names[0] != names[1]:
+        return names
+    # Columns are 100 km of easting from 100 to 900 km: shift east unless that leaves the zone.
+    if (east.bounds[0] + east.bounds[2]) / 2 < 800_000:
+        return names[0], east.mgrs_tile(column_shift=1)
+    return west.mgrs_tile(column_shift=-1), names[1]
+
+
 def _s2_items(world: World, year: int, bbox, revisit_days: int, staging: Path) -> Iterator[pystac.Item]:
     granules = _s2_granules(bbox)
+    names = _s2_tile_names(*granules)
     places = {(index, gsd): granule.place(world, gsd) for index, granule in enumerate(granules) for gsd in (10, 20)}
     for number, day in enumerate(_days(year, 2, revisit_days)):
         when = datetime.combine(day, _S2_OVERPASS, tzinfo=UTC)
         # Sentinel-2A and -2B fly the same track half a cycle apart.
         platform = "Sentinel-2A" if number % 2 == 0 else "Sentinel-2B"
         for index, granule in enumerate(granules):
-            yield _s2_item(world, granule, {gsd: places[index, gsd] for gsd in (10, 20)}, when, platform, staging)
+            yield _s2_item(world, granule, names[index], {gsd: places[index, gsd] for gsd in (10, 20)}, when, platform, staging)
 
 
-def _s2_item(world: World, granule: Granule, places: dict[int, Place], when: datetime, platform: str, staging: Path) -> pystac.Item:
+def _s2_item(world: World, granule: Granule, tile: str, places: dict[int, Place], when: datetime, platform: str,
+             staging: Path) -> pystac.Item:
     day = when.date()
     baseline = _processing_baseline(day)
     offset = BOA_ADD_OFFSET if day >= _FIRST_OFFSET_DATE else 0
-    tile = granule.mgrs_tile()
     generated = when + _S2_PROCESSING_DELAY
     unit = platform[-1]
     item_id = f"S2{unit}_MSIL2A_{when:%Y%m%dT%H%M%S}_R{_S2_RELATIVE_ORBIT:03d}_T{tile}_{generated:%Y%m%dT%H%M%S}"
