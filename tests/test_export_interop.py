@@ -26,7 +26,7 @@ from tessera.export.mosaic import ZoneGrid, write_mosaic_cog, write_zone_mosaics
 from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
 from tessera.export.stac import tile_cog_path
 from tessera.grid import Tile
-from test_export_verify import YEAR, build_output_dir
+from test_export_verify import YEAR, build_output_dir, copy_of_output_dir
 
 ZONE31 = ("grid_5.85_52.05", "grid_5.95_52.05")
 
@@ -38,7 +38,7 @@ def _dequantised(files) -> np.ndarray:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """Three tiles (two in zone 31, one in zone 32) with float COGs, quicklooks and zone mosaics."""
-    out = build_output_dir(tmp_path_factory.mktemp("mosaic"))
+    out = copy_of_output_dir(tmp_path_factory, tmp_path_factory.mktemp("mosaic") / "results")
     tiles = find_tiles(out)
     basis = fit_pca(tiles)
     for files in tiles:

@@ -23,7 +23,7 @@ from tessera.export.geotessera import find_tiles
 from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
 from tessera.export.stac import S1_COLLECTION, S2_COLLECTION, scene_ids_from_stack_index, write_stac
 from tessera.io import sha256_file
-from test_export_verify import DIMS, YEAR, build_output_dir
+from test_export_verify import DIMS, YEAR, copy_of_output_dir
 
 CHECKPOINT_SHA = "0123456789abcdef" * 4
 
@@ -35,7 +35,7 @@ def _scene_ids(tiles) -> dict[str, dict[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory) -> tuple[Path, Path]:
-    out = build_output_dir(tmp_path_factory.mktemp("stac"))
+    out = copy_of_output_dir(tmp_path_factory, tmp_path_factory.mktemp("stac") / "results")
     tiles = find_tiles(out)
     basis = fit_pca(tiles)
     for files in tiles[:2]:  # the third tile has no quicklook: its Item must simply omit those assets

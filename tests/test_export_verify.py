@@ -7,6 +7,7 @@ write_tile_cog, write_manifests and write_metadata.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,21 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
     return out
 
 
+_BUILT: dict[tuple, Path] = {}
+
+
+def copy_of_output_dir(tmp_path_factory, destination: Path, **options) -> Path:
+    """A private copy of the output directory ``build_output_dir(**options)``, built once per session.
+
+    COGs dominate the build time; test modules that each need a directory with COGs share one build
+    and may add files to their copy freely.
+    """
+    key = tuple(sorted(options.items()))
+    if key not in _BUILT:
+        _BUILT[key] = build_output_dir(tmp_path_factory.mktemp("pristine"), **options)
+    return Path(shutil.copytree(_BUILT[key], destination))
+
+
 @pytest.fixture(scope="module")
 def sound_dir(tmp_path_factory) -> Path:
     return build_output_dir(tmp_path_factory.mktemp("verify"), cogs=False)
@@ -79,8 +95,6 @@ def sound_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def damaged_dir(sound_dir, tmp_path) -> Path:
     """A private copy of the sound directory that a test may damage."""
-    import shutil
-
     return Path(shutil.copytree(sound_dir, tmp_path / "results"))
 
 
@@ -132,8 +146,6 @@ def test_scale_of_one_is_named(damaged_dir):
 
 
 def test_manifest_row_without_files_is_named(damaged_dir):
-    import shutil
-
     files = _tile(damaged_dir, "grid_6.05_52.05")
     shutil.rmtree(files.embedding.parent)
     files.landmask.unlink()
