@@ -3,7 +3,7 @@ from rasterio.windows import Window
 from shapely import box
 
 from tessera.errors import UserError
-from tessera.grid import Tile, patch_name, patches, tile_at, tiles_for_geometry, utm_epsg, work_window
+from tessera.grid import Tile, patch_name, patches, roi_in_tile, tile_at, tiles_for_geometry, utm_epsg, work_window
 
 
 def test_tile_geometry_matches_geotessera_project_tile():
@@ -62,9 +62,9 @@ def test_roi_on_cell_edges_does_not_pull_in_neighbours():
 
 def test_work_window_covers_roi_and_whole_tile_for_whole_cell():
     tile = tile_at(6.05, 52.05)
-    whole = work_window(tile, box(*tile.bounds_lonlat))
+    whole = work_window(tile, roi_in_tile(tile, box(*tile.bounds_lonlat)))
     assert whole == tile.full_window
-    small = work_window(tile, box(6.0, 52.040, 6.008, 52.046))
+    small = work_window(tile, roi_in_tile(tile, box(6.0, 52.040, 6.008, 52.046)))
     # 0.008° of longitude at 52° N is about 548 m, 0.006° of latitude about 668 m; the projected
     # box is a little larger because the cell is rotated against grid north (convergence).
     assert 55 <= small.width <= 59 and 67 <= small.height <= 71
@@ -87,3 +87,15 @@ def test_tile_width_shrinks_towards_the_poles():
     equator, north = tile_at(10.05, 0.05), tile_at(10.05, 70.05)
     assert equator.width == pytest.approx(1113, abs=2)
     assert north.width < equator.width * 0.4  # cos(70°) = 0.34, plus convergence
+
+
+def test_a_tile_embeds_its_whole_rectangle_when_the_roi_covers_its_neighbours():
+    """Neighbouring tiles overlap (their UTM rectangles are larger than their cells), so that a
+    mosaic has no gaps along cell edges."""
+    from tessera.roi import rasterize_roi
+
+    tile = tile_at(6.05, 52.05)
+    assert rasterize_roi(box(5.9, 51.9, 6.2, 52.2), tile).all()
+    only_the_cell = rasterize_roi(box(*tile.bounds_lonlat), tile)
+    assert 0.9 * only_the_cell.size < only_the_cell.sum() < only_the_cell.size
+    assert work_window(tile, roi_in_tile(tile, box(7.5, 52.0, 7.6, 52.1))) is None

@@ -155,9 +155,29 @@ def tiles_for_geometry(roi_lonlat: BaseGeometry) -> Iterator[tuple[Tile, BaseGeo
                 yield tile, part
 
 
-def work_window(tile: Tile, roi_part_lonlat: BaseGeometry) -> Window | None:
-    """The pixel rectangle of ``tile`` that the ROI touches, or None if it touches no pixel."""
-    minx, miny, maxx, maxy = tile.project(roi_part_lonlat).bounds
+def roi_in_tile(tile: Tile, roi_lonlat: BaseGeometry) -> BaseGeometry:
+    """The ROI in the tile's UTM coordinates, clipped to the tile's pixel rectangle.
+
+    The rectangle is larger than the 0.1° cell (the cell is a rotated trapezoid in UTM), and a tile
+    embeds every ROI pixel of its rectangle, as published tiles do: neighbouring tiles then overlap
+    slightly instead of leaving sub-pixel gaps along cell edges when mosaicked.
+    """
+    west, south, east, north = tile.bounds_lonlat
+    # Half a cell of margin holds the whole rectangle (its corners are cell corners, and its
+    # edges stray from the cell's by well under half a cell at any latitude UTM is used at).
+    near = roi_lonlat.intersection(box(west - TILE_DEGREES / 2, south - TILE_DEGREES / 2,
+                                       east + TILE_DEGREES / 2, north + TILE_DEGREES / 2))
+    return tile.project(near).intersection(tile.pixel_box(tile.full_window))
+
+
+def work_window(tile: Tile, roi_in_tile_utm: BaseGeometry) -> Window | None:
+    """The pixel rectangle of ``tile`` that the ROI touches, or None if it touches no pixel.
+
+    ``roi_in_tile_utm`` is the ROI in the tile's coordinates (see :func:`roi_in_tile`).
+    """
+    if roi_in_tile_utm.is_empty:
+        return None
+    minx, miny, maxx, maxy = roi_in_tile_utm.bounds
     inverse = ~tile.transform
     col_start, row_start = inverse @ (minx, maxy)
     col_stop, row_stop = inverse @ (maxx, miny)

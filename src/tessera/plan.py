@@ -17,7 +17,7 @@ from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
 from tessera.errors import UserError
-from tessera.grid import Tile, patch_name, patches, tiles_for_geometry, work_window
+from tessera.grid import Tile, patch_name, patches, roi_in_tile, tiles_for_geometry, work_window
 from tessera.roi import read_roi
 
 
@@ -94,11 +94,11 @@ def _cached_item_count(path: Path) -> int | None:
 
 def plan_tiles(roi: BaseGeometry, patch_size: int) -> list[TilePlan]:
     plans = []
-    for tile, part in tiles_for_geometry(roi):
-        window = work_window(tile, part)
+    for tile, _ in tiles_for_geometry(roi):
+        projected = roi_in_tile(tile, roi)
+        window = work_window(tile, projected)
         if window is None:
             continue
-        projected = tile.project(part)
         kept = tuple(p for p in patches(window, patch_size) if tile.pixel_box(p).intersection(projected).area > 0)
         if kept:
             plans.append(TilePlan(tile, window, kept))

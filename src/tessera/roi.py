@@ -20,7 +20,7 @@ from shapely import box
 from shapely.geometry.base import BaseGeometry
 
 from tessera.errors import UserError
-from tessera.grid import Tile, reproject
+from tessera.grid import Tile, reproject, roi_in_tile
 from tessera.io import atomic_path
 
 _NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
@@ -103,12 +103,15 @@ def _to_lonlat(geometry: BaseGeometry, crs: CRS) -> BaseGeometry:
 
 
 def rasterize_roi(roi_lonlat: BaseGeometry, tile: Tile) -> np.ndarray:
-    """uint8 (height, width) on the tile grid: 1 where the pixel centre is inside the ROI."""
-    part = roi_lonlat.intersection(box(*tile.bounds_lonlat))
+    """uint8 (height, width) on the tile grid: 1 where the pixel centre is inside the ROI.
+
+    Covers the whole pixel rectangle of the tile, not only its 0.1° cell (see grid.roi_in_tile).
+    """
+    part = roi_in_tile(tile, roi_lonlat)
     if part.is_empty:
         return np.zeros((tile.height, tile.width), np.uint8)
     return rasterio.features.rasterize(
-        [(tile.project(part), 1)], out_shape=(tile.height, tile.width), transform=tile.transform, fill=0, dtype="uint8"
+        [(part, 1)], out_shape=(tile.height, tile.width), transform=tile.transform, fill=0, dtype="uint8"
     )
 
 
