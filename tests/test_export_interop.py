@@ -26,6 +26,7 @@ from tessera.export.mosaic import ZoneGrid, write_mosaic_cog, write_zone_mosaics
 from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
 from tessera.export.stac import tile_cog_path
 from tessera.grid import Tile
+from tessera.roi import rasterize_roi
 from test_export_verify import YEAR, build_output_dir, copy_of_output_dir
 
 ZONE31 = ("grid_5.85_52.05", "grid_5.95_52.05")
@@ -78,16 +79,33 @@ def test_zone_grid_is_snapped_and_tiles_move_less_than_a_pixel_north_west():
         ZoneGrid.for_tiles([Tile.from_name("grid_5.95_52.05"), Tile.from_name("grid_6.05_52.05")])
 
 
+def _composite(tiles: dict, grid: ZoneGrid) -> np.ndarray:
+    """Band 0 of the zone's tiles placed by index, in name order (a later tile's data wins)."""
+    expected = np.full((grid.height, grid.width), np.nan, np.float32)
+    for name in ZONE31:
+        band0 = _dequantised(tiles[name])[..., 0]
+        col_off, row_off = grid.offsets[name]
+        target = expected[row_off:row_off + band0.shape[0], col_off:col_off + band0.shape[1]]
+        target[np.isfinite(band0)] = band0[np.isfinite(band0)]
+    return expected
+
+
 def test_a_pixel_lands_where_it_should(run_dir):
     tiles = {f.tile.name: f for f in find_tiles(run_dir)}
     grid = ZoneGrid.for_tiles([tiles[name].tile for name in ZONE31])
+    composite = _composite(tiles, grid)
     with rasterio.open(_mosaic(run_dir, "tessera", 32631)) as mosaic:
         assert mosaic.transform == grid.transform and (mosaic.width, mosaic.height) == (grid.width, grid.height)
         for name in ZONE31:
             files = tiles[name]
             values = _dequantised(files)
-            row, col = np.argwhere(np.isfinite(values[..., 0]))[len(np.argwhere(np.isfinite(values[..., 0]))) // 2]
             col_off, row_off = grid.offsets[name]
+            # A pixel of this tile that no later tile covers (neighbouring tiles overlap a little).
+            shown = np.zeros(values.shape[:2], bool)
+            shown_view = composite[row_off:row_off + values.shape[0], col_off:col_off + values.shape[1]]
+            shown[:shown_view.shape[0], :shown_view.shape[1]] = shown_view == values[:shown_view.shape[0], :shown_view.shape[1], 0]
+            candidates = np.argwhere(np.isfinite(values[..., 0]) & shown)
+            row, col = candidates[len(candidates) // 2]
             # By index: tile pixel (row, col) is zone pixel (row_off + row, col_off + col), every band exact.
             read = mosaic.read(window=Window(col_off + col, row_off + row, 1, 1))[:, 0, 0]
             np.testing.assert_array_equal(read, values[row, col])
@@ -101,12 +119,7 @@ def test_a_pixel_lands_where_it_should(run_dir):
 def test_no_tile_hides_its_neighbours_data(run_dir):
     tiles = {f.tile.name: f for f in find_tiles(run_dir)}
     grid = ZoneGrid.for_tiles([tiles[name].tile for name in ZONE31])
-    expected = np.full((grid.height, grid.width), np.nan, np.float32)
-    for name in ZONE31:  # in name order, a later tile's data over an earlier one's
-        band0 = _dequantised(tiles[name])[..., 0]
-        col_off, row_off = grid.offsets[name]
-        target = expected[row_off:row_off + band0.shape[0], col_off:col_off + band0.shape[1]]
-        target[np.isfinite(band0)] = band0[np.isfinite(band0)]
+    expected = _composite(tiles, grid)
     with rasterio.open(_mosaic(run_dir, "tessera", 32631)) as mosaic:
         np.testing.assert_array_equal(mosaic.read(1), expected)
     with rasterio.open(_mosaic(run_dir, "quicklook", 32631)) as quicklook:
@@ -118,7 +131,12 @@ def test_no_tile_hides_its_neighbours_data(run_dir):
                 rgba = tile_rgb.read()
             window = Window(col_off, row_off, rgba.shape[2], rgba.shape[1])
             mosaic_rgba = quicklook.read(window=window)
-            mine = rgba[3] == 255
+            later = np.zeros((grid.height, grid.width), bool)
+            for other in ZONE31[ZONE31.index(name) + 1:]:
+                finite = np.isfinite(_dequantised(tiles[other])[..., 0])
+                other_col, other_row = grid.offsets[other]
+                later[other_row:other_row + finite.shape[0], other_col:other_col + finite.shape[1]] |= finite
+            mine = (rgba[3] == 255) & ~later[row_off:row_off + rgba.shape[1], col_off:col_off + rgba.shape[2]]
             np.testing.assert_array_equal(mosaic_rgba[:, mine], rgba[:, mine])
 
 
@@ -168,8 +186,11 @@ def test_geotessera_samples_points_exactly(geotessera_dir, tmp_path):
     for files in find_tiles(geotessera_dir):
         values = _dequantised(files)
         to_lonlat = Transformer.from_crs(files.tile.epsg, 4326, always_xy=True)
-        valid = np.argwhere(np.isfinite(values[..., 0]))
-        no_data = np.argwhere(np.isnan(values[..., 0]) & (np.arange(values.shape[1]) > 100)[None, :])
+        # geotessera reads a point from the tile whose 0.1° cell holds it; tiles overlap a little
+        # beyond their cells, so ask each tile only for pixels inside its own cell.
+        in_cell = rasterize_roi(box(*files.tile.bounds_lonlat), files.tile) > 0
+        valid = np.argwhere(np.isfinite(values[..., 0]) & in_cell)
+        no_data = np.argwhere(np.isnan(values[..., 0]) & in_cell & (np.arange(values.shape[1]) > 100)[None, :])
         for row, col in [*valid[:: max(1, len(valid) // 5)], no_data[0]]:
             points.append(to_lonlat.transform(*(files.tile.transform @ (col + 0.5, row + 0.5))))
             expected.append(values[row, col])
@@ -211,17 +232,22 @@ def test_rioxarray_reads_crs_transform_and_nan_nodata(run_dir):
     rioxarray = pytest.importorskip("rioxarray")
     files = next(f for f in find_tiles(run_dir) if f.tile.name == "grid_5.95_52.05")
     tile = rioxarray.open_rasterio(tile_cog_path(run_dir, files.tile.name, YEAR))
-    assert tile.rio.crs.to_epsg() == 32631 and tile.rio.transform() == files.tile.transform
+    # The COG holds the rows and columns with embeddings, on the tile grid (whole-pixel offset).
+    col0, row0 = (round(v) for v in ~files.tile.transform @ (tile.rio.transform().c, tile.rio.transform().f))
+    assert tile.rio.crs.to_epsg() == 32631 and tile.rio.transform() == files.tile.window_transform(Window(col0, row0, 1, 1))
     assert np.isnan(tile.rio.nodata) and tile.dims == ("band", "y", "x")
     assert tile.attrs["long_name"][0] == "Tessera_Band_0"
-    np.testing.assert_array_equal(np.moveaxis(tile.values, 0, -1), _dequantised(files))
+    values = _dequantised(files)[row0:row0 + tile.shape[1], col0:col0 + tile.shape[2]]
+    np.testing.assert_array_equal(np.moveaxis(tile.values, 0, -1), values)
     # Pixel-centre coordinates, as xarray users expect.
-    assert float(tile.x[0]) == files.tile.transform.c + 5 and float(tile.y[0]) == files.tile.transform.f - 5
+    x0, y0 = files.tile.window_transform(Window(col0, row0, 1, 1)) @ (0.5, 0.5)
+    assert float(tile.x[0]) == x0 and float(tile.y[0]) == y0
 
     mosaic = rioxarray.open_rasterio(_mosaic(run_dir, "tessera", 32631), masked=True)
     grid = ZoneGrid.for_tiles([Tile.from_name(name) for name in ZONE31])
     assert mosaic.rio.crs.to_epsg() == 32631 and mosaic.rio.transform() == grid.transform
     col_off, row_off = grid.offsets[files.tile.name]
+    row_off, col_off = row_off + row0, col_off + col0
     np.testing.assert_array_equal(
-        mosaic.values[:, row_off:row_off + files.tile.height, col_off:col_off + files.tile.width][:, np.isfinite(tile.values[0])],
+        mosaic.values[:, row_off:row_off + tile.shape[1], col_off:col_off + tile.shape[2]][:, np.isfinite(tile.values[0])],
         tile.values[:, np.isfinite(tile.values[0])])

@@ -20,7 +20,8 @@ from tessera.export.cog import write_tile_cog
 from tessera.export.geotessera import TileFiles, write_manifests, write_metadata
 from tessera.export.stac import tile_cog_path
 from tessera.export.verify import verify_output
-from tessera.grid import Tile, patch_name, tiles_for_geometry, work_window
+from tessera.grid import Tile, patch_name, tiles_for_geometry
+from tessera.plan import plan_tiles
 from tessera.roi import read_roi_mask, write_roi_mask
 
 YEAR = 2024
@@ -53,8 +54,8 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
     checkpoint = root / "demo-checkpoint.pt"
     checkpoint.write_bytes(b"not a real checkpoint")
     embeddings = []
-    for tile, part in tiles_for_geometry(roi):
-        window = work_window(tile, part)
+    for planned in plan_tiles(roi, patch_size=4096):
+        tile, window = planned.tile, planned.window
         roi_mask = write_roi_mask(roi, tile, work / tile.name / "roi.tif")
         patch = work / tile.name / "patches" / f"{patch_name(window)}.npy"
         patch.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,16 @@ class ZoneGrid:
         return cls(epsgs.pop(), Affine(PIXEL_METRES, 0.0, west, 0.0, -PIXEL_METRES, north), width, height, offsets)
 
 
+def _placement(tile: Tile, path: Path, grid: ZoneGrid) -> tuple[int, int, int, int]:
+    """(col_off, row_off, width, height) of a raster in the zone grid. The raster is on its tile's
+    grid but may cover only part of it (tile COGs hold the rows and columns that have data)."""
+    with rasterio.open(path) as src:
+        col_in_tile, row_in_tile = (round(v) for v in ~tile.transform @ (src.transform.c, src.transform.f))
+        width, height = src.width, src.height
+    col_off, row_off = grid.offsets[tile.name]
+    return col_off + col_in_tile, row_off + row_in_tile, width, height
+
+
 def write_vrt(sources: list[tuple[Tile, Path]], out: Path) -> Path:
     """A VRT mosaic of rasters on the grids of tiles of one zone (all with the same bands)."""
     tiles = [tile for tile, _ in sources]
@@ -85,6 +95,7 @@ def write_vrt(sources: list[tuple[Tile, Path]], out: Path) -> Path:
     with rasterio.open(sources[0][1]) as first:
         count, dtypes, descriptions, colorinterp = first.count, first.dtypes, first.descriptions, first.colorinterp
         nodata, block = first.nodata, first.block_shapes[0]
+    placements = [(tile, path, _placement(tile, path, grid)) for tile, path in sorted(sources, key=lambda s: s[0].name)]
     root = ET.Element("VRTDataset", rasterXSize=str(grid.width), rasterYSize=str(grid.height))
     ET.SubElement(root, "SRS", dataAxisToSRSAxisMapping="1,2").text = f"EPSG:{grid.epsg}"
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(v) for v in grid.transform.to_gdal())
@@ -97,14 +108,13 @@ def write_vrt(sources: list[tuple[Tile, Path]], out: Path) -> Path:
         if descriptions[band]:
             ET.SubElement(element, "Description").text = descriptions[band]
         ET.SubElement(element, "ColorInterp").text = colorinterp[band].name.capitalize()
-        for tile, path in sorted(sources, key=lambda source: source[0].name):
-            col_off, row_off = grid.offsets[tile.name]
+        for tile, path, (col_off, row_off, width, height) in placements:
             source = ET.SubElement(element, "ComplexSource")
             ET.SubElement(source, "SourceFilename", relativeToVRT="1").text = os.path.relpath(path, out.parent)
             ET.SubElement(source, "SourceBand").text = str(band + 1)
-            ET.SubElement(source, "SourceProperties", RasterXSize=str(tile.width), RasterYSize=str(tile.height),
+            ET.SubElement(source, "SourceProperties", RasterXSize=str(width), RasterYSize=str(height),
                           DataType=gdal_type, BlockXSize=str(block[1]), BlockYSize=str(block[0]))
-            size = {"xSize": str(tile.width), "ySize": str(tile.height)}
+            size = {"xSize": str(width), "ySize": str(height)}
             ET.SubElement(source, "SrcRect", xOff="0", yOff="0", **size)
             ET.SubElement(source, "DstRect", xOff=str(col_off), yOff=str(row_off), **size)
             if is_alpha:  # an alpha band's own mask is "all valid": transparent pixels are its zeros
