@@ -19,6 +19,7 @@ include: "rules/demo.smk"
 include: "rules/fetch.smk"
 include: "rules/infer.smk"
 include: "rules/export.smk"
+include: "rules/outputs.smk"
 
 
 rule all:

@@ -23,6 +23,12 @@ TILES = [t.name for t in PLAN.tiles]
 EMBED_DIR = f"{OUT}/global_0.1_degree_representation/{YEAR}"
 LANDMASK_DIR = f"{OUT}/global_0.1_degree_tiff_all"
 ENV = "../envs/tessera.yaml"
+ZONES = sorted({t.tile.epsg for t in PLAN.tiles})
+
+
+def output_dir_of_manifest(wildcards, input):
+    """The output directory, derived from the manifest input rather than hard-coded."""
+    return os.path.dirname(input.manifest)
 
 
 wildcard_constraints:
@@ -121,4 +127,9 @@ def all_outputs():
     if CFG["export"]["cog"]:
         outputs += expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES)
     outputs += [f"{OUT}/tessera_metadata.json", f"{OUT}/manifest.parquet", f"{OUT}/landmasks.parquet"]
+    outputs += expand(f"{OUT}/observations/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES)
+    outputs += expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.png", tile=TILES)
+    outputs += [f"{OUT}/stac/collection.json", f"{OUT}/report_{YEAR}.html"]
+    if CFG["export"]["cog"]:
+        outputs += expand(f"{OUT}/mosaic/{YEAR}/{{layer}}_{YEAR}_epsg{{epsg}}.vrt", layer=["tessera", "quicklook"], epsg=ZONES)
     return outputs

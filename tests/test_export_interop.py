@@ -24,7 +24,7 @@ from shapely import box
 from tessera.export.geotessera import find_tiles
 from tessera.export.mosaic import ZoneGrid, write_mosaic_cog, write_zone_mosaics
 from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
-from tessera.export.stac import tile_cog_path
+from tessera.export.cog import tile_cog_path
 from tessera.grid import Tile
 from tessera.roi import rasterize_roi
 from test_export_verify import YEAR, build_output_dir, copy_of_output_dir

@@ -18,7 +18,7 @@ from shapely import box
 from tessera.assemble import assemble_tile
 from tessera.export.cog import write_tile_cog
 from tessera.export.geotessera import TileFiles, write_manifests, write_metadata
-from tessera.export.stac import tile_cog_path
+from tessera.export.cog import tile_cog_path
 from tessera.export.verify import verify_output
 from tessera.grid import Tile, patch_name, tiles_for_geometry
 from tessera.plan import plan_tiles

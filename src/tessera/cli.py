@@ -7,6 +7,7 @@ what a config will do. Mistakes a user can fix end in one line on stderr and exi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -140,6 +141,63 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     write_metadata(output_dir / "tessera_metadata.json", family=args.family, variant=args.variant,
                    checkpoint=Path(args.checkpoint), source=args.source, year=args.year,
                    embeddings=[Path(p) for p in args.embeddings])
+
+
+def cmd_observations(args: argparse.Namespace) -> None:
+    from tessera.export.observations import write_observation_counts
+
+    write_observation_counts(Path(args.stack), Path(args.out))
+
+
+def _year_tiles(output_dir: Path, year: int):
+    from tessera.export.geotessera import find_tiles
+
+    return [files for files in find_tiles(output_dir) if files.year == year and files.present]
+
+
+def cmd_quicklook_pca(args: argparse.Namespace) -> None:
+    from tessera.export.quicklook import fit_pca
+
+    fit_pca(_year_tiles(Path(args.output_dir), args.year)).save(Path(args.out))
+
+
+def cmd_quicklook(args: argparse.Namespace) -> None:
+    from tessera.export.geotessera import TileFiles
+    from tessera.export.quicklook import PcaBasis, quicklook_paths, write_tile_quicklook
+    from tessera.grid import Tile
+
+    output_dir = Path(args.output_dir)
+    png, cog = quicklook_paths(output_dir, args.tile, args.year)
+    write_tile_quicklook(TileFiles.locate(output_dir, Tile.from_name(args.tile), args.year),
+                         PcaBasis.load(Path(args.pca)), png, cog)
+
+
+def cmd_mosaic(args: argparse.Namespace) -> None:
+    from tessera.export.mosaic import write_zone_mosaics
+
+    for path in write_zone_mosaics(Path(args.output_dir), args.year):
+        log.info("wrote %s", path)
+
+
+def _scene_ids(stack_indexes: list[str]) -> dict[str, dict[str, list[str]]]:
+    from tessera.export.stac import scene_ids_from_stack_index
+
+    return {json.loads(Path(p).read_text())["tile"]: scene_ids_from_stack_index(Path(p)) for p in stack_indexes}
+
+
+def cmd_stac(args: argparse.Namespace) -> None:
+    from tessera.export.stac import write_stac
+    from tessera.io import sha256_file
+
+    write_stac(Path(args.output_dir), year=args.year, family=args.family, checkpoint_sha256=sha256_file(args.checkpoint),
+               source=args.source, variant=args.variant, scene_ids=_scene_ids(args.stacks))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from tessera.export.report import write_report
+
+    write_report(Path(args.output_dir), args.year, Path(args.out), scene_ids=_scene_ids(args.stacks),
+                 benchmarks_dir=Path(args.benchmarks) if args.benchmarks else None)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -278,6 +336,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--year", type=int, required=True)
     p.add_argument("embeddings", nargs="+", help="the tiles' embedding .npy files")
     p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("observations", help="(rule observations) per-pixel counts of valid S2 and S1 steps")
+    p.add_argument("--stack", required=True, help="the tile's stack.json")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_observations)
+
+    p = sub.add_parser("quicklook-pca", help="(rule quicklook_pca) one PCA basis for all tiles of a year")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quicklook_pca)
+
+    p = sub.add_parser("quicklook", help="(rule quicklook) PCA-to-RGB PNG and COG of a tile")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--tile", required=True)
+    p.add_argument("--pca", required=True)
+    p.set_defaults(func=cmd_quicklook)
+
+    p = sub.add_parser("mosaic", help="(rule mosaic) per-UTM-zone VRT mosaics of the tile COGs and quicklooks")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.set_defaults(func=cmd_mosaic)
+
+    for name, func, help_text in [("stac", cmd_stac, "(rule stac) STAC Collection and Items of the outputs"),
+                                  ("report", cmd_report, "(rule report) the HTML run report")]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--output-dir", required=True)
+        p.add_argument("--year", type=int, required=True)
+        if name == "stac":
+            p.add_argument("--family", required=True)
+            p.add_argument("--variant", required=True)
+            p.add_argument("--source", required=True)
+            p.add_argument("--checkpoint", required=True)
+        else:
+            p.add_argument("--out", required=True)
+            p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks) for timings")
+        p.add_argument("stacks", nargs="+", help="the tiles' stack.json (scene ids)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
     p.add_argument("output_dir")

@@ -50,13 +50,16 @@ class Plan:
 
     def job_counts(self) -> Counter:
         """Jobs per rule, as `snakemake -n` will list them."""
-        per_tile = ["roi_mask", "fetch_s2", "fetch_s1", "stack", "assemble"]
+        per_tile = ["roi_mask", "fetch_s2", "fetch_s1", "stack", "assemble", "observations", "quicklook"]
         if self.config["export"]["cog"]:
             per_tile.append("export_cog")
         counts = Counter({rule: len(self.tiles) for rule in per_tile})
         per_patch = self.config["infer"]["per"] == "patch"
         counts["infer"] = sum(len(t.patches) for t in self.tiles) if per_patch else len(self.tiles)
-        counts["catalog"] = 1
+        for rule in ["catalog", "quicklook_pca", "stac", "report"]:
+            counts[rule] = 1
+        if self.config["export"]["cog"]:
+            counts["mosaic"] = 1
         counts["all"] = 1
         if self.config["source"] == "demo":
             counts["demo_catalog"] = 1

@@ -11,9 +11,15 @@ import rasterio.shutil
 
 from tessera.io import atomic_path
 
+COG_DIR = "cog"
 _ROWS_PER_BLOCK = 256
 # GDAL's block cache defaults to 5 % of RAM; a tile's COG needs far less.
 _GDAL_CACHE_MB = 256
+
+
+def tile_cog_path(output_dir: Path, tile_name: str, year: int) -> Path:
+    """Where the export_cog rule writes a tile's float32 COG."""
+    return output_dir / COG_DIR / str(year) / f"{tile_name}_{year}.tif"
 
 
 def write_tile_cog(embedding_path: Path, scales_path: Path, landmask_path: Path, out: Path, *, tags: dict[str, str]) -> None:

@@ -42,7 +42,7 @@ from affine import Affine
 from tessera.errors import UserError
 from tessera.export.geotessera import find_tiles
 from tessera.export.quicklook import quicklook_paths
-from tessera.export.stac import tile_cog_path
+from tessera.export.cog import tile_cog_path
 from tessera.grid import PIXEL_METRES, Tile
 from tessera.io import atomic_path
 

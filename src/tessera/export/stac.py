@@ -30,24 +30,19 @@ from shapely.geometry import mapping
 
 from tessera import __version__
 from tessera.errors import UserError
+from tessera.export.cog import tile_cog_path
 from tessera.export.geotessera import TileFiles, find_tiles
 from tessera.export.quicklook import quicklook_paths
 from tessera.grid import PIXEL_METRES
 from tessera.io import atomic_path, sha256_file
 
 STAC_DIR = "stac"
-COG_DIR = "cog"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 # Names of the source collections in the scene-id mapping, as Planetary Computer names them.
 S2_COLLECTION = "sentinel-2-l2a"
 S1_COLLECTION = "sentinel-1-rtc"
 # multihash prefix of a sha2-256 digest: function code 0x12, digest length 0x20 (32 bytes).
 _SHA256_MULTIHASH = "1220"
-
-
-def tile_cog_path(output_dir: Path, tile_name: str, year: int) -> Path:
-    """Where the export_cog rule writes a tile's float32 COG."""
-    return output_dir / COG_DIR / str(year) / f"{tile_name}_{year}.tif"
 
 
 def scene_ids_from_stack_index(stack_json: Path) -> dict[str, list[str]]:
