@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,32 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so an edited config could run with the value the user meant to replace)."""
+
+
+def _mapping_without_repeated_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeated_keys)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        return f"{exc.problem} (line {exc.problem_mark.line + 1})"
+    return str(exc).splitlines()[0]
+
+
 def read_config_files(paths: list[str | Path]) -> dict:
     config: dict = {}
     for path in paths:
@@ -37,9 +64,13 @@ def read_config_files(paths: list[str | Path]) -> dict:
         if not path.exists():
             raise UserError(f"config file {str(path)!r} does not exist: pass an existing YAML file (e.g. config/demo.yaml)")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}: fix it (see config/config.yaml)") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file {str(path)!r} is not UTF-8 text: pass a YAML file (e.g. config/demo.yaml)") from None
+        except OSError as exc:
+            raise UserError(f"config file {str(path)!r} cannot be read ({exc.strerror}): pass a readable YAML file") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(path)!r} must be a mapping of option: value")
         config = merge(config, loaded)
