@@ -55,6 +55,25 @@ def remove_stale_temporaries(final: str | os.PathLike) -> None:
             stale.unlink(missing_ok=True)
 
 
+def check_raster_complete(path: str | os.PathLike) -> None:
+    """Read back every block of a raster GDAL has just written; OSError if it is not whole.
+
+    GDAL reports a write that fails while a dataset is being closed (a full disk, an exceeded quota)
+    only as a message, and rasterio raises nothing: without this check a truncated file would be
+    renamed into place as if complete. Call it on the temporary path, inside ``atomic_path``.
+    """
+    import rasterio
+    from rasterio._err import CPLE_BaseError
+    from rasterio.errors import RasterioError
+
+    try:
+        with rasterio.open(path) as src:
+            for _, window in src.block_windows(1):
+                src.read(window=window)
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise OSError(f"{path} was not written whole ({exc}): check the free space and quota of its disk, then rerun") from None
+
+
 def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (checkpoints can be gigabytes)."""
     import hashlib

@@ -7,6 +7,7 @@ mask in any CRS (pixels > 0 are inside).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from shapely.geometry.base import BaseGeometry
 
 from tessera.errors import UserError
 from tessera.grid import Tile, reproject, roi_in_tile
-from tessera.io import atomic_path
+from tessera.io import atomic_path, check_raster_complete
 
 _NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
 _BBOX = re.compile(rf"^{_NUMBER},{_NUMBER},{_NUMBER},{_NUMBER}$")
@@ -41,12 +42,27 @@ def parse_bbox(spec: str) -> tuple[float, float, float, float]:
     return min_lon, min_lat, max_lon, max_lat
 
 
+def _refuse_malformed_bbox(spec: str) -> None:
+    """A UserError for comma-separated numbers that are not a usable bbox (rather than "no such file")."""
+    if "," not in spec:
+        return
+    try:
+        values = [float(part) for part in spec.split(",")]
+    except ValueError:
+        return
+    if len(values) != 4:
+        raise UserError(f"roi bbox {spec!r} has {len(values)} numbers: give four, min_lon,min_lat,max_lon,max_lat")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"roi bbox {spec!r} has a non-finite number: give four finite degrees, min_lon,min_lat,max_lon,max_lat")
+
+
 def read_roi(spec: str | Path) -> BaseGeometry:
     """The ROI as one valid (Multi)Polygon in WGS84 lon/lat."""
     if is_bbox(str(spec)):
         return box(*parse_bbox(str(spec)))
     path = Path(spec)
     if not path.exists():
+        _refuse_malformed_bbox(str(spec))
         raise UserError(f"roi file {str(path)!r} does not exist: give an existing GeoJSON/GeoPackage/Shapefile/GeoTIFF path or a bbox 'min_lon,min_lat,max_lon,max_lat'")
     if path.suffix.lower() in _RASTER_SUFFIXES:
         geometry, crs = _read_raster_mask(path)
@@ -125,8 +141,10 @@ def write_roi_mask(roi_lonlat: BaseGeometry, tile: Tile, out: str | Path) -> Pat
         driver="GTiff", width=tile.width, height=tile.height, count=1, dtype="uint8", crs=tile.crs,
         transform=tile.transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate",
     )
-    with atomic_path(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(mask, 1)
+    with atomic_path(out) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(mask, 1)
+        check_raster_complete(tmp)
     return Path(out)
 
 
