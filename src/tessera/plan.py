@@ -110,6 +110,10 @@ def plan_tiles(roi: BaseGeometry, patch_size: int) -> list[TilePlan]:
 
 def make_plan(config: dict) -> Plan:
     """Plan a validated config (see tessera.config.validate)."""
+    checkpoint = config["model"]["checkpoint"]
+    if checkpoint != "demo" and not Path(checkpoint).is_file():
+        raise UserError(f"model.checkpoint {checkpoint!r} is not a file: give the path of a downloaded checkpoint, "
+                        "or demo for seeded random weights")
     roi = read_roi(config["roi"])
     west, south, east, north = roi.bounds
     approx_tiles = (math.floor(east * 10) - math.floor(west * 10) + 1) * (math.floor(north * 10) - math.floor(south * 10) + 1)
