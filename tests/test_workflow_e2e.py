@@ -69,3 +69,30 @@ def test_second_run_does_nothing(tiny_demo_run):
     result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_people_can_see_and_catalogue_the_run(tiny_demo_run):
+    """Quicklooks, observation counts, zone mosaics, STAC and the report come out of the run."""
+    import pystac
+
+    from tessera.export.verify import verify_output
+
+    workdir, _, _ = tiny_demo_run
+    results = workdir / "results"
+    assert verify_output(results) == []
+    collection = pystac.Collection.from_file(str(results / "stac/collection.json"))
+    items = list(collection.get_items())
+    assert sorted(item.id for item in items) == ["grid_5.95_52.05_2024", "grid_6.05_52.05_2024"]
+    for item in items:
+        assert item.properties["proj:code"] in ("EPSG:32631", "EPSG:32632")
+        assert item.properties["tessera:scenes"]["sentinel-2-l2a"]  # the scene ids that made it
+        assert {"embeddings", "scales", "landmask", "cog"} <= set(item.assets)
+    for name, epsg in [("grid_5.95_52.05", 32631), ("grid_6.05_52.05", 32632)]:
+        with rasterio.open(results / f"observations/2024/{name}_2024.tif") as counts:
+            s2_steps, s1_steps = counts.read(1), counts.read(2)
+        inside = rasterize_roi(read_roi(TINY_ROI), Tile.from_name(name)) > 0
+        assert s2_steps[inside].min() > 0 and s1_steps[inside].min() > 0
+        assert (results / f"quicklook/2024/{name}_2024.png").stat().st_size > 0
+        assert (results / f"mosaic/2024/tessera_2024_epsg{epsg}.vrt").exists()
+    report = (results / "report_2024.html").read_text()
+    assert "grid_5.95_52.05" in report and "data:image/png;base64" in report
