@@ -15,6 +15,17 @@ except UserError as error:
     print(f"tessera: error: {error}", file=sys.stderr)
     sys.exit(2)
 
+# Snakemake's own DAG work grows with the job count (about 7 jobs per tile): past a few thousand
+# tiles every dry-run and every cluster job's start gets slow, so say how to split the run.
+COMFORTABLE_TILES = 3000
+if len(PLAN.tiles) > COMFORTABLE_TILES:
+    print(
+        f"tessera: warning: {len(PLAN.tiles)} tiles make a DAG of about {7 * len(PLAN.tiles):,} jobs; Snakemake "
+        f"handles up to ~{COMFORTABLE_TILES} tiles comfortably. Consider splitting the ROI into several runs "
+        "(outputs join without seams), or building in parts with --batch catalog=1/4 ... 4/4.",
+        file=sys.stderr,
+    )
+
 YEAR = CFG["year"]
 WORK = f"{CFG['work_dir']}/{YEAR}"
 OUT = CFG["output_dir"]

@@ -1,20 +1,24 @@
-# Per tile: int8 + scales in geotessera's layout, landmask, float32 COG; the dataset sidecar.
+# Per tile: int8 + scales in geotessera's layout, landmask, float32 COG; the manifests and sidecar.
 
 
 rule assemble:
     input:
         patches=tile_patches,
         roi_mask=f"{WORK}/{{tile}}/roi.tif",
+        checkpoint=checkpoint_path(),
     output:
         embedding=f"{EMBED_DIR}/{{tile}}/{{tile}}.npy",
         scales=f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy",
         checksums=f"{EMBED_DIR}/{{tile}}/SHA256",
         landmask=f"{LANDMASK_DIR}/{{tile}}.tiff",
+        cog=[f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif"] if CFG["export"]["cog"] else [],
+    params:
+        family=FAMILY,
+        cog=lambda wildcards, output: f"--cog {output.cog[0]}" if output.cog else "",
+        tags=f"--tag TESSERA_MODEL={FAMILY} --tag TESSERA_SOURCE={CFG['source']} --tag TESSERA_YEAR={YEAR}",
     resources:
         mem_mb=grows_with_attempt(2000),
         runtime=grows_with_attempt(30),
-    params:
-        family=FAMILY,
     log:
         "logs/assemble/{tile}.log",
     benchmark:
@@ -24,31 +28,8 @@ rule assemble:
     shell:
         "tessera assemble --tile {wildcards.tile} --family {params.family} --roi-mask {input.roi_mask}"
         " --embedding {output.embedding} --scales {output.scales} --checksums {output.checksums}"
-        " --landmask {output.landmask} {input.patches} 2> {log}"
-
-
-rule export_cog:
-    input:
-        embedding=rules.assemble.output.embedding,
-        scales=rules.assemble.output.scales,
-        landmask=rules.assemble.output.landmask,
-        checkpoint=checkpoint_path(),
-    output:
-        f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif",
-    resources:
-        mem_mb=grows_with_attempt(2000),
-        runtime=grows_with_attempt(30),
-    params:
-        tags=f"--tag TESSERA_MODEL={FAMILY} --tag TESSERA_SOURCE={CFG['source']} --tag TESSERA_YEAR={YEAR}",
-    log:
-        "logs/export_cog/{tile}.log",
-    benchmark:
-        "logs/benchmarks/export_cog/{tile}.tsv"
-    conda:
-        ENV
-    shell:
-        "tessera export-cog --embedding {input.embedding} --scales {input.scales} --landmask {input.landmask}"
-        " --checkpoint {input.checkpoint} {params.tags} --out {output} 2> {log}"
+        " --landmask {output.landmask} {params.cog} --checkpoint {input.checkpoint} {params.tags}"
+        " {input.patches} 2> {log}"
 
 
 rule catalog:

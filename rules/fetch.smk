@@ -55,7 +55,8 @@ rule stack:
         s2=f"{WORK}/{{tile}}/s2.zarr",
         s1=f"{WORK}/{{tile}}/s1.zarr",
     output:
-        f"{WORK}/{{tile}}/stack.json",
+        index=f"{WORK}/{{tile}}/stack.json",
+        observations=f"{OUT}/observations/{YEAR}/{{tile}}_{YEAR}.tif",
     resources:
         mem_mb=grows_with_attempt(1000),
         runtime=grows_with_attempt(30),
@@ -66,4 +67,5 @@ rule stack:
     conda:
         ENV
     shell:
-        "tessera stack --s2 {input.s2} --s1 {input.s1} --out {output} 2> {log}"
+        "tessera stack --s2 {input.s2} --s1 {input.s1} --out {output.index}"
+        " --observations {output.observations} 2> {log}"

@@ -1,23 +1,5 @@
-# What people look at and catalogue: observation counts, PCA quicklooks, per-zone mosaics, STAC,
-# and the run report.
-
-
-rule observations:
-    input:
-        stack=f"{WORK}/{{tile}}/stack.json",
-    output:
-        f"{OUT}/observations/{YEAR}/{{tile}}_{YEAR}.tif",
-    resources:
-        mem_mb=grows_with_attempt(1000),
-        runtime=grows_with_attempt(20),
-    log:
-        "logs/observations/{tile}.log",
-    benchmark:
-        "logs/benchmarks/observations/{tile}.tsv"
-    conda:
-        ENV
-    shell:
-        "tessera observations --stack {input.stack} --out {output} 2> {log}"
+# What people look at and catalogue: PCA quicklooks, per-zone mosaics, STAC, and the run report.
+# (Observation counts come from the stack rule, tile COGs from the assemble rule.)
 
 
 rule quicklook_pca:

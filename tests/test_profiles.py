@@ -36,7 +36,7 @@ def test_slurm_workflow_profile_maps_inference_to_gpu(tmp_path):
     for rule, res in jobs:
         by_rule.setdefault(rule, []).append(res)
     assert all(r["slurm_partition"] == "gpuq" and r["gpu"] == "1" for r in by_rule["infer"])
-    for rule in ["fetch_s2", "fetch_s1", "stack", "assemble", "export_cog", "roi_mask"]:
+    for rule in ["fetch_s2", "fetch_s1", "stack", "assemble", "quicklook", "roi_mask"]:
         assert all(r["slurm_partition"] == "cpuq" and "gpu" not in r for r in by_rule[rule]), rule
     assert "$" not in result.stdout
     assert "Group job prep" in result.stdout  # one submission per tile for its preparation

@@ -135,6 +135,6 @@ def test_a_failing_tile_does_not_stop_the_others_and_only_it_reruns(tmp_path):
     second = run_snakemake(tmp_path, "--configfile", str(config), "--cores", "2")
     assert second.returncode == 0, second.stderr[-4000:]
     stats = job_stats(second.stdout + second.stderr)
-    assert stats["fetch_s2"] == 1 and stats["stack"] == 1 and stats["assemble"] == 1 and stats["export_cog"] == 1
+    assert stats["fetch_s2"] == 1 and stats["stack"] == 1 and stats["assemble"] == 1 and stats["quicklook"] == 2
     assert "fetch_s1" not in stats and "roi_mask" not in stats and "demo_catalog" not in stats
     assert west.stat().st_mtime_ns == west_mtime

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_all_stages_ran(tiny_demo_run):
     _, _, result = tiny_demo_run
     stats = job_stats(result.stdout + result.stderr)
-    for rule in ["demo_catalog", "demo_checkpoint", "fetch_s2", "fetch_s1", "stack", "infer", "assemble", "export_cog"]:
+    for rule in ["demo_catalog", "demo_checkpoint", "fetch_s2", "fetch_s1", "stack", "infer", "assemble", "quicklook", "stac", "report"]:
         assert stats[rule] >= 1, rule
     assert stats["fetch_s2"] == 2 and stats["infer"] >= 4
 

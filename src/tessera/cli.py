@@ -96,9 +96,12 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_stack(args: argparse.Namespace) -> None:
+    from tessera.export.observations import write_observation_counts
     from tessera.stack import write_stack_index
 
     write_stack_index(Path(args.s2), Path(args.s1), Path(args.out))
+    if args.observations:
+        write_observation_counts(Path(args.out), Path(args.observations))
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -122,15 +125,13 @@ def cmd_assemble(args: argparse.Namespace) -> None:
         embedding_path=Path(args.embedding), scales_path=Path(args.scales),
         checksums_path=Path(args.checksums), landmask_path=Path(args.landmask),
     )
+    if args.cog:
+        from tessera.export.cog import write_tile_cog
+        from tessera.io import sha256_file
 
-
-def cmd_export_cog(args: argparse.Namespace) -> None:
-    from tessera.export.cog import write_tile_cog
-    from tessera.io import sha256_file
-
-    tags = dict(t.split("=", 1) for t in args.tag)
-    tags["TESSERA_CHECKPOINT_SHA256"] = sha256_file(args.checkpoint)
-    write_tile_cog(Path(args.embedding), Path(args.scales), Path(args.landmask), Path(args.out), tags=tags)
+        tags = dict(t.split("=", 1) for t in args.tag)
+        tags["TESSERA_CHECKPOINT_SHA256"] = sha256_file(args.checkpoint)
+        write_tile_cog(Path(args.embedding), Path(args.scales), Path(args.landmask), Path(args.cog), tags=tags)
 
 
 def cmd_catalog(args: argparse.Namespace) -> None:
@@ -141,12 +142,6 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     write_metadata(output_dir / "tessera_metadata.json", family=args.family, variant=args.variant,
                    checkpoint=Path(args.checkpoint), source=args.source, year=args.year,
                    embeddings=[Path(p) for p in args.embeddings])
-
-
-def cmd_observations(args: argparse.Namespace) -> None:
-    from tessera.export.observations import write_observation_counts
-
-    write_observation_counts(Path(args.stack), Path(args.out))
 
 
 def _year_tiles(output_dir: Path, year: int):
@@ -290,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s2", required=True)
     p.add_argument("--s1", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--observations", help="also write the per-pixel observation counts GeoTIFF here")
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("infer", help="(rule infer) embed patches of a tile's stack")
@@ -315,17 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", required=True, help="float32 (H, W) .npy to write")
     p.add_argument("--checksums", required=True, help="sha256sum-style file to write")
     p.add_argument("--landmask", required=True, help="landmask GeoTIFF to write")
+    p.add_argument("--cog", help="also write the tile's float32 Cloud-Optimized GeoTIFF here")
+    p.add_argument("--checkpoint", help="the checkpoint, for the COG's provenance tags (with --cog)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a COG tag (with --cog)")
     p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npy, or folders of them")
     p.set_defaults(func=cmd_assemble)
-
-    p = sub.add_parser("export-cog", help="(rule export_cog) float32 Cloud-Optimized GeoTIFF of a tile")
-    p.add_argument("--embedding", required=True)
-    p.add_argument("--scales", required=True)
-    p.add_argument("--landmask", required=True)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export_cog)
 
     p = sub.add_parser("catalog", help="(rule catalog) manifests and tessera_metadata.json of an output directory")
     p.add_argument("--output-dir", required=True)
@@ -336,11 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--year", type=int, required=True)
     p.add_argument("embeddings", nargs="+", help="the tiles' embedding .npy files")
     p.set_defaults(func=cmd_catalog)
-
-    p = sub.add_parser("observations", help="(rule observations) per-pixel counts of valid S2 and S1 steps")
-    p.add_argument("--stack", required=True, help="the tile's stack.json")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_observations)
 
     p = sub.add_parser("quicklook-pca", help="(rule quicklook_pca) one PCA basis for all tiles of a year")
     p.add_argument("--output-dir", required=True)

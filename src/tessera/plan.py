@@ -50,9 +50,7 @@ class Plan:
 
     def job_counts(self) -> Counter:
         """Jobs per rule, as `snakemake -n` will list them."""
-        per_tile = ["roi_mask", "fetch_s2", "fetch_s1", "stack", "assemble", "observations", "quicklook"]
-        if self.config["export"]["cog"]:
-            per_tile.append("export_cog")
+        per_tile = ["roi_mask", "fetch_s2", "fetch_s1", "stack", "assemble", "quicklook"]
         counts = Counter({rule: len(self.tiles) for rule in per_tile})
         per_patch = self.config["infer"]["per"] == "patch"
         counts["infer"] = sum(len(t.patches) for t in self.tiles) if per_patch else len(self.tiles)

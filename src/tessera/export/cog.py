@@ -18,7 +18,7 @@ _GDAL_CACHE_MB = 256
 
 
 def tile_cog_path(output_dir: Path, tile_name: str, year: int) -> Path:
-    """Where the export_cog rule writes a tile's float32 COG."""
+    """Where the assemble rule writes a tile's float32 COG."""
     return output_dir / COG_DIR / str(year) / f"{tile_name}_{year}.tif"
 
 

@@ -143,7 +143,7 @@ def write_zone_mosaics(output_dir: Path, year: int) -> list[Path]:
             if sources:
                 written.append(write_vrt(sources, output_dir / MOSAIC_DIR / str(year) / f"{layer}_{year}_epsg{epsg}.vrt"))
     if not written:
-        raise UserError(f"{output_dir}: no tile COG or quicklook for {year} to mosaic: run the export_cog rule first")
+        raise UserError(f"{output_dir}: no tile COG or quicklook for {year} to mosaic: run the assemble rule first")
     return written
 
 
