@@ -12,9 +12,12 @@ rule assemble:
         checksums=f"{EMBED_DIR}/{{tile}}/SHA256",
         landmask=f"{LANDMASK_DIR}/{{tile}}.tiff",
         cog=[f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif"] if CFG["export"]["cog"] else [],
+        float32=[f"{EMBED_DIR}/{{tile}}/{{tile}}_float32.npy"] if CFG["export"]["float32"] else [],
     params:
         family=FAMILY,
         cog=lambda wildcards, output: f"--cog {output.cog[0]}" if output.cog else "",
+        float32=lambda wildcards, output: f"--float32 {output.float32[0]}" if output.float32 else "",
+        dims=f"--dims {CFG['export']['dims']}" if CFG["export"]["dims"] else "",
         tags=f"--tag TESSERA_MODEL={FAMILY} --tag TESSERA_SOURCE={CFG['source']} --tag TESSERA_YEAR={YEAR}",
     resources:
         mem_mb=grows_with_attempt(2000),
@@ -28,7 +31,8 @@ rule assemble:
     shell:
         "tessera assemble --tile {wildcards.tile} --family {params.family} --roi-mask {input.roi_mask}"
         " --embedding {output.embedding} --scales {output.scales} --checksums {output.checksums}"
-        " --landmask {output.landmask} {params.cog} --checkpoint {input.checkpoint} {params.tags}"
+        " --landmask {output.landmask} {params.cog} {params.float32} {params.dims}"
+        " --checkpoint {input.checkpoint} {params.tags}"
         " {input.patches} 2> {log}"
 
 

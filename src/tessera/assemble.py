@@ -7,6 +7,7 @@ get code 0 and scale NaN, which geotessera dequantises to NaN.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +19,9 @@ from tessera.grid import Tile
 from tessera.io import atomic_path, sha256_file
 
 _PATCH_NAME = re.compile(r"^r(\d+)_c(\d+)$")
+# Families whose embeddings are Matryoshka-ordered: a prefix of the dimensions is usable alone.
+MATRYOSHKA_FAMILIES = {"v2"}
+MATRYOSHKA_DIMS = (16, 32, 64, 128)
 
 
 def patch_origin(path: Path) -> tuple[int, int]:
@@ -38,30 +42,56 @@ def assemble_tile(
     scales_path: Path,
     checksums_path: Path,
     landmask_path: Path,
+    dims: int | None = None,
+    float32_path: Path | None = None,
 ) -> None:
+    """Quantise a tile's patch embeddings into geotessera's int8 + scales files.
+
+    ``dims`` keeps only the first ``dims`` numbers of Matryoshka-ordered (v2) embeddings, quantised
+    over that prefix as the reference does; ``float32_path`` also writes the unquantised (H, W, D)
+    embedding (NaN = no embedding).
+    """
     from tessera.infer import quantize
     from tessera.models import get_family
 
     tile = Tile.from_name(tile_name)
     quantiser = get_family(family)
-    dims = {np.load(p, mmap_mode="r").shape[-1] for p in patch_paths}
-    if len(dims) != 1:
-        raise UserError(f"patches of {tile_name} disagree on the embedding size ({sorted(dims)}): rerun their inference")
-    (dim,) = dims
+    found = {np.load(p, mmap_mode="r").shape[-1] for p in patch_paths}
+    if len(found) != 1:
+        raise UserError(f"patches of {tile_name} disagree on the embedding size ({sorted(found)}): rerun their inference")
+    (dim,) = found
+    if dims is not None:
+        if quantiser.name not in MATRYOSHKA_FAMILIES:
+            raise UserError(f"export.dims = {dims} needs Matryoshka-ordered embeddings (model family v2); "
+                            f"{quantiser.name} embeddings must be kept whole: remove export.dims")
+        if dims not in MATRYOSHKA_DIMS or dims > dim:
+            raise UserError(f"export.dims = {dims} is not one of {MATRYOSHKA_DIMS} up to {dim}: pick one of them")
+        dim = dims
     scales = np.full((tile.height, tile.width), np.nan, np.float32)
-    with atomic_path(embedding_path) as tmp_embedding:
+    with contextlib.ExitStack() as stack:
+        floats = None
+        if float32_path is not None:
+            tmp_floats = stack.enter_context(atomic_path(float32_path))
+            floats = np.lib.format.open_memmap(tmp_floats, mode="w+", dtype=np.float32, shape=(tile.height, tile.width, dim))
+            floats[:] = np.nan
+        tmp_embedding = stack.enter_context(atomic_path(embedding_path))
         codes = np.lib.format.open_memmap(tmp_embedding, mode="w+", dtype=np.int8, shape=(tile.height, tile.width, dim))
         for path in patch_paths:
             row, col = patch_origin(path)
-            embedding = np.load(path)
+            embedding = np.load(path)[..., :dim]
             height, width = embedding.shape[:2]
             if row + height > tile.height or col + width > tile.width:
                 raise UserError(f"patch {str(path)!r} reaches outside tile {tile_name}: it belongs to another tile")
             patch_codes, patch_scales = quantize(embedding, quantiser)
             codes[row:row + height, col:col + width] = patch_codes
             scales[row:row + height, col:col + width] = patch_scales
+            if floats is not None:
+                floats[row:row + height, col:col + width] = embedding
         codes.flush()
         del codes
+        if floats is not None:
+            floats.flush()
+            del floats
         with atomic_path(scales_path) as tmp_scales:
             np.save(tmp_scales, scales)
             # The landmask doubles as the ROI mask: 1 where the tile has (or should have) embeddings.

@@ -123,7 +123,8 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     assemble_tile(
         args.tile, patch_files, family=args.family, roi_mask_path=Path(args.roi_mask),
         embedding_path=Path(args.embedding), scales_path=Path(args.scales),
-        checksums_path=Path(args.checksums), landmask_path=Path(args.landmask),
+        checksums_path=Path(args.checksums), landmask_path=Path(args.landmask), dims=args.dims,
+        float32_path=Path(args.float32) if args.float32 else None,
     )
     if args.cog:
         from tessera.export.cog import write_tile_cog
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checksums", required=True, help="sha256sum-style file to write")
     p.add_argument("--landmask", required=True, help="landmask GeoTIFF to write")
     p.add_argument("--cog", help="also write the tile's float32 Cloud-Optimized GeoTIFF here")
+    p.add_argument("--dims", type=int, help="keep the first N numbers (Matryoshka prefix of v2 embeddings)")
+    p.add_argument("--float32", help="also write the unquantised float32 (H, W, D) .npy here")
     p.add_argument("--checkpoint", help="the checkpoint, for the COG's provenance tags (with --cog)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a COG tag (with --cog)")
     p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npy, or folders of them")

@@ -48,7 +48,7 @@ def remove_stale_temporaries(final: str | os.PathLike) -> None:
     still uses: one output has one writer at a time.
     """
     final = Path(final)
-    for stale in final.parent.glob(f".{glob.escape(final.stem)}.*.tmp*"):
+    for stale in final.parent.glob(f".{glob.escape(final.stem)}.*.tmp{glob.escape(final.suffix)}*"):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
