@@ -55,10 +55,16 @@ rule mosaic:
         cogs=expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES),
         quicklooks=expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES),
     output:
-        expand(f"{OUT}/mosaic/{YEAR}/{{layer}}_{YEAR}_epsg{{epsg}}.vrt", layer=["tessera", "quicklook"], epsg=ZONES),
+        expand(
+            f"{OUT}/mosaic/{YEAR}/{{layer}}_{YEAR}_epsg{{epsg}}.{{ext}}",
+            layer=["tessera", "quicklook"],
+            epsg=ZONES,
+            ext=["vrt", "tif"] if CFG["export"]["mosaic_cog"] else ["vrt"],
+        ),
     params:
         output_dir=output_dir_of_manifest,
         year=YEAR,
+        cog="--cog" if CFG["export"]["mosaic_cog"] else "",
     log:
         "logs/mosaic.log",
     benchmark:
@@ -66,7 +72,7 @@ rule mosaic:
     conda:
         ENV
     shell:
-        "tessera mosaic --output-dir {params.output_dir} --year {params.year} 2> {log}"
+        "tessera mosaic --output-dir {params.output_dir} --year {params.year} {params.cog} 2> {log}"
 
 
 rule stac:

@@ -169,10 +169,12 @@ def cmd_quicklook(args: argparse.Namespace) -> None:
 
 
 def cmd_mosaic(args: argparse.Namespace) -> None:
-    from tessera.export.mosaic import write_zone_mosaics
+    from tessera.export.mosaic import write_mosaic_cog, write_zone_mosaics
 
-    for path in write_zone_mosaics(Path(args.output_dir), args.year):
-        log.info("wrote %s", path)
+    for vrt in write_zone_mosaics(Path(args.output_dir), args.year):
+        log.info("wrote %s", vrt)
+        if args.cog:
+            log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
 
 
 def _scene_ids(stack_indexes: list[str]) -> dict[str, dict[str, list[str]]]:
@@ -346,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mosaic", help="(rule mosaic) per-UTM-zone VRT mosaics of the tile COGs and quicklooks")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--year", type=int, required=True)
+    p.add_argument("--cog", action="store_true", help="also write each mosaic as a COG next to its VRT")
     p.set_defaults(func=cmd_mosaic)
 
     for name, func, help_text in [("stac", cmd_stac, "(rule stac) STAC Collection and Items of the outputs"),
