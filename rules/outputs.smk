@@ -113,6 +113,8 @@ rule report:
         year=YEAR,
     log:
         "logs/report.log",
+    benchmark:
+        "logs/benchmarks/report.tsv"
     conda:
         ENV
     shell:
