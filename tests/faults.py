@@ -40,6 +40,7 @@ class FaultPlan:
     """Which requests fail and how.
 
     ``share``: probability that an attempt fails (decided per request and attempt, seeded);
+    ``targets``: URL substrings of the requests that may fail (default: all);
     ``kinds``: the faults drawn from; ``max_consecutive``: an attempt after that many failures of the
     same request always passes; ``broken``: URL substrings whose requests always fail with
     ``broken_status`` (a permanently broken scene); ``stall_seconds``: how long a stalled request
@@ -47,6 +48,7 @@ class FaultPlan:
     """
 
     share: float = 0.0
+    targets: tuple[str, ...] = ()
     kinds: tuple[str, ...] = FAULT_KINDS
     seed: int = 0
     max_consecutive: int = 2
@@ -59,9 +61,9 @@ class FaultPlan:
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; use {FAULT_KINDS}")
 
-    def fault(self, request_key: str, attempt: int) -> str | None:
+    def fault(self, url: str, request_key: str, attempt: int) -> str | None:
         """The fault of the ``attempt``-th try (0-based) at a request, or None to relay it."""
-        if attempt >= self.max_consecutive:
+        if attempt >= self.max_consecutive or (self.targets and not any(t in url for t in self.targets)):
             return None
         draw = hashlib.sha256(f"{self.seed}|{request_key}|{attempt}".encode()).digest()
         if struct.unpack("<Q", draw[:8])[0] / 2**64 >= self.share:
@@ -144,7 +146,7 @@ class FaultyProxy:
                 # Not the host: the demo API listens on a new port every run.
                 target = urlsplit(self.path)
                 key = f"{self.command} {target.path}?{target.query} {self.headers.get('Range', '')} {hashlib.sha256(body).hexdigest()}"
-                fault = proxy.plan.fault(key, proxy._next_attempt(key))
+                fault = proxy.plan.fault(self.path, key, proxy._next_attempt(key))
                 if fault:
                     with proxy._lock:
                         proxy.log.faults[fault] += 1
