@@ -19,6 +19,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -42,7 +43,7 @@ class FaultPlan:
     ``share``: probability that an attempt fails (decided per request and attempt, seeded);
     ``targets``: URL substrings of the requests that may fail (default: all);
     ``kinds``: the faults drawn from; ``max_consecutive``: an attempt after that many failures of the
-    same request always passes; ``broken``: URL substrings whose requests always fail with
+    same request always passes; ``broken``: regular expressions of URLs whose requests always fail with
     ``broken_status`` (a permanently broken scene); ``stall_seconds``: how long a stalled request
     hangs before its connection is closed (longer than the client's timeout, bounded for the test).
     """
@@ -139,7 +140,7 @@ class FaultyProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 with proxy._lock:
                     proxy.log.requests.append((self.command, self.path, headers))
-                if any(part in self.path for part in proxy.plan.broken):
+                if any(re.search(pattern, self.path) for pattern in proxy.plan.broken):
                     with proxy._lock:
                         proxy.log.broken_hits += 1
                     return self._answer(proxy.plan.broken_status, b"broken on purpose", {})

@@ -155,7 +155,7 @@ def _a_kept_scene(clean: Path) -> str:
 
 def test_a_permanently_missing_asset_is_skipped_and_recorded(catalog, tile_window, clean, quick_timeouts, tmp_path):
     broken = _a_kept_scene(clean)
-    plan = FaultPlan(broken=(f"/{broken}/B04.tif",))
+    plan = FaultPlan(broken=(rf"/{broken}/B04\.tif",))
     report, proxy = fetch(catalog, tile_window, tmp_path / "s2.zarr", plan)
     assert proxy.log.broken_hits > 0
     assert list(report["skipped"]) == [broken] and "B04" in report["skipped"][broken]
@@ -168,7 +168,7 @@ def test_a_permanently_missing_asset_below_min_scenes_fails_the_tile_naming_it(c
     broken = _a_kept_scene(clean)
     dates = len(open_s2(clean).series)
     with pytest.raises(UserError) as error:
-        fetch(catalog, tile_window, tmp_path / "s2.zarr", FaultPlan(broken=(f"/{broken}/B04.tif",)), min_scenes=dates + 1)
+        fetch(catalog, tile_window, tmp_path / "s2.zarr", FaultPlan(broken=(rf"/{broken}/B04\.tif",)), min_scenes=dates + 1)
     message = str(error.value)
     assert "fetch.min_scenes" in message and broken in message and "\n" not in message
     assert not (tmp_path / "s2.zarr").exists() and list(tmp_path.iterdir()) == []
