@@ -14,6 +14,7 @@ from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
 from tessera.grid import tile_at
 from tessera.sources import Source
 from tessera.sources.mpc import MPC_ASSET_KEYS
+from tessera.sources.stac import StacFeed
 from tessera.stack import open_s1, open_s2
 
 TILE = tile_at(6.05, 52.05)  # UTM 32N, next to the zone 31 edge at 6°E
@@ -23,17 +24,19 @@ S2_BANDS = ("B04", "B02", "B03", "B08", "B8A", "B05", "B06", "B07", "B11", "B12"
 
 
 @dataclass(frozen=True)
-class ListedSource(Source):
-    """A source whose search answers from a list of items instead of a STAC API."""
+class ListedFeed(StacFeed):
+    """A feed whose search answers from a list of items instead of a STAC API."""
 
     listed: tuple = ()
 
-    def search(self, collection, bbox_lonlat, year):
-        return [item for item in self.listed if item.collection_id == collection]
+    def search(self, bbox_lonlat, year):
+        return [item for item in self.listed if item.collection_id == self.collection]
 
 
 def source(items, harmonisation="mpc"):
-    return ListedSource("test", "http://unused", "sentinel-2-l2a", "sentinel-1-rtc", MPC_ASSET_KEYS, harmonisation, listed=tuple(items))
+    s2, s1 = (ListedFeed("http://unused", collection, MPC_ASSET_KEYS, listed=tuple(items))
+              for collection in ("sentinel-2-l2a", "sentinel-1-rtc"))
+    return Source("test", s2, s1, harmonisation)
 
 
 def write_raster(path, data, transform, crs=f"EPSG:{TILE.epsg}", nodata=None):
@@ -278,14 +281,14 @@ def test_demo_source_end_to_end_and_rerun_from_the_search_cache(tmp_path, monkey
     from shapely import box
 
     from tessera.demo import generate_catalog
-    from tessera.grid import tiles_for_geometry, work_window
+    from tessera.grid import roi_in_tile, tiles_for_geometry, work_window
     from tessera.sources import open_source
     from tessera.stack import verify_stack_index, write_stack_index
 
     bbox = (5.998, 52.040, 6.002, 52.042)  # across 6°E: granules in UTM zones 31 and 32
     catalog = generate_catalog(tmp_path / "catalog", 2024, bbox, seed=3, s2_revisit_days=60, s1_revisit_days=90)
-    tile, part = next((tile, part) for tile, part in tiles_for_geometry(box(*bbox)) if tile.epsg == 32632)
-    window = work_window(tile, part)
+    tile = next(tile for tile, _ in tiles_for_geometry(box(*bbox)) if tile.epsg == 32632)
+    window = work_window(tile, roi_in_tile(tile, box(*bbox)))
     work = tmp_path / tile.name
     with open_source("demo", demo_catalog=catalog) as demo:
         s2 = fetch_s2(tile, window, 2024, demo, work / "s2.zarr", search_cache=work / "search_s2.json", patch_size=16)
@@ -308,7 +311,7 @@ def test_demo_source_end_to_end_and_rerun_from_the_search_cache(tmp_path, monkey
     def no_search(*args):
         raise AssertionError("searched again")
 
-    monkeypatch.setattr(Source, "search", no_search)
+    monkeypatch.setattr(StacFeed, "search", no_search)
     with open_source("demo", demo_catalog=catalog) as demo:
         again = fetch_s2(tile, window, 2024, demo, work / "s2.zarr", search_cache=work / "search_s2.json", patch_size=16)
     assert again["kept"] == s2["kept"]

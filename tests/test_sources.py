@@ -1,11 +1,13 @@
 import datetime as dt
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pystac
@@ -14,8 +16,13 @@ from urllib3.util.retry import Retry
 
 import tessera.sources.stac as stac
 from tessera.errors import UserError
-from tessera.sources import Source, cached_search, open_source
+from tessera.sources import Source, cached_search, open_source, redact, stac_source
+from tessera.sources.aws import EARTH_SEARCH_ASSET_KEYS
 from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
+from tessera.sources.opera import OperaFeed, _burst_item, _latest_per_burst, earthdata_gdal_options
+from tessera.sources.stac import RedactingFilter, StacFeed, UnusableAsset
+
+FIXTURES = Path("/work/shared/fixtures/stac")
 
 BBOX = (5.5, 52.1, 5.6, 52.2)
 
@@ -89,7 +96,7 @@ def test_search_returns_every_page_of_the_utc_year_in_the_bbox(stac_api, monkeyp
         first_page = json.load(response)
     assert len(first_page["features"]) == 2 and any(link["rel"] == "next" for link in first_page["links"])
 
-    items = mpc_shaped_source("test", stac_api).search("sentinel-2-l2a", BBOX, 2024)
+    items = mpc_shaped_source("test", stac_api).s2.search(BBOX, 2024)
     assert sorted(item.id for item in items) == sorted(S2_INSIDE)
     assert all(item.collection_id == "sentinel-2-l2a" for item in items)
     href = next(item for item in items if item.id == "mid").assets["B04"].href
@@ -101,67 +108,189 @@ def test_search_of_an_unreachable_api_is_a_user_error(monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nothing listens there
-    with pytest.raises(UserError, match=f"source test: searching sentinel-2-l2a at http://127.0.0.1:{port} failed"):
-        mpc_shaped_source("test", f"http://127.0.0.1:{port}").search("sentinel-2-l2a", BBOX, 2024)
+    with pytest.raises(UserError, match=f"searching sentinel-2-l2a at http://127.0.0.1:{port} failed"):
+        mpc_shaped_source("test", f"http://127.0.0.1:{port}").s2.search(BBOX, 2024)
 
 
-class CountingSource(Source):
-    """A source answering from a fixed list and counting its searches."""
+class CountingFeed(StacFeed):
+    """A feed answering from a fixed list and counting its searches."""
 
-    def search(self, collection, bbox_lonlat, year):
-        self.searches.append((collection, year))
-        return [_item("a", utc(year, 3, 1), collection)]
+    def search(self, bbox_lonlat, year):
+        self.searches.append(year)
+        return [_item("a", utc(year, 3, 1), self.collection)]
 
 
-def counting_source(url):
-    source = CountingSource("test", url, "sentinel-2-l2a", "sentinel-1-rtc", MPC_ASSET_KEYS, "mpc")
-    object.__setattr__(source, "searches", [])
-    return source
+def counting_source(url, ephemeral_url=False):
+    feed = CountingFeed(url, "sentinel-2-l2a", MPC_ASSET_KEYS, ephemeral_url=ephemeral_url)
+    object.__setattr__(feed, "searches", [])
+    return Source("test", feed, feed, "mpc"), feed
 
 
 def test_search_cache_is_reused_only_for_the_same_query(tmp_path):
     cache = tmp_path / "search_s2.json"
-    source = counting_source("http://127.0.0.1:1111")
-    first = cached_search(source, "sentinel-2-l2a", BBOX, 2024, cache)
-    again = cached_search(source, "sentinel-2-l2a", BBOX, 2024, cache)
-    assert source.searches == [("sentinel-2-l2a", 2024)]
+    source, feed = counting_source("http://127.0.0.1:1111")
+    first = cached_search(source, feed, BBOX, 2024, cache)
+    again = cached_search(source, feed, BBOX, 2024, cache)
+    assert feed.searches == [2024]
     assert [item.to_dict() for item in again] == [item.to_dict() for item in first]
-    cached_search(source, "sentinel-2-l2a", BBOX, 2023, cache)
-    assert source.searches == [("sentinel-2-l2a", 2024), ("sentinel-2-l2a", 2023)]
-    cached_search(source, "sentinel-2-l2a", BBOX, 2023, None)
-    assert len(source.searches) == 3
+    written = json.loads(cache.read_text())
+    assert written["type"] == "FeatureCollection" and [f["id"] for f in written["features"]] == ["a"]
+    cached_search(source, feed, BBOX, 2023, cache)
+    assert feed.searches == [2024, 2023]
+    cached_search(source, feed, BBOX, 2023, None)
+    assert len(feed.searches) == 3
+    # Another API of the same source name searches anew.
+    other, other_feed = counting_source("http://127.0.0.1:2222")
+    cached_search(other, other_feed, BBOX, 2023, cache)
+    assert other_feed.searches == [2023]
 
 
-def test_cached_asset_hrefs_follow_the_api_to_its_new_port(tmp_path):
+def test_cached_asset_hrefs_follow_an_ephemeral_api_to_its_new_port(tmp_path):
     cache = tmp_path / "search.json"
-    old, new = counting_source("http://127.0.0.1:1111"), counting_source("http://127.0.0.1:2222/")
-    item = cached_search(old, "sentinel-2-l2a", BBOX, 2024, cache)[0]
+    (old, old_feed), (new, new_feed) = counting_source("http://127.0.0.1:1111", True), counting_source("http://127.0.0.1:2222/", True)
+    item = cached_search(old, old_feed, BBOX, 2024, cache)[0]
     item.assets["B04"].href = "http://127.0.0.1:1111/sentinel-2-l2a/a/B04.tif"
-    cache.write_text(json.dumps({**json.loads(cache.read_text()), "items": [item.to_dict(transform_hrefs=False)]}))
-    rebased = cached_search(new, "sentinel-2-l2a", BBOX, 2024, cache)
-    assert new.searches == []
+    cache.write_text(json.dumps({**json.loads(cache.read_text()), "features": [item.to_dict(transform_hrefs=False)]}))
+    rebased = cached_search(new, new_feed, BBOX, 2024, cache)
+    assert new_feed.searches == []
     assert rebased[0].assets["B04"].href == "http://127.0.0.1:2222/sentinel-2-l2a/a/B04.tif"
 
 
-def test_source_describes_its_assets_signing_and_harmonisation():
-    signed = Source("s", "u", "c2", "c1", MPC_ASSET_KEYS, "none", sign=lambda href: href + "?sig=1")
+def test_feed_signs_hrefs_and_the_source_harmonises():
+    class Signing:
+        def sign(self, href):
+            return href + "?sig=1"
+
+        def forget(self, href):
+            return True
+
+    feed = StacFeed("u", "c2", MPC_ASSET_KEYS, Signing())
     item = _item("a", utc(2024, 1, 1), "c2")
     item.assets["B04"].href = "https://example.org/B04.tif"
-    assert signed.href(item, "B04") == "https://example.org/B04.tif?sig=1"
-    with pytest.raises(KeyError, match="SCL"):
-        signed.href(item, "SCL")
+    assert feed.href(item, "B04") == "https://example.org/B04.tif?sig=1"
+    with pytest.raises(UnusableAsset, match="SCL"):
+        feed.href(item, "SCL")
+    source = Source("s", feed, feed, "none")
     values = np.array([999.0, 1000.0])
-    assert signed.harmonise_s2(values, dt.date(2024, 1, 1)).tolist() == [999, 1000]
+    assert source.harmonise_s2(values, dt.date(2024, 1, 1)).tolist() == [999, 1000]
     with pytest.raises(ValueError, match="harmonisation"):
-        Source("s", "u", "c2", "c1", MPC_ASSET_KEYS, "baseline")
-    with pytest.raises(ValueError, match="SCL"):
-        Source("s", "u", "c2", "c1", {k: v for k, v in MPC_ASSET_KEYS.items() if k != "SCL"}, "mpc")
+        Source("s", feed, feed, "baseline")
+    with pytest.raises(ValueError, match="s2 asset key for bands \\['SCL'\\]"):
+        Source("s", StacFeed("u", "c2", {k: v for k, v in MPC_ASSET_KEYS.items() if k != "SCL"}), feed, "mpc")
+
+
+def test_earth_search_assets_are_read_as_stored_but_only_as_l2a_dn():
+    item = pystac.Item.from_dict(json.loads((FIXTURES / "earthsearch-sentinel-2-l2a-item-2023-10-08-S2A_13TDE.json").read_text()))
+    feed = StacFeed("u", "sentinel-2-l2a", EARTH_SEARCH_ASSET_KEYS)
+    # The item declares offset -0.1 (the baseline's -1000 DN) on data that already lack it: not applied.
+    assert item.assets["red"].extra_fields["raster:bands"][0]["offset"] == -0.1
+    assert feed.href(item, "B04") == item.assets["red"].href
+    assert feed.href(item, "SCL").endswith("/SCL.tif")
+    item.assets["red"].extra_fields["raster:bands"][0]["scale"] = 1.0
+    with pytest.raises(UnusableAsset, match="asset 'red' has raster:bands scale 1.0, not 0.0001"):
+        feed.href(item, "B04")
+
+
+def test_redact_removes_signatures_and_tokens():
+    signed = "'/vsicurl/https://a.blob.core.windows.net/c/x.tif?st=2025&se=2025&sp=rl&sig=AbC%3D' not recognized"
+    assert redact(signed) == "'/vsicurl/https://a.blob.core.windows.net/c/x.tif?<redacted>' not recognized"
+    assert redact("Authorization: Bearer eyJ0eXAi.abc") == "Authorization: Bearer <redacted>"
+    record = logging.LogRecord("rasterio._env", logging.WARNING, "", 0, "HTTP error code: 500 - %s. Retrying",
+                               ("https://h/x.tif?sig=S3CRET",), None)
+    assert RedactingFilter().filter(record) and record.getMessage() == "HTTP error code: 500 - https://h/x.tif?<redacted>. Retrying"
 
 
 def test_open_source_names_what_is_wrong():
-    with pytest.raises(UserError, match="source 'aws' is unknown"):
-        with open_source({"name": "aws"}):
+    with pytest.raises(UserError, match="source 'gcs' is unknown: use one of demo, mpc, aws, stac"):
+        with open_source({"name": "gcs"}):
             pass
     with pytest.raises(UserError, match="demo catalog"):
         with open_source("demo", demo_catalog=None):
             pass
+    with pytest.raises(UserError, match="source 'mpc' takes no options \\(url\\)"):
+        with open_source({"name": "mpc", "url": "x"}):
+            pass
+
+
+def test_stac_source_options():
+    source = stac_source({"url": "https://example.org/v1", "s2_collection": "s2", "s1_collection": "s1",
+                          "assets": {"B04": "red", "SCL": "scl", "mask": "layover"}, "harmonisation": "mpc"})
+    assert source.s2.asset_keys["B04"] == "red" and source.s2.asset_keys["B02"] == "B02"
+    assert source.s1.collection == "s1" and source.s1.asset_keys["mask"] == "layover" and source.harmonisation == "mpc"
+    with pytest.raises(UserError, match="source stac: missing url, s1_collection"):
+        stac_source({"s2_collection": "s2"})
+    with pytest.raises(UserError, match="unknown option\\(s\\) colection"):
+        stac_source({"url": "u", "s2_collection": "a", "s1_collection": "b", "colection": "c"})
+    with pytest.raises(UserError, match="assets names unknown bands \\['B13'\\]"):
+        stac_source({"url": "u", "s2_collection": "a", "s1_collection": "b", "assets": {"B13": "x"}})
+    with pytest.raises(UserError, match="harmonisation 'aws' is unknown: use one of mpc, none"):
+        stac_source({"url": "u", "s2_collection": "a", "s1_collection": "b", "harmonisation": "aws"})
+
+
+# --- OPERA RTC-S1 and Earthdata credentials ------------------------------------------------------
+
+
+def test_a_real_opera_granule_becomes_an_s1_item():
+    import asf_search
+    from asf_search.search.search_generator import as_ASFProduct
+
+    record = json.loads((FIXTURES / "cmr-umm-g-opera-l2-rtc-s1-granule-G2810724460-ASF.json").read_text())
+    item = _burst_item(as_ASFProduct(record, asf_search.ASFSession()))
+    assert item.id == "OPERA_L2_RTC-S1_T131-279916-IW1_20231202T162856Z_20231202T232622Z_S1A_30_v1.0"
+    assert item.datetime == utc(2023, 12, 2, 16, 28, 56)
+    assert item.properties["sat:orbit_state"] == "descending" and item.properties["opera:burst_id"] == "T131_279916_IW1"
+    base = "https://datapool.asf.alaska.edu/RTC/OPERA-S1/" + item.id
+    assert {key: asset.href for key, asset in item.assets.items()} == {
+        "vv": base + "_VV.tif", "vh": base + "_VH.tif", "mask": base + "_mask.tif"}
+    assert OperaFeed().href(item, "vv") == base + "_VV.tif"
+    del item.assets["vv"]
+    with pytest.raises(UnusableAsset, match="burst has no VV layer \\(polarisations VV\\+VH\\)"):
+        OperaFeed().href(item, "vv")
+
+
+def test_only_the_latest_processing_of_a_burst_is_kept():
+    def burst(item_id, processed):
+        item = pystac.Item(item_id, None, None, utc(2024, 5, 1, 5), {"opera:burst_id": "T1_2_IW1", "processing:datetime": processed})
+        return item
+
+    kept = _latest_per_burst([burst("old", "2024-05-01T09:00:00Z"), burst("new", "2024-09-01T09:00:00Z")])
+    assert [item.id for item in kept] == ["new"]
+
+
+@pytest.fixture
+def no_earthdata_credentials(tmp_path, monkeypatch):
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_earthdata_token_from_the_environment_first(no_earthdata_credentials, monkeypatch):
+    with pytest.raises(UserError, match="needs Earthdata Login credentials: set EARTHDATA_TOKEN"):
+        earthdata_gdal_options()
+    monkeypatch.setenv("EARTHDATA_TOKEN", " tok \n")
+    assert earthdata_gdal_options() == {"GDAL_HTTP_AUTH": "BEARER", "GDAL_HTTP_BEARER": "tok"}
+
+
+def test_earthdata_token_file_must_be_private(no_earthdata_credentials):
+    token_file = no_earthdata_credentials / ".edl_bearer_token"
+    token_file.write_text("file-token\n")
+    token_file.chmod(0o644)
+    with pytest.raises(UserError, match=f"Earthdata token file {token_file} is readable by others \\(mode 0644\\): run chmod 600"):
+        earthdata_gdal_options()
+    token_file.chmod(0o600)
+    assert earthdata_gdal_options()["GDAL_HTTP_BEARER"] == "file-token"
+
+
+def test_netrc_needs_the_earthdata_login_machine(no_earthdata_credentials):
+    netrc = no_earthdata_credentials / ".netrc"
+    netrc.write_text("machine example.org login a password b\n")
+    netrc.chmod(0o600)
+    with pytest.raises(UserError, match="has no entry for urs.earthdata.nasa.gov"):
+        earthdata_gdal_options()
+    netrc.write_text("machine urs.earthdata.nasa.gov login a password b\n")
+    options = earthdata_gdal_options()
+    assert options["GDAL_HTTP_NETRC"] == "YES" and options["GDAL_HTTP_NETRC_FILE"] == str(netrc)
+    netrc.chmod(0o640)
+    with pytest.raises(UserError, match="readable by others"):
+        earthdata_gdal_options()

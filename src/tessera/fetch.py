@@ -11,19 +11,25 @@ stackstac snapping does, UPSTREAM.md §1.2). The encodings are the reference's (
   single-granule day both are the same).
 * S1: code = trunc(clip((20·log10(γ0) + 50)·200, 0, 32767)) for finite γ0 > 0, else 0; a
   polarisation of an item covering less than the minimum is dropped; same-day same-orbit items
-  merge "first non-zero wins" (datetime order).
+  merge "first non-zero wins" (datetime order). Pixels of the source's mask layer (OPERA's
+  layover/shadow mask) count as no data; the reference ignores that layer.
 
-Dates are processed in ascending order and appended to the stack as they come, so memory holds
-one band of one scene plus the date being built. A scene that cannot be read (after GDAL's own
-HTTP retries) is skipped and recorded in the stack's ``skipped``.
+Dates are processed in ascending order and appended to the stack as they come; the band reads of
+one date run a few at a time (``PARALLEL_READS``), so memory holds the date being built and the
+reads in flight. Each read signs its href anew (MPC SAS tokens expire), and a failed signed read
+is signed again and retried once. A scene that cannot be read (after GDAL's own HTTP retries) is
+skipped and recorded in the stack's ``skipped``, with any credential cut out of the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +40,33 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
+from shapely.geometry import shape
 from tqdm import tqdm
 
 from tessera.errors import UserError
 from tessera.grid import Tile
-from tessera.sources import S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search
+from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, UnusableAsset, cached_search, redact
+from tessera.sources.stac import Feed, RedactingFilter
 from tessera.stack import MAX_CHUNK, S1_CHANNELS, StackGrid, chunk_edge, write_s1, write_s2
 
-# GDAL over HTTP: no directory listing on open, only fetch what the window needs in as few requests
-# as possible, time out instead of hanging (the reference's hung reads, UPSTREAM.md §10.2), and
-# let GDAL retry transient HTTP errors (429, 5xx) itself.
+# GDAL over HTTP: no directory listing on open (a COG is one file), consecutive ranges merged into
+# one request, timeouts that curl enforces on every request (the reference's SIGALRM timeouts do
+# nothing in worker threads, UPSTREAM.md §10.2), and GDAL's own retries of transient errors (429,
+# 5xx, dropped connections) with exponentially growing, jittered delays.
 GDAL_HTTP_OPTIONS = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "GDAL_HTTP_MULTIRANGE": "YES",
     "GDAL_HTTP_CONNECTTIMEOUT": "10",
     "GDAL_HTTP_TIMEOUT": "60",
     "GDAL_HTTP_MAX_RETRY": "5",
-    "GDAL_HTTP_RETRY_DELAY": "2",
+    "GDAL_HTTP_RETRY_DELAY": "1",
 }
+# Band reads in flight per tile: reads wait on the network, not the CPU, and a date needs up to
+# 11 assets of each of its granules.
+PARALLEL_READS = 4
+# rasterio's loggers that pass on GDAL's messages (its retry warnings name the full, signed URL).
+_GDAL_LOGGERS = ("rasterio._env", "rasterio._err", "rasterio._base", "rasterio._io", "rasterio._warp", "rasterio.vrt")
 
 INVALID_SCL = (0, 1, 2, 3, 8, 9)  # no data, saturated/defective, dark area, cloud shadow, cloud medium/high
 # The reference searches S2 with eo:cloud_cover < 100 (its S2_MAX_CLOUD default).
@@ -64,12 +77,11 @@ RESAMPLING = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 
 
 class SceneUnreadable(Exception):
-    """One item could not be read; the fetch records it and goes on without it."""
+    """Items that could not be read, with why; the fetch records them and goes on without them."""
 
-    def __init__(self, item_id: str, reason: str):
-        super().__init__(f"{item_id}: {reason}")
-        self.item_id = item_id
-        self.reason = reason
+    def __init__(self, failures: dict[str, str]):
+        super().__init__("; ".join(f"{item_id}: {reason}" for item_id, reason in failures.items()))
+        self.failures = failures
 
 
 # --- encodings (exactly the reference's) ---------------------------------------------------------
@@ -102,43 +114,89 @@ def valid_scl(scl: np.ndarray) -> np.ndarray:
 
 
 class _WindowReader:
-    """Reads one band of one item onto the work-window grid."""
+    """Reads bands of items onto the work-window grid, a few at a time."""
 
-    def __init__(self, tile: Tile, window: Window, source: Source):
+    def __init__(self, tile: Tile, window: Window, feed: Feed, parallel_reads: int):
         self.crs = f"EPSG:{tile.epsg}"
         self.transform = tile.window_transform(window)
         self.height, self.width = int(window.height), int(window.width)
-        self.source = source
+        self.feed = feed
+        # Credentials are looked up once, up front: a missing one is the user's to fix, not a scene failure.
+        self.options = {**GDAL_HTTP_OPTIONS, **feed.read_options()}
+        self.parallel_reads = parallel_reads
 
     def read(self, item: pystac.Item, band: str, resampling: Resampling) -> np.ndarray:
-        """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata)."""
-        try:
-            href = self.source.href(item, band)
-        except KeyError as exc:
-            raise SceneUnreadable(item.id, str(exc.args[0])) from None
-        try:
-            with rasterio.open(href) as src, WarpedVRT(
-                src,
-                crs=self.crs,
-                transform=self.transform,
-                width=self.width,
-                height=self.height,
-                resampling=resampling,
-                # Without a nodata value, an alpha band is what marks pixels outside the scene.
-                add_alpha=src.nodata is None,
-            ) as vrt:
-                # The warp runs in the source's data type, as the reference's (stackstac) does: an
-                # integer band is interpolated and rounded by GDAL before we see floats.
-                data = vrt.read(1, masked=True)
-        except RasterioError as exc:
-            raise SceneUnreadable(item.id, f"{band}: {_one_line(exc)}") from None
+        """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata).
+
+        A failed read of a signed href is signed anew and tried once more: an expired SAS token
+        shows as HTTP 403, or, when it expires between the requests of one open, as a file GDAL
+        cannot recognise.
+        """
+        for last_try in (False, True):
+            try:
+                href = self.feed.href(item, band)
+            except UnusableAsset as exc:
+                raise SceneUnreadable({item.id: str(exc)}) from None
+            try:
+                return self._warped(href, resampling)
+            except RasterioError as exc:
+                if not last_try and self.feed.forget(href):
+                    continue
+                raise SceneUnreadable({item.id: f"{band}: {redact(_one_line(exc))}"}) from None
+
+    def _warped(self, href: str, resampling: Resampling) -> np.ndarray:
+        with rasterio.Env(**self.options), rasterio.open(href) as src, WarpedVRT(
+            src,
+            crs=self.crs,
+            transform=self.transform,
+            width=self.width,
+            height=self.height,
+            resampling=resampling,
+            # Without a nodata value, an alpha band is what marks pixels outside the scene.
+            add_alpha=src.nodata is None,
+        ) as vrt:
+            # The warp runs in the source's data type, as the reference's (stackstac) does: an
+            # integer band is interpolated and rounded by GDAL before we see floats.
+            data = vrt.read(1, masked=True)
         return data.astype(np.float64).filled(np.nan)
+
+    def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]) -> Iterator[tuple[tuple, np.ndarray]]:
+        """``((item, band, resampling), array)`` for each read as it completes. Then, if any read
+        failed, SceneUnreadable naming every failed item: each is tried once (GDAL remembers a URL
+        that failed, so a second open would only say that the file does not exist)."""
+        failures: dict[str, str] = {}
+        with ThreadPoolExecutor(self.parallel_reads, thread_name_prefix="read") as pool:
+            futures = {pool.submit(self.read, *read): read for read in reads}
+            for future in as_completed(futures):
+                try:
+                    data = future.result()
+                except SceneUnreadable as failure:
+                    for item_id, reason in failure.failures.items():
+                        failures.setdefault(item_id, reason)
+                    continue
+                if not failures:  # the batch is rebuilt without the failed items anyway
+                    yield futures[future], data
+        if failures:
+            raise SceneUnreadable(failures)
 
 
 def _one_line(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     text = f"{exc} ({cause})" if cause is not None and "previous exception" in str(exc) else str(exc)
     return " ".join(text.split()) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _credentials_kept_out_of_logs() -> Iterator[None]:
+    redacting = RedactingFilter()
+    loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(redacting)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(redacting)
 
 
 def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float, float]:
@@ -183,8 +241,8 @@ class _Coverage:
 
 
 def _each_date(groups: dict, build: Callable, skipped: dict[str, str], desc: str):
-    """Yield (key, result) per group in ascending key order; a scene that fails is recorded and the
-    group is rebuilt without it (``build`` returns None for a group that is not kept)."""
+    """Yield (key, result) per group in ascending key order; scenes that fail are recorded and the
+    group is rebuilt without them (``build`` returns None for a group that is not kept)."""
     for key in tqdm(sorted(groups), desc=desc, unit="date", file=sys.stderr):
         items = groups[key]
         while items:
@@ -192,8 +250,8 @@ def _each_date(groups: dict, build: Callable, skipped: dict[str, str], desc: str
                 result = build(key, items)
                 break
             except SceneUnreadable as failure:
-                skipped[failure.item_id] = failure.reason
-                items = [item for item in items if item.id != failure.item_id]
+                skipped.update(failure.failures)
+                items = [item for item in items if item.id not in failure.failures]
         else:
             result = None
         if result is not None:
@@ -237,16 +295,17 @@ def fetch_s2(
     resampling: str = "bilinear",
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
+    parallel_reads: int = PARALLEL_READS,
 ) -> dict:
     """Build ``out`` (s2.zarr) for a work window of a tile; returns a small report.
 
     ``roi_mask`` (H, W) marks the ROI pixels coverage is measured on (default: the whole window).
     Raises UserError naming the tile and the failed scenes if fewer than ``min_scenes`` dates are usable.
     """
-    reader = _WindowReader(tile, window, source)
+    reader = _WindowReader(tile, window, source.s2, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     band_resampling = RESAMPLING[resampling]
-    found = cached_search(source, source.s2_collection, window_bbox_lonlat(tile, window), year, search_cache)
+    found = cached_search(source, source.s2, window_bbox_lonlat(tile, window), year, search_cache)
     items = [item for item in found if item.properties.get("eo:cloud_cover", 0.0) < S2_MAX_CLOUD_PCT]
     groups = defaultdict(list)
     for item in items:
@@ -256,26 +315,26 @@ def fetch_s2(
     def build(date: dt.date, day_items: list[pystac.Item]):
         day_items = _in_datetime_order(day_items)
         # Which granule each pixel takes: the first (datetime order) whose SCL is valid there.
+        scls = {read[0].id: scl for read, scl in reader.read_all([(item, S2_SCL, Resampling.nearest) for item in day_items])}
         chosen = np.full((reader.height, reader.width), -1, np.int32)
         for index, item in enumerate(day_items):
-            scl = np.nan_to_num(reader.read(item, S2_SCL, Resampling.nearest), nan=0.0)
-            chosen[(chosen < 0) & valid_scl(scl)] = index
+            chosen[(chosen < 0) & valid_scl(np.nan_to_num(scls.pop(item.id), nan=0.0))] = index
         valid = chosen >= 0
         if not coverage.enough(valid, min_coverage_pct):
             low_coverage.append(date.isoformat())
             return None
         value_from = np.where(valid, chosen, 0)
+        granule_of = {item.id: index for index, item in enumerate(day_items)}
+        reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in np.unique(value_from)]
         bands = np.empty((reader.height, reader.width, len(S2_BANDS)), np.uint16)
-        for channel, band in enumerate(S2_BANDS):
-            values = np.full((reader.height, reader.width), np.nan)
-            for index in np.unique(value_from):
-                take = value_from == index
-                values[take] = reader.read(day_items[index], band, band_resampling)[take]
-            bands[..., channel] = encode_s2(values, date, source)
+        for (item, band, _), values in reader.read_all(reads):
+            take = value_from == granule_of[item.id]
+            # Harmonisation and the cast work pixel by pixel, so each granule's part is encoded alone.
+            bands[..., S2_BANDS.index(band)][take] = encode_s2(values[take], date, source)
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
-    with rasterio.Env(**GDAL_HTTP_OPTIONS), write_s2(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
+    with _credentials_kept_out_of_logs(), write_s2(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
         for date, (scene_ids, bands, mask) in _each_date(groups, build, stack.skipped, f"{tile.name} S2"):
             stack.append(date, scene_ids, bands, mask)
             kept.append(date.isoformat())
@@ -306,16 +365,18 @@ def fetch_s1(
     resampling: str = "bilinear",
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
+    parallel_reads: int = PARALLEL_READS,
 ) -> dict:
     """Build ``out`` (s1.zarr) for a work window of a tile; returns a small report.
 
     Items are grouped by UTC date and ``sat:orbit_state``; items without an orbit state are skipped
-    and recorded. Otherwise as ``fetch_s2``.
+    and recorded. Where the feed has a mask layer (OPERA), masked pixels count as no data.
+    Otherwise as ``fetch_s2``.
     """
-    reader = _WindowReader(tile, window, source)
+    reader = _WindowReader(tile, window, source.s1, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     gamma0_resampling = RESAMPLING[resampling]
-    found = cached_search(source, source.s1_collection, window_bbox_lonlat(tile, window), year, search_cache)
+    found = cached_search(source, source.s1, window_bbox_lonlat(tile, window), year, search_cache)
     groups = defaultdict(list)
     no_orbit = {}
     for item in found:
@@ -324,15 +385,24 @@ def fetch_s1(
             groups[(_utc_date(item), orbit)].append(item)
         else:
             no_orbit[item.id] = f"sat:orbit_state is {item.properties.get('sat:orbit_state')!r}, not ascending/descending"
+    layers = [(band, gamma0_resampling) for band in S1_POLARISATIONS]
+    if S1_MASK in source.s1.asset_keys:
+        layers.append((S1_MASK, Resampling.nearest))
     low_coverage: list[str] = []
 
     def build(key: tuple[dt.date, str], group_items: list[pystac.Item]):
+        group_items = _in_datetime_order(group_items)
+        read = {(item.id, band): data for (item, band, _), data in
+                reader.read_all([(item, band, how) for item in group_items for band, how in layers])}
         merged = np.zeros((reader.height, reader.width, S1_CHANNELS), np.int16)
         used = []
-        for item in _in_datetime_order(group_items):
+        for item in group_items:
+            mask = read.get((item.id, S1_MASK))
             contributed = False
             for channel, polarisation in enumerate(S1_POLARISATIONS):
-                gamma0 = reader.read(item, polarisation, gamma0_resampling)
+                gamma0 = read.pop((item.id, polarisation))
+                if mask is not None:
+                    gamma0[mask != 0] = np.nan  # layover, shadow, or outside the mask (NaN != 0)
                 # The reference drops a polarisation of an item that covers too little of the ROI.
                 if coverage.pct(np.isfinite(gamma0) & (gamma0 > 0)) < min_coverage_pct:
                     continue
@@ -348,7 +418,7 @@ def fetch_s1(
         return used, merged
 
     kept: list[str] = []
-    with rasterio.Env(**GDAL_HTTP_OPTIONS), write_s1(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
+    with _credentials_kept_out_of_logs(), write_s1(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
         stack.skipped.update(no_orbit)
         for (date, orbit), (scene_ids, sar) in _each_date(groups, build, stack.skipped, f"{tile.name} S1"):
             stack.append(orbit, date, scene_ids, sar)
@@ -357,3 +427,35 @@ def fetch_s1(
             raise _too_few(tile, "Sentinel-1", year, len(stack), min_scenes, stack.skipped, len(found))
         skipped = dict(stack.skipped)
     return _report(tile, "s1", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped)
+
+
+# --- what a fetch would read ---------------------------------------------------------------------
+
+
+def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, cache_dir: Path | None = None, file=None) -> None:
+    """Print the scenes a fetch of this work window would consider, reading no pixels.
+
+    One line per scene: UTC date, platform, orbit direction and relative orbit, cloud cover (S2),
+    percentage of the work window inside the scene's footprint, and its id. The searches are the
+    fetch's own: with ``cache_dir`` (the tile's work folder) they are cached there and reused by it.
+    """
+    file = sys.stdout if file is None else file
+    bbox = window_bbox_lonlat(tile, window)
+    window_area = tile.pixel_box(window)
+    for sensor, feed in (("s2", source.s2), ("s1", source.s1)):
+        cache = None if cache_dir is None else Path(cache_dir) / f"search_{sensor}.json"
+        items = _in_datetime_order(cached_search(source, feed, bbox, year, cache))
+        print(f"{tile.name} {year} {sensor.upper()} from {source.name}: {len(items)} scenes", file=file)
+        print(f"  {'date':<10}  {'platform':<12} {'orbit':<15} {'cloud %':>7} {'coverage %':>10}  id", file=file)
+        for item in items:
+            properties = item.properties
+            orbit = f"{properties.get('sat:orbit_state') or '-'} R{properties.get('sat:relative_orbit') or '?'}"
+            cloud = properties.get("eo:cloud_cover")
+            cloud_text = "-" if cloud is None else f"{cloud:.1f}"
+            if item.geometry is None:
+                coverage_text = "?"
+            else:
+                footprint = tile.project(shape(item.geometry))
+                coverage_text = f"{100.0 * footprint.intersection(window_area).area / window_area.area:.1f}"
+            print(f"  {_utc_date(item).isoformat():<10}  {str(properties.get('platform') or '-'):<12} {orbit:<15} "
+                  f"{cloud_text:>7} {coverage_text:>10}  {item.id}", file=file)

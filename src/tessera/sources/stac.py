@@ -1,72 +1,262 @@
-"""STAC-based data sources: collections, asset names, href signing, harmonisation and search."""
+"""STAC-based data sources: band names, feeds (search, asset hrefs, signing), harmonisation, the
+search cache, and keeping credentials out of messages.
+
+A ``Source`` pairs a Sentinel-2 feed and a Sentinel-1 feed with the harmonisation rule the reference
+applies to that source's S2 data. A feed finds one sensor's scenes for a bbox and year as pystac
+Items and says where each band of an item is read from (``href``), signed at the moment of the read.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pystac
 import pystac_client
+import shapely
 from pystac_client.stac_api_io import StacApiIO
+from shapely.geometry import shape
 from urllib3.util.retry import Retry
 
 from tessera.errors import UserError
 from tessera.io import atomic_path
 
+log = logging.getLogger(__name__)
+
 # Our band names. S2_BANDS is the channel order of the reference bands.npy (not wavelength order).
 S2_BANDS = ("B04", "B02", "B03", "B08", "B8A", "B05", "B06", "B07", "B11", "B12")
 S2_SCL = "SCL"
 S1_POLARISATIONS = ("vv", "vh")
+# An optional per-item S1 layer of pixels to ignore (OPERA RTC-S1's layover/shadow mask).
+S1_MASK = "mask"
 BANDS = (*S2_BANDS, S2_SCL, *S1_POLARISATIONS)
+S2_NEEDS = (*S2_BANDS, S2_SCL)
 
 # "mpc": MPC's L2A items carry the +1000 DN BOA offset of processing baseline 04.00 and the
 # reference removes it by acquisition date, only from values >= 1000 (UPSTREAM.md §1.3 step 7).
-# "none": the archive already removed the offset (Earth Search).
+# "none": raw DN as stored (the reference's rule for Earth Search, whose COGs had the offset removed).
 HARMONISATION_RULES = ("mpc", "none")
 MPC_OFFSET_FROM = dt.date(2022, 1, 25)  # strictly after this UTC date
 MPC_BOA_OFFSET = 1000
+# L2A digital numbers are reflectance x 10000; an asset declaring another scale holds other units.
+S2_DN_SCALE = 1e-4
 
-# Searches retry with exponential backoff on network errors and on throttling/server errors, as
-# the reference does (up to 5 retries).
-_SEARCH_RETRY = Retry(total=5, backoff_factor=1.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None)
+# Searches retry with exponential backoff and jitter on network errors and on throttling/server
+# errors, as the reference does (up to 5 retries).
+_SEARCH_RETRY = Retry(
+    total=5, backoff_factor=1.5, backoff_jitter=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None
+)
 _SEARCH_TIMEOUT_S = (10, 60)  # connect, read
 _PAGE_SIZE = 250
 
+# Credentials that ride in URLs (SAS tokens, pre-signed queries) or headers.
+_URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#'\"<>]+)\?(?:[^\s'\"<>]*[^\s'\"<>.])?")  # a final "." ends the sentence
+_BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
 
-def unsigned(href: str) -> str:
-    """The signer of sources whose assets need no credentials."""
-    return href
+
+def redact(text: str) -> str:
+    """``text`` without URL query strings (where SAS tokens and signatures live) or bearer tokens."""
+    return _BEARER.sub(r"\1<redacted>", _URL_QUERY.sub(r"\1?<redacted>", text))
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites log records so that no signed URL or token reaches a log (GDAL's retry warnings
+    name the full URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+class UnusableAsset(Exception):
+    """An item lacks a band's asset, or the asset holds something other than what we read."""
+
+
+class Signer(Protocol):
+    def sign(self, href: str) -> str:
+        """``href`` made readable (e.g. a SAS token appended); called right before each read."""
+
+    def forget(self, href: str) -> bool:
+        """Drop the credential used for ``href`` after the server refused it; True if signing
+        again can give a different one."""
+
+
+class NoSigning:
+    """Assets that need no credentials."""
+
+    def sign(self, href: str) -> str:
+        return href
+
+    def forget(self, href: str) -> bool:
+        return False
+
+
+class Feed(Protocol):
+    """Where one sensor's scenes come from and how their bands are read."""
+
+    url: str  # the API searched
+    asset_keys: Mapping[str, str]
+
+    def describe(self) -> dict:
+        """What identifies the feed's search results (the search cache is reused only for the same)."""
+
+    def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
+        """Every item intersecting the bbox during the UTC calendar year."""
+
+    def href(self, item: pystac.Item, band: str) -> str:
+        """The readable (signed) href of one band; raises UnusableAsset."""
+
+    def forget(self, href: str) -> bool:
+        """After an HTTP 403 for ``href``: drop its credential; True if ``href()`` may now work."""
+
+    def read_options(self) -> dict[str, str]:
+        """GDAL configuration options that reads of this feed's assets need (credentials)."""
+
+    def rebase(self, items: list[pystac.Item], cached_from: str) -> list[pystac.Item]:
+        """Items from a cache written when the feed's API was at ``cached_from``, made readable now."""
+
+
+@dataclass(frozen=True)
+class StacFeed:
+    """One collection of a STAC API, with the asset key of each of our bands."""
+
+    url: str
+    collection: str
+    asset_keys: Mapping[str, str]  # our band name -> the collection's asset key
+    signer: Signer = field(default_factory=NoSigning)
+    # The demo API listens on a new port every run: its cache is keyed without the URL and its
+    # asset hrefs are moved onto the current root when reused.
+    ephemeral_url: bool = False
+
+    def describe(self) -> dict:
+        described = {"collection": self.collection}
+        return described if self.ephemeral_url else {"url": self.url, **described}
+
+    def href(self, item: pystac.Item, band: str) -> str:
+        key = self.asset_keys[band]
+        asset = item.assets.get(key)
+        if asset is None:
+            raise UnusableAsset(f"item has no asset {key!r}" + (f" ({band})" if key != band else ""))
+        if band in S2_BANDS:
+            # Earth Search declares scale 0.0001 with offset -0.1 on every reflectance asset while
+            # its COGs already have the baseline offset removed (earthsearch:boa_offset_applied);
+            # applying the offset would subtract it twice, so we read the DN as stored, as the
+            # reference does, and only refuse assets whose scale says they are not L2A DN.
+            scale = _raster_band(asset).get("scale", S2_DN_SCALE)
+            if not np.isclose(scale, S2_DN_SCALE):
+                raise UnusableAsset(f"asset {key!r} has raster:bands scale {scale}, not {S2_DN_SCALE} (L2A DN)")
+        return self.signer.sign(asset.get_absolute_href())
+
+    def forget(self, href: str) -> bool:
+        return self.signer.forget(href)
+
+    def read_options(self) -> dict[str, str]:
+        return {}
+
+    def rebase(self, items: list[pystac.Item], cached_from: str) -> list[pystac.Item]:
+        old_root, new_root = cached_from.rstrip("/") + "/", self.url.rstrip("/") + "/"
+        if self.ephemeral_url and old_root != new_root:
+            for item in items:
+                for asset in item.assets.values():
+                    if asset.href.startswith(old_root):
+                        asset.href = new_root + asset.href[len(old_root):]
+        return items
+
+    def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
+        """Every page of a POST /search, then only items that really match (see ``_MergingStacApiIO``)."""
+        start = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
+        end = dt.datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+        try:
+            stac_io = _MergingStacApiIO(timeout=_SEARCH_TIMEOUT_S, max_retries=_SEARCH_RETRY)
+            client = pystac_client.Client.open(self.url, stac_io=stac_io)
+            found = client.search(
+                collections=[self.collection],
+                bbox=list(bbox_lonlat),
+                datetime=[start, end],
+                limit=_PAGE_SIZE,
+                method="POST",
+            )
+            items = [pystac.Item.from_dict(d, preserve_dict=False) for d in found.items_as_dicts()]
+        except (pystac_client.exceptions.APIError, pystac_client.warnings.DoesNotConformTo, OSError, ValueError) as exc:
+            reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+            raise UserError(
+                f"searching {self.collection} at {self.url} failed ({reason}): check the network or the source and rerun"
+            ) from None
+        return _matching(items, self.collection, bbox_lonlat, start, end)
+
+
+class _MergingStacApiIO(StacApiIO):
+    """Follows a POST ``next`` link with the original search body under the link's body.
+
+    STAC API says a ``next`` body replaces the request body unless ``merge: true``. MPC sends the
+    whole body back (plus ``token``) and Earth Search sends ``merge: false`` with a body that may
+    hold only ``next``: taken literally, its second page drops the query. Merging gives the same
+    request for MPC and the intended one for Earth Search.
+    """
+
+    def read_text(self, source, *args, **kwargs):
+        if isinstance(source, pystac.Link) and source.extra_fields.get("method") == "POST":
+            source = pystac.Link.from_dict({**source.to_dict(), "merge": True})  # Link.clone() drops method and body
+        return super().read_text(source, *args, **kwargs)
+
+
+def _matching(items: list[pystac.Item], collection: str, bbox_lonlat, start: dt.datetime, end: dt.datetime) -> list[pystac.Item]:
+    """Items of ``collection`` in [start, end] whose footprint meets the bbox, each once.
+
+    A server that loses the query while paging would otherwise flood the fetch with scenes from
+    anywhere; they are dropped here and counted in a warning.
+    """
+    area = shapely.box(*bbox_lonlat)
+    kept: dict[str, pystac.Item] = {}
+    for item in items:
+        when = item.datetime or item.common_metadata.start_datetime
+        if (
+            item.collection_id in (collection, None)
+            and when is not None and start <= _as_utc(when) <= end
+            and (item.geometry is None or shape(item.geometry).intersects(area))
+        ):
+            kept.setdefault(item.id, item)
+    if len(kept) != len(items):
+        log.warning("%d of %d items returned for %s were outside the query or repeated; ignored",
+                    len(items) - len(kept), len(items), collection)
+    return list(kept.values())
+
+
+def _as_utc(when: dt.datetime) -> dt.datetime:
+    return when.replace(tzinfo=dt.timezone.utc) if when.tzinfo is None else when.astimezone(dt.timezone.utc)
+
+
+def _raster_band(asset: pystac.Asset) -> dict:
+    bands = asset.extra_fields.get("raster:bands") or [{}]
+    return bands[0]
 
 
 @dataclass(frozen=True)
 class Source:
-    """A STAC API and what we need to know to read its Sentinel-1/2 items the reference's way."""
+    """A Sentinel-2 and a Sentinel-1 feed, and the reference's S2 harmonisation rule for them."""
 
     name: str
-    url: str
-    s2_collection: str
-    s1_collection: str
-    asset_keys: Mapping[str, str]  # our band name (BANDS) -> the source's asset key
+    s2: Feed
+    s1: Feed
     harmonisation: str
-    sign: Callable[[str], str] = unsigned
 
     def __post_init__(self):
         if self.harmonisation not in HARMONISATION_RULES:
             raise ValueError(f"source {self.name}: harmonisation {self.harmonisation!r} is not one of {HARMONISATION_RULES}")
-        missing = set(BANDS) - set(self.asset_keys)
-        if missing:
-            raise ValueError(f"source {self.name}: no asset key for bands {sorted(missing)}")
-
-    def href(self, item: pystac.Item, band: str) -> str:
-        """The signed href of one band of an item; KeyError if the item lacks that asset."""
-        key = self.asset_keys[band]
-        if key not in item.assets:
-            raise KeyError(f"item has no asset {key!r}" + (f" ({band})" if key != band else ""))
-        return self.sign(item.assets[key].get_absolute_href())
+        for sensor, feed, needed in (("s2", self.s2, S2_NEEDS), ("s1", self.s1, S1_POLARISATIONS)):
+            missing = set(needed) - set(feed.asset_keys)
+            if missing:
+                raise ValueError(f"source {self.name}: no {sensor} asset key for bands {sorted(missing)}")
 
     def harmonise_s2(self, values: np.ndarray, acquired: dt.date) -> np.ndarray:
         """S2 reflectance (float DN) brought to the pre-2022 baseline with this source's rule."""
@@ -74,55 +264,28 @@ class Source:
             return np.where(values >= MPC_BOA_OFFSET, values - MPC_BOA_OFFSET, values)
         return values
 
-    def search(self, collection: str, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
-        """All items of ``collection`` intersecting the bbox during the UTC calendar ``year`` (every page)."""
-        try:
-            client = pystac_client.Client.open(
-                self.url, stac_io=StacApiIO(timeout=_SEARCH_TIMEOUT_S, max_retries=_SEARCH_RETRY)
-            )
-            found = client.search(
-                collections=[collection],
-                bbox=list(bbox_lonlat),
-                datetime=f"{year}-01-01T00:00:00Z/{year}-12-31T23:59:59.999999Z",
-                limit=_PAGE_SIZE,
-            )
-            return list(found.items())
-        except (pystac_client.exceptions.APIError, OSError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(
-                f"source {self.name}: searching {collection} at {self.url} failed ({reason}): check the network or the source and rerun"
-            ) from None
-
 
 def cached_search(
-    source: Source, collection: str, bbox_lonlat: tuple[float, float, float, float], year: int, cache: Path | None
+    source: Source, feed: Feed, bbox_lonlat: tuple[float, float, float, float], year: int, cache: Path | None
 ) -> list[pystac.Item]:
-    """``source.search`` remembered in a JSON file, so that rerunning a failed fetch does not search again.
+    """``feed.search`` remembered in ``cache``, so that rerunning a failed fetch does not search again.
 
-    The cache holds unsigned items (signatures expire). It is reused only for the same source,
-    collection, bbox and year. Asset hrefs under the API root that made the cache are moved onto the
-    current root: the demo API listens on a new port every run.
+    The cache is a GeoJSON FeatureCollection of the unsigned items (signatures expire) with the query
+    that found them; it is reused only for the same source, feed, bbox and year.
     """
-    query = {"source": source.name, "collection": collection, "bbox": list(bbox_lonlat), "year": year}
+    query = {"source": source.name, **feed.describe(), "bbox": [float(v) for v in bbox_lonlat], "year": year}
     if cache is not None and cache.exists():
         cached = json.loads(cache.read_text())
-        if cached["query"] == query:
-            return [_rebase_assets(pystac.Item.from_dict(d), cached["api_url"], source.url) for d in cached["items"]]
-    items = source.search(collection, bbox_lonlat, year)
+        if cached.get("tessera:query") == query:
+            items = [pystac.Item.from_dict(d) for d in cached["features"]]
+            return feed.rebase(items, cached["tessera:api_url"])
+    items = feed.search(bbox_lonlat, year)
     if cache is not None:
         with atomic_path(cache) as tmp:
             tmp.write_text(json.dumps({
-                "query": query,
-                "api_url": source.url,
-                "items": [item.to_dict(transform_hrefs=False) for item in items],
+                "type": "FeatureCollection",
+                "tessera:query": query,
+                "tessera:api_url": feed.url,
+                "features": [item.to_dict(transform_hrefs=False) for item in items],
             }))
     return items
-
-
-def _rebase_assets(item: pystac.Item, old_root: str, new_root: str) -> pystac.Item:
-    old_root, new_root = old_root.rstrip("/") + "/", new_root.rstrip("/") + "/"
-    if old_root != new_root:
-        for asset in item.assets.values():
-            if asset.href.startswith(old_root):
-                asset.href = new_root + asset.href[len(old_root):]
-    return item
