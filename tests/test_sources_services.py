@@ -1,0 +1,382 @@
+"""Sources mpc and aws against loopback stand-ins of the real services (tests/fixtures_servers.py):
+paging, signing, asset mapping, offsets, OPERA bursts, credentials and failure paths."""
+
+import datetime as dt
+import io
+import json
+import logging
+import time
+
+import numpy as np
+import planetary_computer.sas
+import planetary_computer.settings
+import pystac
+import pytest
+import rasterio
+from affine import Affine
+from shapely import box
+
+import tessera.fetch as fetch
+import tessera.sources.stac as stac
+from fixtures_servers import (
+    MPC_S2_BLOB,
+    Cmr,
+    Fault,
+    Origin,
+    Served,
+    clear_gdal_http_cache,
+    opera_granule,
+    publish,
+    self_signed_certificate,
+)
+from tessera.demo import generate_catalog
+from tessera.errors import UserError
+from tessera.fetch import fetch_s1, fetch_s2, print_scenes, window_bbox_lonlat
+from tessera.grid import roi_in_tile, tiles_for_geometry, work_window
+from tessera.sources import Source, open_source
+from tessera.sources.aws import aws_source
+from tessera.sources.mpc import mpc_source
+from tessera.sources.stac import StacFeed
+from tessera.stack import open_s1, open_s2
+
+BBOX = (5.998, 52.040, 6.002, 52.042)  # across 6°E: S2 granules in UTM zones 31 and 32
+YEAR = 2022  # dates either side of the baseline-04.00 offset (2022-01-25)
+TOKEN = "edl-token-3f9c2a"
+TILE = next(tile for tile, _ in tiles_for_geometry(box(*BBOX)) if tile.epsg == 32632)
+WINDOW = work_window(TILE, roi_in_tile(TILE, box(*BBOX)))
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    return generate_catalog(tmp_path_factory.mktemp("demo") / "catalog", YEAR, BBOX, seed=3,
+                            s2_revisit_days=90, s1_revisit_days=120)
+
+
+@pytest.fixture(scope="module")
+def services(catalog, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("services")
+    certificate = self_signed_certificate(folder)
+    origin, cmr = Origin(), Cmr(certificate)
+    with origin.server, cmr.server, pytest.MonkeyPatch.context() as patch:
+        published = publish(catalog, folder / "published", origin, cmr, TOKEN)
+        patch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # asf-search talks HTTPS to the CMR stand-in
+        patch.setenv("PC_SDK_SAS_URL", f"{origin.url}/mpc/api/sas/v1/token")
+        # GDAL reaches the real *.blob.core.windows.net hrefs through the origin; loopback goes direct.
+        patch.setenv("GDAL_HTTP_PROXY", f"127.0.0.1:{origin.server.port}")
+        patch.setenv("NO_PROXY", "127.0.0.1")
+        patch.setenv("EARTHDATA_TOKEN", TOKEN)
+        patch.setitem(fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.05")
+        _fresh_planetary_computer_settings()
+        yield origin, cmr, published
+    _fresh_planetary_computer_settings()
+
+
+def _fresh_planetary_computer_settings():
+    planetary_computer.settings.Settings.get.cache_clear()
+    planetary_computer.sas.TOKEN_CACHE.clear()
+
+
+@pytest.fixture
+def origin(services):
+    origin = services[0]
+    origin.traffic.search_bodies.clear()
+    origin.traffic.sas_requests.clear()
+    yield origin
+    origin.faults.clear()
+    origin.accept_new_tokens = True
+    origin.revoke_after_blob_reads = None
+
+
+def fetch_tile(fetcher, source, out, **options):
+    return fetcher(TILE, WINDOW, YEAR, source, out, **options)
+
+
+def s2_scene_ids(published):
+    footprint = box(*window_bbox_lonlat(TILE, WINDOW))
+    return sorted(s.id for s in published.scenes if s.collection_id == "sentinel-2-l2a"
+                  and footprint.intersects(box(*s.bbox)))
+
+
+# --- search --------------------------------------------------------------------------------------
+
+
+def test_mpc_search_follows_post_next_tokens_with_the_whole_body(services, origin, monkeypatch):
+    published = services[2]
+    monkeypatch.setattr(stac, "_PAGE_SIZE", 3)
+    items = mpc_source(published.mpc_url).s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    assert sorted(item.id for item in items) == s2_scene_ids(published)
+    bodies = origin.traffic.search_bodies
+    assert len(bodies) == -(-len(items) // 3)  # pages of 3, the last one without a next link
+    assert "token" not in bodies[0]
+    for body in bodies[1:]:
+        assert body["token"].startswith("next:sentinel-2-l2a:")
+        assert {k: v for k, v in body.items() if k != "token"} == bodies[0]
+
+
+def test_earth_search_body_only_next_links_keep_the_query_and_stop_at_the_empty_page(services, origin, monkeypatch):
+    published = services[2]
+    monkeypatch.setattr(stac, "_PAGE_SIZE", 4)
+    items = aws_source(published.earth_search_url, published.cmr_host).s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    assert sorted(item.id for item in items) == s2_scene_ids(published)
+    assert all(item.collection_id == "sentinel-2-l2a" for item in items)
+    bodies = origin.traffic.search_bodies
+    # Every non-empty page links onwards: 10 items in pages of 4 take 3 pages and an empty fourth.
+    assert len(bodies) == len(items) // 4 + 2
+    for body in bodies[1:]:
+        assert set(body) == set(bodies[0]) | {"next"}
+    # Taken literally, the link's body holds only `next`: the server then pages through everything,
+    # a Landsat scene included. That is what the merge avoids.
+    link_body = {"next": bodies[1]["next"]}
+    literal = origin.earth_search.search({**link_body, "limit": 100})
+    assert any(feature["collection"] == "landsat-c2-l2" for feature in literal["features"])
+
+
+def test_search_is_cached_with_scene_ids_and_print_scenes_reads_no_pixels(services, origin, tmp_path):
+    published = services[2]
+    source = mpc_source(published.mpc_url)
+    before = len(origin.traffic.responses)
+    out = io.StringIO()
+    print_scenes(source, TILE, WINDOW, YEAR, cache_dir=tmp_path, file=out)
+    assert not any(path.endswith(".tif") for _, path, _, _ in origin.traffic.responses[before:])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"{TILE.name} {YEAR} S2 from mpc: {len(s2_scene_ids(published))} scenes"
+    first = lines[2].split()
+    assert first[0] == "2022-01-03" and first[1] == "Sentinel-2A" and first[2:4] == ["descending", "R8"]
+    assert 0 <= float(first[4]) <= 100 and 0 < float(first[5]) <= 100
+    assert any(line.split()[2] == "ascending" for line in lines if "S1A_IW" in line)
+    cached = json.loads((tmp_path / "search_s2.json").read_text())
+    assert cached["type"] == "FeatureCollection"
+    assert sorted(f["id"] for f in cached["features"]) == s2_scene_ids(published)
+    searches = len(origin.traffic.search_bodies)
+    print_scenes(source, TILE, WINDOW, YEAR, cache_dir=tmp_path, file=io.StringIO())
+    assert len(origin.traffic.search_bodies) == searches
+
+
+# --- the same pixels through every source --------------------------------------------------------
+
+
+def test_one_tile_through_demo_mpc_and_aws_gives_identical_stacks(services, origin, catalog, tmp_path):
+    published = services[2]
+    stacks = {}
+    with open_source("demo", demo_catalog=catalog) as demo:
+        for name, source in (("demo", demo), ("mpc", mpc_source(published.mpc_url)),
+                             ("aws", aws_source(published.earth_search_url, published.cmr_host))):
+            # Nearest: the MPC rule (subtract 1000 from values >= 1000) is not linear, so applying it
+            # after bilinear resampling (MPC) or before (Earth Search's files) differs next to dark pixels.
+            s2 = fetch_tile(fetch_s2, source, tmp_path / name / "s2.zarr", resampling="nearest")
+            s1 = fetch_tile(fetch_s1, source, tmp_path / name / "s1.zarr")
+            assert s2["skipped"] == {} and s1["skipped"] == {}, name
+            stacks[name] = open_s2(tmp_path / name / "s2.zarr"), open_s1(tmp_path / name / "s1.zarr")
+    demo_s2, demo_s1 = stacks["demo"]
+    assert any(date > "2022-01-25" for date in demo_s2.series.dates) and any(
+        date <= "2022-01-25" for date in demo_s2.series.dates)
+    for name in ("mpc", "aws"):
+        s2, s1 = stacks[name]
+        assert s2.series.dates == demo_s2.series.dates and s2.series.scenes == demo_s2.series.scenes
+        # Earth Search's DN already lack the offset and its raster:bands offset is not applied again;
+        # MPC's lose it by the reference's rule: the same numbers either way.
+        np.testing.assert_array_equal(s2.bands[:], demo_s2.bands[:])
+        np.testing.assert_array_equal(s2.masks[:], demo_s2.masks[:])
+        for orbit in ("ascending", "descending"):
+            assert s1.orbit(orbit).dates == demo_s1.orbit(orbit).dates
+            np.testing.assert_array_equal(s1.orbit(orbit).arrays["sar"][:], demo_s1.orbit(orbit).arrays["sar"][:])
+        assert s2.grid.source == name
+    assert stacks["aws"][1].ascending.scenes[0][0].startswith("OPERA_L2_RTC-S1_T088-")
+
+
+# --- Planetary Computer signing ------------------------------------------------------------------
+
+
+def test_mpc_signs_each_read_and_signs_again_after_a_403(services, origin, tmp_path, monkeypatch):
+    published = services[2]
+    monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", "subscription-key-1")
+    _fresh_planetary_computer_settings()
+    origin.subscription_keys.clear()
+    origin.revoke_after_blob_reads = 5  # tokens die mid-run, as long runs outlive them
+    report = fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "s2.zarr")
+    assert report["skipped"] == {}
+    blob_statuses = origin.traffic.statuses("/sentinel2-l2/")
+    assert blob_statuses[403] >= 1 and len(origin.traffic.sas_requests) >= 2
+    assert set(origin.subscription_keys) == {"subscription-key-1"}
+    account, container = MPC_S2_BLOB
+    assert origin.traffic.sas_requests[0].endswith(f"/token/{account}/{container}")
+
+
+def test_sas_tokens_never_reach_logs_errors_caches_or_stacks(services, origin, tmp_path, caplog):
+    published = services[2]
+    _fresh_planetary_computer_settings()
+    caplog.set_level(logging.DEBUG)
+    first_scl = next(s for s in published.scenes if s.collection_id == "sentinel-2-l2a")
+    origin.faults[f"/sentinel2-l2/{first_scl.id}/SCL.tif"] = Fault(status=503, times=1)  # GDAL retries, naming the URL
+    source = mpc_source(published.mpc_url)
+    fetch_tile(fetch_s2, source, tmp_path / "ok.zarr", search_cache=tmp_path / "search_s2.json")
+    assert "Retrying" in caplog.text and "?<redacted>" in caplog.text
+    _fresh_planetary_computer_settings()
+    origin.accept_new_tokens = False  # every signature is refused from now on
+    with pytest.raises(UserError) as failure:
+        fetch_tile(fetch_s2, source, tmp_path / "refused.zarr", min_scenes=1)
+    assert "403" in str(failure.value)
+    issued = set(origin.issued_signatures)
+    texts = [caplog.text, str(failure.value), (tmp_path / "search_s2.json").read_text(),
+             json.dumps(dict(open_s2(tmp_path / "ok.zarr").skipped))]
+    for text in texts:
+        assert "sig=" not in text and not any(signature in text for signature in issued)
+
+
+# --- OPERA RTC-S1 --------------------------------------------------------------------------------
+
+
+def _cog(path, values, transform, nodata):
+    with rasterio.open(path, "w", driver="COG", width=values.shape[1], height=values.shape[0], count=1,
+                       dtype=values.dtype, crs=f"EPSG:{TILE.epsg}", transform=transform, nodata=nodata,
+                       blocksize=128) as dst:
+        dst.write(values, 1)
+    return path
+
+
+def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, origin, tmp_path):
+    _, cmr, published = services
+    # 30 m bursts on the tile's UTM grid, 5 pixels of margin around the work window.
+    west, north = TILE.window_transform(WINDOW) @ (0, 0)
+    transform = Affine(30, 0, west - 150, 0, -30, north + 150)
+    rows, cols = -(-WINDOW.height // 3) + 10, -(-WINDOW.width // 3) + 10
+    ramp = np.tile(0.05 + 0.01 * np.arange(cols, dtype=np.float32), (rows, 1))  # linear in x
+    mask = np.zeros((rows, cols), np.uint8)
+    mask[:, :8] = 2  # layover over the west of the window
+    files = {"_VV.tif": _cog(tmp_path / "vv.tif", ramp, transform, np.nan),
+             "_VH.tif": _cog(tmp_path / "vh.tif", ramp / 10, transform, np.nan),
+             "_mask.tif": _cog(tmp_path / "mask.tif", mask, transform, 255)}
+    when = dt.datetime(2023, 6, 1, 17, 25, tzinfo=dt.timezone.utc)
+    granules = []
+    for burst, orbit, layers in (("T088_300001_IW1", "ascending", files), ("T037_300002_IW2", "descending", files),
+                                 ("T088_300003_IW3", "ascending", {"_mask.tif": files["_mask.tif"]})):
+        paths = {suffix: f"/opera-2023/{burst}{suffix}" for suffix in layers}
+        for suffix, file in layers.items():
+            origin.files[paths[suffix]] = Served(file, bearer=TOKEN)
+        scene = pystac.Item(burst, {"type": "Polygon", "coordinates": [list(box(*BBOX).exterior.coords)]}, list(BBOX),
+                            when - dt.timedelta(hours=12 if orbit == "descending" else 0), {"sat:orbit_state": orbit,
+                                                                                              "sat:relative_orbit": int(burst[1:4])})
+        granule = opera_granule(scene, {suffix: origin.url + path for suffix, path in paths.items()}, burst)
+        if burst.endswith("IW3"):  # an HH/HV burst (polar regions): no VV/VH files
+            for attribute in granule["umm"]["AdditionalAttributes"]:
+                if attribute["Name"] == "POLARIZATION":
+                    attribute["Values"] = ["HH", "HV"]
+            granule["umm"]["RelatedUrls"] = [u for u in granule["umm"]["RelatedUrls"] if "_V" not in u["URL"]]
+        granules.append(granule)
+    cmr.granules.extend(granules)
+    try:
+        report = fetch_s1(TILE, WINDOW, 2023, aws_source(published.earth_search_url, published.cmr_host), tmp_path / "s1.zarr")
+    finally:
+        for granule in granules:
+            cmr.granules.remove(granule)
+    stack = open_s1(tmp_path / "s1.zarr")
+    assert stack.ascending.dates == stack.descending.dates == ("2023-06-01",)
+    hh = next(item_id for item_id in report["skipped"] if "T088-300003-IW3" in item_id)
+    assert "no VV layer (polarisations HH+HV)" in report["skipped"][hh]
+    vv = stack.ascending.arrays["sar"][0, :, :, 0]
+    # Masked (layover) pixels are no data; the rest is the 30 m ramp interpolated bilinearly at 10 m.
+    x_centres = (TILE.window_transform(WINDOW) * (np.arange(WINDOW.width) + 0.5, np.zeros(WINDOW.width)))[0]
+    source_col = (x_centres - transform.c) / 30 - 0.5
+    expected = fetch.encode_s1(0.05 + 0.01 * source_col)
+    masked = source_col < 7.5  # nearest 30 m pixel is one of the 8 masked columns
+    assert (vv[:, masked] == 0).all()
+    unmasked = ~masked & (source_col > 8.5)
+    assert np.abs(vv[:, unmasked].astype(int) - expected[unmasked]).max() <= 2
+    assert (stack.descending.arrays["sar"][0][..., 0][:, unmasked] > 0).all()
+
+
+def test_earthdata_credentials_at_the_reads(services, origin, tmp_path, monkeypatch, caplog):
+    published = services[2]
+    source = aws_source(published.earth_search_url, published.cmr_host)
+    caplog.set_level(logging.DEBUG)
+    clear_gdal_http_cache()
+    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")
+    with pytest.raises(UserError, match="usable Sentinel-1 dates") as failure:
+        fetch_tile(fetch_s1, source, tmp_path / "wrong.zarr")
+    assert "401" in str(failure.value)
+    for text in (caplog.text, str(failure.value)):
+        assert "wrong-token-77" not in text and TOKEN not in text
+
+    # A netrc with the Earthdata Login machine: curl answers the host's challenge from it.
+    monkeypatch.delenv("EARTHDATA_TOKEN")
+    monkeypatch.setenv("EARTHDATA_TOKEN_FILE", str(tmp_path / "absent"))
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine urs.earthdata.nasa.gov login alice password s3cret\n"
+                     "machine 127.0.0.1 login alice password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    opera_paths = [path for scene_paths in published.opera_paths.values() for path in scene_paths.values()]
+    for path in opera_paths:
+        origin.files[path].basic = ("alice", "s3cret")
+    clear_gdal_http_cache()
+    before = len(origin.traffic.responses)
+    try:
+        report = fetch_tile(fetch_s1, source, tmp_path / "netrc.zarr")
+    finally:
+        for path in opera_paths:
+            origin.files[path].basic = None
+    assert report["skipped"] == {} and report["kept"]
+    assert any(path in opera_paths and status == 206 for _, path, status, _ in origin.traffic.responses[before:])
+
+
+# --- failures of single reads --------------------------------------------------------------------
+
+
+def _one_date_source(origin, published, tmp_path, name):
+    """An Earth Search-shaped source of one clear date whose files sit under fresh URL paths
+    (GDAL remembers what a URL answered)."""
+    scene_ids = s2_scene_ids(published)
+    items = []
+    for item_dict in origin.earth_search.items:
+        if item_dict["id"] in scene_ids[:2] and item_dict["collection"] == "sentinel-2-l2a":
+            item = pystac.Item.from_dict(item_dict)
+            for key, asset in item.assets.items():
+                if asset.href.startswith(origin.url) and asset.href.endswith(".tif"):
+                    old = asset.href[len(origin.url):]
+                    new = f"/{name}{old}"
+                    origin.files[new] = Served(origin.files[old].path)
+                    asset.href = origin.url + new
+            items.append(item)
+
+    class Listed(StacFeed):
+        def search(self, bbox_lonlat, year):
+            return items
+
+    feed = Listed(origin.url, "sentinel-2-l2a", aws_source().s2.asset_keys)
+    return Source("aws", feed, aws_source().s1, "none"), items
+
+
+def test_http_500s_are_retried_by_gdal(services, origin, tmp_path):
+    source, items = _one_date_source(origin, services[2], tmp_path, "retried")
+    red = items[0].assets["red"].href[len(origin.url):]
+    origin.faults[red] = Fault(status=500, times=2)
+    report = fetch_tile(fetch_s2, source, tmp_path / "s2.zarr")
+    assert report["skipped"] == {} and report["kept"]
+    assert origin.traffic.statuses(red)[500] == 2
+
+
+def test_a_scene_failing_after_retries_or_timing_out_is_skipped_and_named(services, origin, tmp_path, monkeypatch):
+    source, items = _one_date_source(origin, services[2], tmp_path, "failing")
+    monkeypatch.setitem(fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_MAX_RETRY", "1")
+    monkeypatch.setitem(fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
+    broken, stalled = items
+    origin.faults[broken.assets["scl"].href[len(origin.url):]] = Fault(status=500, times=100)
+    origin.faults[stalled.assets["scl"].href[len(origin.url):]] = Fault(delay=4)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="0 usable Sentinel-2 dates") as failure:
+        fetch_tile(fetch_s2, source, tmp_path / "s2.zarr")
+    assert time.monotonic() - start < 8  # the stalled read is tried twice, each attempt cut after 1 s
+    assert broken.id in str(failure.value) and stalled.id in str(failure.value)
+    assert "500" in str(failure.value) and "timed out" in str(failure.value).lower()
+    assert origin.traffic.statuses(broken.assets["scl"].href[len(origin.url):])[500] == 2  # 1 + 1 retry
+
+
+def test_a_truncated_cog_skips_its_scene_only(services, origin, tmp_path):
+    source, items = _one_date_source(origin, services[2], tmp_path, "truncated")
+    path = items[0].assets["nir"].href[len(origin.url):]
+    whole = origin.files[path].path.read_bytes()
+    (tmp_path / "cut.tif").write_bytes(whole[: len(whole) // 3])
+    origin.files[path] = Served(tmp_path / "cut.tif")
+    report = fetch_tile(fetch_s2, source, tmp_path / "s2.zarr")
+    assert list(report["skipped"]) == [items[0].id] and "B08" in report["skipped"][items[0].id]
+    assert report["kept"] and open_s2(tmp_path / "s2.zarr").series.scenes == ((items[1].id,),)
