@@ -362,3 +362,35 @@ def test_roi_mask_command_on_a_full_disk_fails_without_replacing_the_mask(tiny_d
     with pytest.raises(OSError, match="check the free space"):
         main(["-q", "roi-mask", "--roi", "6.0,52.0,6.1,52.1", "--tile", TILE.name, "--out", str(out)])
     assert out.read_bytes() == previous and only_finals(tiny_disk) == ["roi.tif"]
+
+
+@pytest.mark.xfail(strict=True, reason="export.cog.write_tile_cog renames whatever GDAL left: it must call "
+                   "tessera.io.check_raster_complete(tmp) before the rename (so must quicklook, mosaic, observations "
+                   "and the demo catalog's COG writers)")
+def test_cog_on_a_nearly_full_disk_never_replaces_the_previous_cog_with_a_broken_one(tiny_disk, tmp_path):
+    from tessera.export.cog import write_tile_cog
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(3)
+    np.save(inputs / "codes.npy", rng.integers(-127, 128, (48, 48, 16)).astype(np.int8))
+    np.save(inputs / "scales.npy", np.full((48, 48), 0.01, np.float32))
+    write_roi_mask(read_roi(TINY_ROI), TILE, inputs / "landmask.tif")
+    out = tiny_disk / "tile.tif"
+
+    def write() -> None:
+        write_tile_cog(inputs / "codes.npy", inputs / "scales.npy", inputs / "landmask.tif", out, tags={})
+
+    write()
+    previous = out.read_bytes()
+    # The staging GeoTIFF and the COG both need room: a full disk can strike in either.
+    for leave in range(0, 3 * len(previous) + 8192, 4096):
+        fill(tiny_disk, leave)
+        try:
+            write()
+        except (OSError, rasterio.errors.RasterioError, rasterio._err.CPLE_BaseError):
+            pass
+        if out.read_bytes() != previous:
+            with rasterio.open(out) as written:
+                written.read()  # a replaced COG must be whole
+        assert only_finals(tiny_disk) == ["tile.tif"]
