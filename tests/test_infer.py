@@ -23,6 +23,11 @@ def model():
     return load_model(VECTORS / "v2-student" / "checkpoint.pt")
 
 
+def inputs(batch, sensor: str) -> torch.Tensor:
+    """A batch's inputs for one sensor in the reference layout (rows, T, C + 1), raw DOY last."""
+    return torch.cat([getattr(batch, f"{sensor}_bands"), getattr(batch, f"{sensor}_doys")[..., None]], -1)
+
+
 def synthetic_arrays(seed=0, height=7, width=9, t_s2=21, t_asc=7, t_desc=5):
     """Random reference-layout arrays with a no-data pixel, an S1-only and an S2-only pixel."""
     rng = np.random.default_rng(seed)
@@ -75,7 +80,7 @@ def test_vectorised_preparation_matches_per_pixel_definition():
     for batch in V2.prepare_batches(arrays, np.arange(height * width), data_source="mpc", seed=0, batch_pixels=5):
         assert len(batch.pixels) <= 5
         for i, pixel in enumerate(batch.pixels):
-            seen[int(pixel)] = (batch.s2_x[i].numpy(), batch.s1_x[i].numpy())
+            seen[int(pixel)] = (inputs(batch, "s2")[i].numpy(), inputs(batch, "s1")[i].numpy())
     assert 0 not in seen  # nothing observed: no-data, never computed
     assert len(seen) == height * width - 1
     for pixel, (s2, s1) in seen.items():
@@ -92,7 +97,7 @@ def test_more_than_256_observations_are_subsampled():
     arrays["doys"] = (np.arange(300) % 365 + 1).astype(np.uint16)
     batches = list(V2.prepare_batches(arrays, np.arange(3), data_source="mpc", seed=0, batch_pixels=8))
     assert [len(b.pixels) for b in batches] == [2, 1]  # 8 pixels of 64 steps = 2 pixels of 256 steps
-    s2 = torch.cat([b.s2_x for b in batches])
+    s2 = torch.cat([inputs(b, "s2") for b in batches])
     assert s2.shape[1] == 256
     np.testing.assert_array_equal(s2[0, :, -1].numpy(), arrays["doys"][pad_pattern(300, 256)])
 

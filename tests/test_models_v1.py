@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tessera.errors import UserError
-from tessera.infer import embed_arrays, embed_reference_patch, quantize, read_reference_patch
+from tessera.infer import Embedder, embed_arrays, embed_reference_patch, quantize, read_reference_patch
 from tessera.models import get_family, load_model, make_demo_checkpoint
-from tessera.models.v1_0 import counter_uniforms, draw_steps
-from tessera.models.v1_0_qat import NormalisedGRUAttentionPooling
+from tessera.models.v1_0 import counter_words, draw_steps, stream_key
+from tessera.models.v1_0_qat import HandWrittenGRU, NormalisedGRUAttentionPooling
 from tessera.models.v1_1 import build_resample_indices
 
 VECTORS = Path("/work/shared/reference/vectors")
@@ -31,6 +31,11 @@ V1_1_MPC_S2_MEAN_B04, V1_1_MPC_S2_STD_B04 = 2683.4553, 2739.5217
 
 def _z(values, mean, std):
     return (np.float32(values) - np.float32(mean)) / (np.float32(std) + np.float32(1e-9))
+
+
+def inputs(batch, sensor: str) -> torch.Tensor:
+    """A batch's inputs for one sensor in the reference layout (rows, T, C + 1), raw DOY last."""
+    return torch.cat([getattr(batch, f"{sensor}_bands"), getattr(batch, f"{sensor}_doys")[..., None]], -1)
 
 
 def vector_model(name: str, family: str | None = None):
@@ -168,8 +173,8 @@ def test_v1_quantisation_floors_the_scale():
 
 def _draw(valid: np.ndarray, seed: int = 0) -> np.ndarray:
     pixels = np.arange(len(valid))
-    return draw_steps(valid, counter_uniforms(seed, 0, pixels, valid.shape[1]),
-                      counter_uniforms(seed, 1, pixels, 40))
+    return draw_steps(valid, counter_words(stream_key(seed, 0), pixels, np.arange(valid.shape[1])),
+                      lambda rows: counter_words(stream_key(seed, 1), pixels[rows], np.arange(40)))
 
 
 def test_draws_follow_the_replacement_rule():
@@ -237,7 +242,7 @@ def test_v1_0_inputs_are_standardised_sorted_and_skip_empty_pixels(family):
     arrays = _synthetic_patch()
     batch = _batch(family, arrays)
     assert batch.pixels.tolist() == [0, 1, 2, 4, 5]  # pixel 3 has no valid observation: no-data
-    s2, s1 = batch.s2_x.numpy(), batch.s1_x.numpy()
+    s2, s1 = inputs(batch, "s2").numpy(), inputs(batch, "s1").numpy()
     assert s2.shape == (5, 40, 11) and s1.shape == (5, 40, 3)
     # S2: chronological, the bands of the drawn step standardised with the v1.0 table, raw DOY last.
     step = (s2[..., 10] - 3) / 7
@@ -263,14 +268,14 @@ def test_v1_0_inputs_are_standardised_sorted_and_skip_empty_pixels(family):
 
 def test_qat_gives_an_empty_orbit_a_zero_step_at_doy_180():
     arrays = _synthetic_patch(asc_steps=0)
-    qat = _batch("v1.0-qat", arrays).s1_x.numpy()
-    plain = _batch("v1.0", arrays).s1_x.numpy()
+    qat = inputs(_batch("v1.0-qat", arrays), "s1").numpy()
+    plain = inputs(_batch("v1.0", arrays), "s1").numpy()
     # Pixel 4 has no valid S1: the QAT series is [placeholder, 5 descending steps], v1.0's the 5 alone.
     assert 180 in qat[3, :, 2] and 180 not in plain[3, :, 2]
     assert 180 not in qat[0, :, 2]  # the placeholder is not a valid step
     both_empty = _synthetic_patch(asc_steps=0, desc_steps=0)
     for family in ("v1.0", "v1.0-qat"):  # the v1.0 reference fails here; both use the placeholder
-        s1 = _batch(family, both_empty).s1_x.numpy()
+        s1 = inputs(_batch(family, both_empty), "s1").numpy()
         assert (s1[..., 2] == 180).all()
 
 
@@ -278,14 +283,17 @@ def test_repeat_times_averages_independent_draws():
     arrays = _synthetic_patch()
     single = _batch("v1.0", arrays)
     repeated = _batch("v1.0", arrays, repeat_times=3)
-    assert repeated.s2_x.shape == (5, 3, 40, 11)
-    assert torch.equal(repeated.s2_x[:, 0], single.s2_x) and torch.equal(repeated.s1_x[:, 0], single.s1_x)
-    assert not torch.equal(repeated.s2_x[:, 1], repeated.s2_x[:, 0])
+    assert repeated.repeats == 3 and repeated.s2_bands.shape == (15, 40, 10) and repeated.s1_doys.shape == (15, 40)
+    # Each pixel's three draws are adjacent rows; the first is the single draw.
+    assert torch.equal(inputs(repeated, "s2")[::3], inputs(single, "s2"))
+    assert torch.equal(inputs(repeated, "s1")[::3], inputs(single, "s1"))
+    assert not torch.equal(repeated.s2_doys[1::3], repeated.s2_doys[::3])
     model = vector_model("v1.0")
+    averaged = Embedder(model, device="cpu").embed_batch(repeated)
     with torch.inference_mode():
-        averaged = model(repeated.s2_x, repeated.s1_x)
-        one_by_one = torch.stack([model(repeated.s2_x[:, r], repeated.s1_x[:, r]) for r in range(3)]).mean(0)
-    torch.testing.assert_close(averaged, one_by_one, atol=1e-6, rtol=1e-6)
+        draws = model(inputs(repeated, "s2"), inputs(repeated, "s1")).view(5, 3, -1)
+    np.testing.assert_allclose(averaged, draws.mean(dim=1).numpy(), atol=1e-6, rtol=1e-6)
+    assert np.abs(draws[:, 0].numpy() - averaged).max() > 1e-4  # the draws differ: averaging does something
     with pytest.raises(UserError, match="repeat_times"):
         _batch("v1.0", arrays, repeat_times=0)
 
@@ -345,7 +353,7 @@ def test_v1_1_reproduces_the_tile_level_reference(tmp_path):
                                            seed=0, batch_pixels=7)
     with torch.inference_mode():
         for batch in batches:
-            full[batch.pixels] = model(batch.s2_x, batch.s1_x).numpy()
+            full[batch.pixels] = model(inputs(batch, "s2"), inputs(batch, "s1")).numpy()
     np.testing.assert_allclose(full.reshape(6, 6, 24), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -353,7 +361,7 @@ def test_v1_1_no_valid_sensor_gets_eight_zero_rows():
     arrays = _synthetic_patch()
     batches = list(get_family("v1.1").prepare_batches(arrays, np.arange(6), data_source="mpc", seed=0,
                                                       batch_pixels=64))
-    by_pixel = {int(p): (b.s2_x[i], b.s1_x[i]) for b in batches for i, p in enumerate(b.pixels)}
+    by_pixel = {int(p): (inputs(b, "s2")[i], inputs(b, "s1")[i]) for b in batches for i, p in enumerate(b.pixels)}
     assert sorted(by_pixel) == [0, 1, 2, 4, 5]
     assert by_pixel[2][0].shape == (8, 11) and not by_pixel[2][0].any()  # no valid S2
     assert by_pixel[4][1].shape == (8, 3) and not by_pixel[4][1].any()  # no valid S1
@@ -367,7 +375,7 @@ def test_v1_1_normalisation_follows_the_data_source(source, mean, std):
     arrays = _synthetic_patch()
     batch = next(get_family("v1.1").prepare_batches(arrays, np.array([0]), data_source=source, seed=0,
                                                     batch_pixels=8))
-    np.testing.assert_allclose(batch.s2_x[0, :, 0].numpy(), _z(1000 + 10 * np.arange(50), mean, std)[
+    np.testing.assert_allclose(batch.s2_bands[0, :, 0].numpy(), _z(1000 + 10 * np.arange(50), mean, std)[
         build_resample_indices(50, 56)], rtol=1e-6)
 
 

@@ -1,16 +1,36 @@
 """Inference core: arrays in the reference per-patch layout → embeddings, devices, quantisation.
 
-Time-step selection and normalisation belong to each model family (``model.family``); this module
-runs the batches they prepare on a device and puts every pixel's embedding in its place. Pixels
-that the caller marks invalid, or that have no valid observation in either sensor, are never
-computed and come out as NaN.
+Time-step selection and normalisation belong to each model family (``model.family``); an
+:class:`Embedder` runs the batches they prepare on a device and puts every pixel's embedding in
+its place. Pixels that the caller marks invalid, or that have no valid observation in either
+sensor, are never computed and come out as NaN.
+
+Running a batch: its rows are padded with zero rows to a multiple of :data:`ROW_MULTIPLE`,
+because CPU matmul kernels over fewer rows round differently; with the padding a pixel's
+embedding is bit-identical whatever batch it lands in (patch layout, bucket sizes, batch size).
+The next batch is prepared in a background thread while the current one runs on a GPU, in
+pinned memory so that its copy to the device is asynchronous. When the GPU runs out of memory the
+rows per forward pass are halved for the rest of the run.
+
+Precision (``precision``): ``fp32``; ``bf16`` (autocast: matmuls in bfloat16, accumulation and
+outputs in float32); ``int8`` (CPU only: Linear layers dynamically quantised, an approximation on
+request); ``auto`` = bf16 on CUDA for families whose ``bf16_on_cuda`` is set, fp32 otherwise.
+A family gets ``bf16_on_cuda`` when bf16 changes its embeddings by less than the int8 storage
+does anyway — for 99 % of pixels, the RMS difference to fp32 is below the RMS int8 rounding error
+(scale / √12) — measured with CPU autocast, which rounds matmul inputs to bfloat16 and
+accumulates in float32 as CUDA autocast does (``benchmarks/infer.py`` prints it per family).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
-from collections.abc import Mapping
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +41,16 @@ from tqdm import tqdm
 from tessera.errors import UserError
 from tessera.io import atomic_path
 from tessera.models import get_family, load_model
-from tessera.models.base import REFERENCE_ARRAY_NAMES, Family
+from tessera.models.base import REFERENCE_ARRAY_NAMES, Batch, Family
 
 log = logging.getLogger(__name__)
 
 _EMPTY_ALLOWED = ("sar_ascending", "sar_descending")
+
+# Rows of a forward pass are padded to a multiple of this (see the module docstring).
+ROW_MULTIPLE = 8
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -38,6 +63,18 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise UserError(f"device {device!r} is not a torch device: use auto, cpu or cuda") from None
+
+
+def resolve_precision(precision: str, family: Family, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``int8`` for a requested precision on a device (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}: pick one of those")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and family.bf16_on_cuda else "fp32"
+    if precision == "int8" and device.type != "cpu":
+        raise UserError(f"precision int8 (dynamic quantisation) runs on the CPU only, not on {device}: "
+                        "use precision auto, fp32 or bf16 on a GPU")
+    return precision
 
 
 def cpu_threads(threads: int | None = None) -> int:
@@ -77,6 +114,176 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str = "input arrays") 
     return height, width
 
 
+_INPUTS = ("s2_bands", "s2_doys", "s1_bands", "s1_doys")
+
+
+def _padded(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The input tensors with zero rows appended up to a multiple of :data:`ROW_MULTIPLE` rows."""
+    missing = -inputs[0].shape[0] % ROW_MULTIPLE
+    if not missing:
+        return inputs
+    return [torch.cat([t, t.new_zeros(missing, *t.shape[1:])]) for t in inputs]
+
+
+def _quantised(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Linear layers compute in int8 (weights per tensor, activations per batch)."""
+    with warnings.catch_warnings():  # torch marks eager-mode quantisation as deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    quantised.family, quantised.arch = model.family, model.arch
+    return quantised
+
+
+@contextlib.contextmanager
+def _fastpath_disabled() -> Iterator[None]:
+    """nn.TransformerEncoderLayer's fused path reads Linear weights directly, which quantised layers lack."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+_DONE = object()
+
+
+def _prepared_ahead(batches: Iterator[Batch], prepare) -> Iterator[Batch]:
+    """``prepare(batch)`` for each batch, computed one batch ahead in a background thread."""
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(prepare(batch)):
+                    return
+            hand_over(_DONE)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consuming thread
+            hand_over(error)
+
+    worker = threading.Thread(target=produce, name="tessera-prepare-batches", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+class Embedder:
+    """A model ready to embed patches on one device, at one precision.
+
+    Create it once per run and call :meth:`embed` per patch. ``batch_pixels`` pixels of up to 64
+    time steps make one batch (the families give longer series fewer pixels), so memory does not
+    grow with the observations; on a GPU out-of-memory error the rows per pass are halved.
+    """
+
+    def __init__(self, model: nn.Module, *, device: str = "auto", precision: str = "auto",
+                 threads: int | None = None, batch_pixels: int = 4096):
+        if batch_pixels < 1:
+            raise UserError(f"batch_pixels = {batch_pixels} must be at least 1: give a positive batch size")
+        self.family: Family = model.family
+        self.arch = model.arch
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.family, self.device)
+        self.batch_pixels = batch_pixels
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(threads))
+        model.to(self.device)
+        self.model = _quantised(model) if self.precision == "int8" else model
+        # Rows per forward pass, lowered after an out-of-memory error; None = a whole batch.
+        self.max_rows: int | None = None
+
+    def embed(self, arrays: Mapping[str, np.ndarray], *, valid: np.ndarray | None = None, data_source: str = "mpc",
+              seed: int = 0, origin: tuple[int, int] = (0, 0), repeat_times: int = 1,
+              progress: bool = False) -> np.ndarray:
+        """float32 (H, W, D) embeddings of a patch; NaN where ``valid`` is False or nothing was observed.
+
+        ``origin`` is the tile row and column of the patch's first pixel, ``seed`` the run's seed for
+        the tile: the v1.0 families' random draws follow (seed, tile pixel), whatever the patch
+        layout. ``repeat_times`` draws per pixel are averaged (v1.0 families).
+        """
+        height, width = check_arrays(arrays)
+        if valid is None:
+            pixels = np.arange(height * width, dtype=np.int64)
+        else:
+            if valid.shape != (height, width):
+                raise ValueError(f"valid mask has shape {valid.shape}, the arrays are {(height, width)}")
+            pixels = np.flatnonzero(valid)
+        embeddings = np.full((height * width, self.family.embedding_dim(self.arch)), np.nan, np.float32)
+        batches = self.family.prepare_batches(arrays, pixels, data_source=data_source, seed=seed,
+                                              batch_pixels=self.batch_pixels, repeat_times=repeat_times,
+                                              origin=origin)
+        if self.device.type == "cuda":
+            batches = _prepared_ahead(batches, self._staged)
+        else:
+            batches = map(self._staged, batches)
+        with torch.inference_mode(), tqdm(total=len(pixels), unit="px", disable=not progress) as bar:
+            for batch in batches:
+                embeddings[batch.pixels] = self.embed_batch(batch)
+                bar.update(len(batch.pixels))
+        return embeddings.reshape(height, width, -1)
+
+    def _staged(self, batch: Batch) -> Batch:
+        """The batch with padded rows, in pinned memory when it is going to a GPU."""
+        inputs = _padded([getattr(batch, name) for name in _INPUTS])
+        if self.device.type == "cuda":
+            inputs = [t.pin_memory() for t in inputs]
+        return Batch(batch.pixels, *inputs, repeats=batch.repeats)
+
+    def embed_batch(self, batch: Batch) -> np.ndarray:
+        """float32 (P, D) stored embeddings of a batch's pixels, repeats averaged."""
+        rows = len(batch.pixels) * batch.repeats
+        with torch.inference_mode():
+            output = self._outputs([getattr(batch, name) for name in _INPUTS], rows, batch.repeats)
+            output = output.view(len(batch.pixels), batch.repeats, -1).mean(dim=1)
+            return self.family.stored_embedding(output, self.arch).cpu().numpy()
+
+    def _outputs(self, inputs: list[torch.Tensor], rows: int, repeats: int) -> torch.Tensor:
+        """float32 (rows, out) model outputs of the first ``rows`` input rows, split after out-of-memory."""
+        if self.max_rows is None or rows <= self.max_rows:
+            try:
+                return self._forward(inputs)[:rows]
+            except torch.OutOfMemoryError:
+                if rows <= repeats:
+                    raise UserError(f"the {self.device} device ran out of memory for a single pixel of family "
+                                    f"{self.family.name}: use a device with more memory") from None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.max_rows = max(repeats, rows // 2 // repeats * repeats)
+                log.warning("out of memory on %s with %d rows per pass: continuing with %d", self.device, rows,
+                            self.max_rows)
+        parts = []
+        for start in range(0, rows, self.max_rows):
+            stop = min(rows, start + self.max_rows)
+            parts.append(self._outputs(_padded([t[start:stop] for t in inputs]), stop - start, repeats))
+        return torch.cat(parts)
+
+    def _forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+        if self.precision == "bf16":
+            context = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        elif self.precision == "int8":
+            context = _fastpath_disabled()
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            return self.model.encode(*inputs).float()
+
+
 def embed_arrays(
     model: nn.Module,
     arrays: Mapping[str, np.ndarray],
@@ -84,39 +291,22 @@ def embed_arrays(
     valid: np.ndarray | None = None,
     data_source: str = "mpc",
     seed: int = 0,
+    origin: tuple[int, int] = (0, 0),
+    repeat_times: int = 1,
     device: str = "auto",
+    precision: str = "auto",
     batch_pixels: int = 4096,
     progress: bool = False,
     threads: int | None = None,
 ) -> np.ndarray:
-    """float32 (H, W, D) embeddings of a patch; NaN where ``valid`` is False or nothing was observed.
+    """float32 (H, W, D) embeddings of one patch: :meth:`Embedder.embed` with a one-off Embedder.
 
     ``arrays`` holds the reference per-patch arrays (``bands`` ... ``sar_descending_doy``); ``model``
-    comes from :func:`tessera.models.load_model`. ``batch_pixels`` pixels of up to 64 time steps
-    make one batch (fewer pixels for longer series), so memory does not grow with the observations.
+    comes from :func:`tessera.models.load_model`.
     """
-    family: Family = model.family
-    height, width = check_arrays(arrays)
-    if batch_pixels < 1:
-        raise UserError(f"batch_pixels = {batch_pixels} must be at least 1: give a positive batch size")
-    if valid is None:
-        pixels = np.arange(height * width, dtype=np.int64)
-    else:
-        if valid.shape != (height, width):
-            raise ValueError(f"valid mask has shape {valid.shape}, the arrays are {(height, width)}")
-        pixels = np.flatnonzero(valid)
-    target = resolve_device(device)
-    if target.type == "cpu":
-        torch.set_num_threads(cpu_threads(threads))
-    model.to(target)
-    embeddings = np.full((height * width, family.embedding_dim(model.arch)), np.nan, np.float32)
-    batches = family.prepare_batches(arrays, pixels, data_source=data_source, seed=seed, batch_pixels=batch_pixels)
-    with torch.inference_mode(), tqdm(total=len(pixels), unit="px", disable=not progress) as bar:
-        for batch in batches:
-            output = model(batch.s2_x.to(target), batch.s1_x.to(target))
-            embeddings[batch.pixels] = family.stored_embedding(output, model.arch).float().cpu().numpy()
-            bar.update(len(batch.pixels))
-    return embeddings.reshape(height, width, -1)
+    embedder = Embedder(model, device=device, precision=precision, threads=threads, batch_pixels=batch_pixels)
+    return embedder.embed(arrays, valid=valid, data_source=data_source, seed=seed, origin=origin,
+                          repeat_times=repeat_times, progress=progress)
 
 
 def quantize(embedding: np.ndarray, family: str | Family) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +364,24 @@ def read_reference_patch(patch_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
+def read_patch_roi(patch_dir: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | None:
+    """The boolean ROI mask of a reference patch directory (its ``roi.tiff``, > 0 inside), or None without one."""
+    path = Path(patch_dir) / "roi.tiff"
+    if not path.exists():
+        return None
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            mask = src.read(1) > 0
+    except rasterio.errors.RasterioError as error:
+        raise UserError(f"{path} is not a readable GeoTIFF ({error}): re-export the patch") from None
+    if mask.shape != shape:
+        raise UserError(f"{path} is {mask.shape[0]} x {mask.shape[1]} pixels but the patch arrays are "
+                        f"{shape[0]} x {shape[1]}: re-export the patch")
+    return mask
+
+
 def embed_reference_patch(
     patch_dir: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -183,15 +391,21 @@ def embed_reference_patch(
     *,
     trust_checkpoint: bool = False,
     device: str = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+    repeat_times: int = 1,
 ) -> np.ndarray:
     """Embed one reference per-patch directory into float32 (H, W, D) ``out_npy`` (NaN = no data).
 
-    ``data_source`` (mpc or aws) picks the normalisation of families that have one per source; the
-    reference default is mpc.
+    Pixels outside the directory's ``roi.tiff`` (when it has one) are no-data. ``data_source``
+    (mpc or aws) picks the normalisation of families that have one per source; the reference
+    default is mpc.
     """
     arrays = read_reference_patch(patch_dir)
+    valid = read_patch_roi(patch_dir, arrays["bands"].shape[1:3])
     model = load_model(checkpoint, family, trust_checkpoint=trust_checkpoint)
-    embedding = embed_arrays(model, arrays, data_source=data_source or "mpc", device=device)
+    embedding = embed_arrays(model, arrays, valid=valid, data_source=data_source or "mpc", seed=seed,
+                             repeat_times=repeat_times, device=device, precision=precision)
     with atomic_path(out_npy) as tmp:
         np.save(tmp, embedding)
     log.info("embedded %s with %s: %d of %d pixels have an embedding", patch_dir, model.family.name,

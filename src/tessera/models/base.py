@@ -193,8 +193,10 @@ class AttentionPooling(nn.Module):
 class TemporalBackbone(nn.Module):
     """One sensor's encoder: band embedding + DOY encoding → encoder stack → temporal pooling.
 
-    Input (B, T, bands + 1) with the raw day of year last; output (B, d_model). ``encoder`` and
-    ``pooling`` are the family's modules, stored as ``transformer_encoder`` and ``attn_pool``.
+    ``forward`` takes the reference layout (B, T, bands + 1) with the raw day of year last;
+    ``encode`` the bands (B, T, bands) and days of year (B, T) apart, as batches are prepared.
+    Output (B, d_model). ``encoder`` and ``pooling`` are the family's modules, stored as
+    ``transformer_encoder`` and ``attn_pool``.
     """
 
     def __init__(self, bands: int, d_model: int, encoder: nn.Module, pooling: nn.Module):
@@ -205,12 +207,19 @@ class TemporalBackbone(nn.Module):
         self.attn_pool = pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embedding(x[..., :-1]) + doy_encoding(x[..., -1], self.d_model)
+        return self.encode(x[..., :-1], x[..., -1])
+
+    def encode(self, bands: torch.Tensor, doys: torch.Tensor) -> torch.Tensor:
+        tokens = self.embedding(bands) + doy_encoding(doys, self.d_model)
         return self.attn_pool(self.transformer_encoder(tokens))
 
 
 class ConcatFusionModel(nn.Module):
-    """The reference encoder: both backbones, concatenated, through ``dim_reducer``."""
+    """The reference encoder: both backbones, concatenated, through ``dim_reducer``.
+
+    ``forward(s2_x, s1_x)`` is the reference's interface; ``encode`` takes each sensor's bands and
+    days of year as separate tensors (what :class:`Batch` holds) and returns the same.
+    """
 
     def __init__(self, s2_backbone: nn.Module, s1_backbone: nn.Module, dim_reducer: nn.Module):
         super().__init__()
@@ -219,7 +228,12 @@ class ConcatFusionModel(nn.Module):
         self.dim_reducer = dim_reducer
 
     def forward(self, s2_x: torch.Tensor, s1_x: torch.Tensor) -> torch.Tensor:
-        return self.dim_reducer(torch.cat([self.s2_backbone(s2_x), self.s1_backbone(s1_x)], dim=-1))
+        return self.encode(s2_x[..., :-1], s2_x[..., -1], s1_x[..., :-1], s1_x[..., -1])
+
+    def encode(self, s2_bands: torch.Tensor, s2_doys: torch.Tensor, s1_bands: torch.Tensor,
+               s1_doys: torch.Tensor) -> torch.Tensor:
+        fused = torch.cat([self.s2_backbone.encode(s2_bands, s2_doys), self.s1_backbone.encode(s1_bands, s1_doys)], -1)
+        return self.dim_reducer(fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,20 +266,21 @@ class Normalisation:
     s1_desc_std: tuple[float, float]
 
 
-def standardise(values: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """float32 z-scores with the reference's ``std + 1e-9`` denominator."""
-    mean32 = np.asarray(mean, np.float32)
-    std32 = np.asarray(std, np.float32) + np.float32(1e-9)
-    return (values.astype(np.float32) - mean32) / std32
-
-
 @dataclass
 class Batch:
-    """Model inputs for a group of pixels; ``pixels`` are flat (row · W + col) indices."""
+    """Model inputs for a group of pixels; ``pixels`` are flat (row · W + col) indices.
+
+    Each pixel has ``repeats`` consecutive rows (independent draws whose outputs are averaged):
+    bands (rows, T, C) standardised, days of year (rows, T) raw, as ``ConcatFusionModel.encode``
+    takes them.
+    """
 
     pixels: np.ndarray
-    s2_x: torch.Tensor
-    s1_x: torch.Tensor
+    s2_bands: torch.Tensor
+    s2_doys: torch.Tensor
+    s1_bands: torch.Tensor
+    s1_doys: torch.Tensor
+    repeats: int = 1
 
 
 class Family:
@@ -278,6 +293,8 @@ class Family:
     state_dict_keys: tuple[str, ...] = ()
     # Published sizes for demo checkpoints: {size: architecture overrides of default_arch()}.
     demo_sizes: Mapping[str, Mapping[str, Any]] = {"small": {}}
+    # Whether precision "auto" runs this family under bf16 autocast on CUDA (criterion: tessera.infer).
+    bf16_on_cuda: bool = False
 
     def default_arch(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -305,7 +322,7 @@ class Family:
 
     def prepare_batches(
         self, arrays: Mapping[str, np.ndarray], pixels: np.ndarray, *, data_source: str, seed: int,
-        batch_pixels: int,
+        batch_pixels: int, repeat_times: int = 1, origin: tuple[int, int] = (0, 0),
     ) -> Iterator[Batch]:
         raise NotImplementedError
 
@@ -323,21 +340,110 @@ class Family:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gathering model inputs from a patch
+
+
+@dataclass(frozen=True)
+class SeriesPart:
+    """One stretch of a sensor's time axis with its own z-score table (S1: one per orbit)."""
+
+    values: np.ndarray  # (T, H, W, C) raw codes
+    doys: np.ndarray  # (T,)
+    valid: np.ndarray  # (T, H, W) bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class SensorSource:
+    """One sensor's series over a patch, in the order the models read it, ready for gathering.
+
+    The parts are concatenated along time (S1: ascending, then descending). Model inputs for a
+    group of pixels are gathered straight from the raw codes at the chosen time steps and
+    standardised as the reference does, ``(float32(x) − mean) / (std + 1e-9)``, with the table of
+    the part each step belongs to. Validity is kept pixel by pixel (H·W, T), so that a group's
+    rows are one contiguous read each.
+    """
+
+    def __init__(self, parts: list[SeriesPart]):
+        height, width, channels = parts[0].values.shape[1:]
+        self.channels = channels
+        self.pixel_count = height * width
+        self.steps = sum(len(part.doys) for part in parts)
+        self.values = _joined([part.values.reshape(-1, channels) for part in parts])  # (T · H·W, C)
+        valid = _joined([part.valid.reshape(-1, self.pixel_count) for part in parts])  # (T, H·W)
+        # torch transposes bytes several times faster than numpy's strided copy.
+        self.valid = torch.from_numpy(valid.view(np.uint8)).t().contiguous().numpy().view(bool)  # (H·W, T)
+        self.valid_counts = valid.sum(axis=0)  # (H·W,)
+        self.doys = np.concatenate([np.asarray(part.doys, np.float32) for part in parts])
+        # Distinct per step: (part, day of year, occurrence of that day within the part).
+        keys = []
+        for index, part in enumerate(parts):
+            doys = np.asarray(part.doys, np.int64)
+            occurrence = np.array([np.count_nonzero(doys[:t] == doy) for t, doy in enumerate(doys)], np.int64)
+            keys.append((index * 512 + doys) * 64 + occurrence)
+        self.step_keys = np.concatenate(keys).astype(np.uint64)
+        tables = {(part.mean, part.std) for part in parts}
+        if len(tables) == 1:  # one table: a (C,) row for every step
+            mean, std = tables.pop()
+            self.mean = np.asarray(mean, np.float32)
+            self.std = np.asarray(std, np.float32) + np.float32(1e-9)
+        else:  # a (T, C) row per step
+            self.mean = np.concatenate([np.tile(np.asarray(p.mean, np.float32), (len(p.doys), 1)) for p in parts])
+            self.std = np.concatenate([np.tile(np.asarray(p.std, np.float32), (len(p.doys), 1)) for p in parts])
+            self.std += np.float32(1e-9)
+
+    def valid_rows(self, group: np.ndarray) -> np.ndarray:
+        """(G, T) bool: which steps of each pixel of ``group`` are valid observations."""
+        return np.take(self.valid, group, axis=0)
+
+    def inputs(self, group: np.ndarray, steps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised bands (G, L, C) and raw days of year (G, L), float32, at ``steps`` (G, L)."""
+        rows, length = steps.shape
+        if not self.steps:
+            return torch.zeros(rows, length, self.channels), torch.zeros(rows, length)
+        raw = torch.from_numpy(np.take(self.values, steps * self.pixel_count + group[:, None], axis=0))
+        # (G, L · C) operands, so that every pass runs along whole rows rather than C values at a time.
+        bands = raw.to(torch.float32).view(rows, -1)
+        if self.mean.ndim == 1:
+            mean, std = np.tile(self.mean, length), np.tile(self.std, length)
+        else:
+            mean, std = np.take(self.mean, steps, axis=0), np.take(self.std, steps, axis=0)
+        bands.sub_(torch.from_numpy(mean).view(-1, bands.shape[1])).div_(torch.from_numpy(std).view(-1, bands.shape[1]))
+        return bands.view(rows, length, self.channels), torch.from_numpy(np.take(self.doys, steps))
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays concatenated along the first axis; a single array is not copied."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _either_channel_set(sar: np.ndarray) -> np.ndarray:
+    """(T, H, W) bool: VV or VH non-zero, read as one 32-bit word per pixel and step."""
+    return np.ascontiguousarray(sar, np.int16).view(np.int32)[..., 0] != 0
+
+
+class S2Source(SensorSource):
+    """S2 bands, valid where the mask is non-zero."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation):
+        super().__init__([SeriesPart(arrays["bands"], arrays["doys"], np.asarray(arrays["masks"]) != 0,
+                                     norm.s2_mean, norm.s2_std)])
+
+
+class S1Source(SensorSource):
+    """S1 ascending then descending [VV, VH] codes, valid where either is non-zero, z-scored per orbit."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation):
+        orbits = (("sar_ascending", norm.s1_asc_mean, norm.s1_asc_std),
+                  ("sar_descending", norm.s1_desc_mean, norm.s1_desc_std))
+        super().__init__([
+            SeriesPart(arrays[name], arrays[f"{name}_doy"], _either_channel_set(arrays[name]), mean, std)
+            for name, mean, std in orbits
+        ])
+
+
+# ---------------------------------------------------------------------------------------------
 # Bucketed all-observation sampling (v1.1, v2)
-
-
-def flatten_pixels(array: np.ndarray) -> np.ndarray:
-    """(T, H, W, ...) → (T, H·W, ...) view, pixels in row-major order."""
-    return array.reshape(array.shape[0], array.shape[1] * array.shape[2], *array.shape[3:])
-
-
-def s1_valid_counts(asc: np.ndarray, desc: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """Valid S1 steps per pixel: VV or VH non-zero in the raw codes, both orbits together."""
-    count = np.zeros(len(pixels), np.int64)
-    for sar in (asc, desc):
-        if sar.shape[0]:
-            count += (flatten_pixels(sar)[:, pixels] != 0).any(axis=-1).sum(axis=0)
-    return count
 
 
 # ``batch_pixels`` counts pixels of up to this many time steps; longer buckets get proportionally
@@ -358,7 +464,8 @@ class BucketedFamily(Family):
     ``pattern(n, length)`` to ``length = max(bin, 1)`` steps. A sensor without valid steps gets
     ``length`` all-zero rows (DOY 0 too); a pixel without valid steps in either sensor is no-data.
     Pixels are grouped by (s2 bin, s1 bin) and each group gathered with index arrays, in batches
-    of at most :func:`pixels_per_batch` pixels.
+    of at most :func:`pixels_per_batch` pixels. The selection is deterministic: ``seed`` and
+    ``origin`` play no part, and ``repeat_times`` must be 1.
     """
 
     def bins(self, counts: np.ndarray) -> np.ndarray:
@@ -371,89 +478,61 @@ class BucketedFamily(Family):
     def normalisation(self, data_source: str) -> Normalisation:
         raise NotImplementedError
 
-    def prepare_batches(self, arrays, pixels, *, data_source, seed, batch_pixels):
+    def prepare_batches(self, arrays, pixels, *, data_source, seed, batch_pixels, repeat_times=1, origin=(0, 0)):
+        if repeat_times != 1:
+            raise UserError(f"repeat_times = {repeat_times}, but family {self.name} selects time steps "
+                            "deterministically, so every draw would be the same: set repeat_times to 1")
         norm = self.normalisation(data_source)
+        s2, s1 = S2Source(arrays, norm), S1Source(arrays, norm)
         pixels = np.asarray(pixels, np.int64)
-        masks, asc, desc = arrays["masks"], arrays["sar_ascending"], arrays["sar_descending"]
-        n_s2 = (flatten_pixels(masks)[:, pixels] != 0).sum(axis=0) if masks.shape[0] else np.zeros(len(pixels), np.int64)
-        n_s1 = s1_valid_counts(asc, desc, pixels)
+        n_s2, n_s1 = s2.valid_counts[pixels], s1.valid_counts[pixels]
         has_data = (n_s2 > 0) | (n_s1 > 0)
         pixels, n_s2, n_s1 = pixels[has_data], n_s2[has_data], n_s1[has_data]
         bin_s2, bin_s1 = self.bins(n_s2), self.bins(n_s1)
-        order = np.lexsort((bin_s1, bin_s2))
+        order = np.lexsort((bin_s1, bin_s2))  # stable: pixels stay in row-major order within a bucket
         keys = np.stack([bin_s2[order], bin_s1[order]], axis=1)
         starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)]) if len(order) else np.array([], int)
         ends = np.r_[starts[1:], len(order)]
-        s2_source = _S2Source(arrays, norm)
-        s1_source = _S1Source(arrays, norm)
         for start, end in zip(starts, ends):
             length_s2, length_s1 = max(int(keys[start, 0]), 1), max(int(keys[start, 1]), 1)
             step = pixels_per_batch(batch_pixels, max(length_s2, length_s1))
             for chunk in range(start, end, step):
                 members = order[chunk:min(chunk + step, end)]
                 group = pixels[members]
-                yield Batch(
-                    pixels=group,
-                    s2_x=torch.from_numpy(s2_source.gather(group, n_s2[members], length_s2, self.pattern)),
-                    s1_x=torch.from_numpy(s1_source.gather(group, n_s1[members], length_s1, self.pattern)),
-                )
+                s2_bands, s2_doys = self.resampled(s2, group, n_s2[members], length_s2)
+                s1_bands, s1_doys = self.resampled(s1, group, n_s1[members], length_s1)
+                yield Batch(group, s2_bands, s2_doys, s1_bands, s1_doys)
 
-
-class _SensorSource:
-    """One sensor's series for gathering: raw values (T, H·W, C), validity, DOYs, z-score stats."""
-
-    values: list[np.ndarray]
-    doys: np.ndarray
-    means: list[tuple[float, ...]]
-    stds: list[tuple[float, ...]]
-
-    def valid(self, group: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def gather(self, group: np.ndarray, counts: np.ndarray, length: int,
-               pattern: Callable[[int, int], np.ndarray]) -> np.ndarray:
-        """(G, length, C + 1) float32 inputs for ``group`` (all in one bucket)."""
-        channels = self.values[0].shape[-1]
-        out = np.zeros((len(group), length, channels + 1), np.float32)
+    def resampled(self, source: SensorSource, group: np.ndarray, counts: np.ndarray,
+                  length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bands (G, length, C) and DOYs (G, length) of ``group``, whose valid-step ``counts`` are given."""
         if not counts.any():
-            return out
-        valid = self.valid(group)  # (T, G)
-        # Valid steps first, each block in chronological (stack) order.
-        steps = np.argsort(~valid, axis=0, kind="stable").T  # (G, T)
-        table = _pattern_table(pattern, int(counts.max()), length)  # (n_max + 1, length)
-        picked = np.take_along_axis(steps, table[counts], axis=1)  # (G, length) time indices
-        columns = np.broadcast_to(np.arange(len(group))[:, None], picked.shape)
-        series = self.standardised_series(group)  # (T, G, C)
-        out[..., :channels] = series[picked, columns]
-        out[..., channels] = self.doys[picked]
-        out[counts == 0] = 0.0
-        return out
-
-    def standardised_series(self, group: np.ndarray) -> np.ndarray:
-        parts = [standardise(v[:, group], m, s) for v, m, s in zip(self.values, self.means, self.stds)]
-        return np.concatenate(parts, axis=0)
+            return torch.zeros(len(group), length, source.channels), torch.zeros(len(group), length)
+        table = _pattern_table(self.pattern, int(counts.max()), length)  # (n_max + 1, length)
+        steps = nth_set_steps(source.valid_rows(group), counts, np.take(table, counts, axis=0))
+        bands, doys = source.inputs(group, steps)
+        if not counts.all():
+            empty = torch.from_numpy(counts == 0)
+            bands[empty] = 0.0
+            doys[empty] = 0.0
+        return bands, doys
 
 
-class _S2Source(_SensorSource):
-    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation):
-        self.values = [flatten_pixels(arrays["bands"])]
-        self.masks = flatten_pixels(arrays["masks"])
-        self.doys = np.asarray(arrays["doys"], np.float32)
-        self.means, self.stds = [norm.s2_mean], [norm.s2_std]
+def nth_set_steps(mask: np.ndarray, counts: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """(G, L) time indices: in row g of ``mask`` (G, T), the ``ranks[g]``-th set steps in time order.
 
-    def valid(self, group):
-        return self.masks[:, group] != 0
-
-
-class _S1Source(_SensorSource):
-    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation):
-        self.values = [flatten_pixels(arrays["sar_ascending"]), flatten_pixels(arrays["sar_descending"])]
-        self.doys = np.concatenate([np.asarray(arrays["sar_ascending_doy"], np.float32),
-                                    np.asarray(arrays["sar_descending_doy"], np.float32)])
-        self.means, self.stds = [norm.s1_asc_mean, norm.s1_desc_mean], [norm.s1_asc_std, norm.s1_desc_std]
-
-    def valid(self, group):
-        return np.concatenate([(v[:, group] != 0).any(axis=-1) for v in self.values], axis=0)
+    ``counts`` are the rows' numbers of set steps (ranks below them); a row without any gets step 0.
+    """
+    rows, steps = mask.shape
+    set_flat = np.flatnonzero(mask)  # row · T + t of every set entry, row by row
+    if not len(set_flat):
+        return np.zeros((rows, ranks.shape[1]), np.int64)
+    first = np.cumsum(counts) - counts
+    # "clip": a row without set steps may point one past the end; its result is overwritten.
+    picked = np.take(set_flat, first[:, None] + ranks, mode="clip") - np.arange(rows)[:, None] * steps
+    if not counts.all():
+        picked[counts == 0] = 0
+    return picked
 
 
 def _pattern_table(pattern: Callable[[int, int], np.ndarray], n_max: int, length: int) -> np.ndarray:

@@ -9,13 +9,15 @@ GRU-guided attention pooling; the two 512-d outputs are concatenated into ``dim_
 Inputs: per pixel and sensor 40 time steps drawn uniformly from the valid ones (with replacement
 only when fewer than 40 are valid; from all steps when none is), in chronological order, S1 as
 the ascending block followed by the descending block. The reference draws with an unseeded global
-generator; here every draw is a function of (seed, pixel, repeat), so reruns are identical and a
-pixel's input does not depend on which other pixels are embedded with it or on the batch size.
+generator; here every draw is a function of (seed, the pixel's tile-global row and column,
+repeat, the candidate steps' dates), so reruns are identical, and a pixel's input depends neither
+on which other pixels are embedded with it, nor on the patch layout or batch size, nor on dates
+that are not valid at that pixel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,10 +31,11 @@ from tessera.models.base import (
     Family,
     Normalisation,
     Quantisation,
+    S1Source,
+    S2Source,
+    SensorSource,
     TemporalBackbone,
-    _S1Source,
-    _S2Source,
-    _SensorSource,
+    nth_set_steps,
 )
 
 STEPS_PER_SENSOR = 40
@@ -80,39 +83,19 @@ class GRUAttentionPooling(nn.Module):
         return (weights * x).sum(dim=1)
 
 
-# CPU matmuls over fewer than 12 rows take kernels that round differently; the recurrent pooling
-# runs one matmul of B rows per time step. Padding batches to a multiple of 8 rows keeps a pixel's
-# embedding bit-identical whatever its batch (checked for 1..600 rows on MKL).
-BATCH_ROW_MULTIPLE = 8
-
-
-class V1Model(ConcatFusionModel):
-    """The reference encoder, batch-size invariant, also taking (B, R, T, C): R draws averaged.
-
-    The R draws are the reference's ``repeat_times``; 3-D inputs are a single draw.
-    """
-
-    def forward(self, s2_x: torch.Tensor, s1_x: torch.Tensor) -> torch.Tensor:
-        if s2_x.dim() == 4:
-            pixels, repeats = s2_x.shape[:2]
-            output = self.forward(s2_x.flatten(0, 1), s1_x.flatten(0, 1))
-            return output.view(pixels, repeats, -1).mean(dim=1)
-        rows = s2_x.shape[0]
-        padding = -rows % BATCH_ROW_MULTIPLE
-        if padding:
-            s2_x = torch.cat([s2_x, s2_x.new_zeros(padding, *s2_x.shape[1:])])
-            s1_x = torch.cat([s1_x, s1_x.new_zeros(padding, *s1_x.shape[1:])])
-        return super().forward(s2_x, s1_x)[:rows]
-
-
 # ---------------------------------------------------------------------------------------------
-# Counter-based uniforms: a pure function of (seed, stream, pixel, slot), computed for whole
-# arrays at once. A sequential generator would tie a pixel's draws to its position in the run.
+# Counter-based random words: a pure function of (key, pixel, counter), computed for whole arrays
+# at once. A sequential generator would tie a pixel's draws to its position in the run. The words
+# are 32-bit, which halves the cost of hashing and selecting; each pixel's 64-bit key enters them.
 
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN_GAMMA_32 = np.uint32(0x9E3779B9)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)
+_MIX32_1 = np.uint32(0x85EBCA6B)
+_MIX32_2 = np.uint32(0xC2B2AE35)
 _U64 = (1 << 64) - 1
+_NOT_A_CANDIDATE = np.uint32(0xFFFFFFFF)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -122,41 +105,81 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def counter_uniforms(seed: int, stream: int, pixels: np.ndarray, slots: int) -> np.ndarray:
-    """float64 (len(pixels), slots) in [0, 1), each entry fixed by (seed, stream, pixel, slot)."""
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, in place: a bijection of uint32."""
+    x ^= x >> np.uint32(16)
+    x *= _MIX32_1
+    x ^= x >> np.uint32(13)
+    x *= _MIX32_2
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def stream_key(seed: int, stream: int) -> np.uint64:
+    """The key of one random stream of a run (``stream`` numbers the sensor, purpose and repeat)."""
     with np.errstate(over="ignore"):
-        key = _mix64(np.uint64(seed & _U64) * _GOLDEN_GAMMA + _mix64(np.uint64(stream & _U64)))
-        per_pixel = _mix64(key ^ (pixels.astype(np.uint64) * _GOLDEN_GAMMA))
-        bits = _mix64(per_pixel[:, None] + np.arange(1, slots + 1, dtype=np.uint64) * _GOLDEN_GAMMA)
-    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return _mix64(np.uint64(seed & _U64) * _GOLDEN_GAMMA + _mix64(np.uint64(stream & _U64)))
 
 
-def draw_steps(valid: np.ndarray, subset_keys: np.ndarray, picks: np.ndarray) -> np.ndarray:
-    """(P, k) chronological time indices, k = picks.shape[1], drawn as the reference does.
+def counter_words(key: np.uint64, pixel_keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """uint32 (P, K): one word per (pixel, counter), fixed by (key, pixel key, counter).
+
+    For one pixel, distinct counters (below 2³²) give distinct words: the counter enters through
+    ``low + counter · γ`` (γ odd), then a XOR and ``_mix32``, all bijections of uint32.
+    """
+    with np.errstate(over="ignore"):
+        per_pixel = _mix64(_mix64(pixel_keys.astype(np.uint64) ^ key))
+        low = per_pixel.astype(np.uint32)  # the low 32 bits
+        high = (per_pixel >> np.uint64(32)).astype(np.uint32)
+        words = low[:, None] + counters.astype(np.uint32) * _GOLDEN_GAMMA_32
+        words ^= high[:, None]
+        return _mix32(words)
+
+
+def pixel_keys(pixels: np.ndarray, width: int, origin: tuple[int, int]) -> np.ndarray:
+    """uint64 ``row << 32 | col`` of flat patch pixels, in tile coordinates (patch at ``origin``)."""
+    rows, cols = np.divmod(np.asarray(pixels, np.int64), width)
+    return ((rows + origin[0]).astype(np.uint64) << np.uint64(32)) | (cols + origin[1]).astype(np.uint64)
+
+
+def draw_steps(valid: np.ndarray, subset_words: np.ndarray, pick_words: Callable[[np.ndarray], np.ndarray],
+               count: int = STEPS_PER_SENSOR) -> np.ndarray:
+    """(P, count) chronological time indices per pixel, drawn as the reference does.
 
     ``valid`` (P, T): candidates are a pixel's valid steps, or all steps when it has none. With at
-    least k candidates, the k with the smallest ``subset_keys`` (P, T) (a uniform k-subset, i.e.
-    without replacement); with fewer, ``floor(picks · n)``-th candidates (uniform, with
-    replacement). Sorted ascending.
+    least ``count`` candidates, the ``count`` with the smallest ``subset_words`` (P, T; distinct
+    within a row) — a uniform subset, i.e. without replacement — which a mask keeps in time order.
+    With fewer, ranks ``word · n / 2³²`` into the candidates (uniform, with replacement), put in
+    order by counting; ``pick_words(rows)`` gives the (len(rows), count) words of those pixels
+    (indices into ``valid``), so that only they pay for them.
     """
-    count = picks.shape[1]
-    candidates = valid | ~valid.any(axis=1, keepdims=True)
-    n_candidates = candidates.sum(axis=1, keepdims=True)
-    chronological = np.argsort(~candidates, axis=1, kind="stable")  # candidates first, in time order
-    ranks = np.minimum((picks * n_candidates).astype(np.int64), n_candidates - 1)
-    chosen = np.take_along_axis(chronological, ranks, axis=1)
-    if valid.shape[1] >= count:
-        keys = np.where(candidates, subset_keys, np.inf)
-        subset = np.argpartition(keys, count - 1, axis=1)[:, :count]
-        chosen = np.where(n_candidates >= count, subset, chosen)
-    return np.sort(chosen, axis=1)
-
-
-def sampled_inputs(source: _SensorSource, pixels: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """float32 (P, k, C + 1): the source's standardised values at ``steps`` (P, k), raw DOY last."""
-    series = source.standardised_series(pixels)  # (T, P, C)
-    columns = np.broadcast_to(np.arange(len(pixels))[:, None], steps.shape)
-    return np.concatenate([series[steps, columns], source.doys[steps][..., None]], axis=-1)
+    counts = valid.sum(axis=1)
+    candidates = valid
+    if not counts.all():
+        candidates = valid.copy()
+        candidates[counts == 0] = True
+        counts = np.where(counts == 0, valid.shape[1], counts)
+    steps = np.empty((len(valid), count), np.int64)
+    many = np.flatnonzero(counts >= count)
+    if len(many):
+        everything = len(many) == len(valid)  # the usual case: no row copies
+        words = np.minimum(subset_words if everything else subset_words[many], _NOT_A_CANDIDATE - np.uint32(1))
+        words |= (~(candidates if everything else candidates[many])).astype(np.uint32) * _NOT_A_CANDIDATE
+        kth = np.partition(words, count - 1, axis=1)[:, count - 1:count]
+        # Exactly ``count`` words per row are at most the row's count-th smallest: their positions.
+        drawn = np.flatnonzero(words <= kth).reshape(-1, count) - np.arange(len(many))[:, None] * valid.shape[1]
+        if everything:
+            return drawn
+        steps[many] = drawn
+    few = np.flatnonzero(counts < count)
+    n_few = counts[few]
+    ranks = (pick_words(few).astype(np.uint64) * n_few[:, None].astype(np.uint64)) >> np.uint64(32)
+    # Sorting by counting: how often each rank was drawn, then each rank repeated that often.
+    histogram = np.bincount((np.arange(len(few))[:, None] * count + ranks.astype(np.int64)).ravel(),
+                            minlength=len(few) * count)
+    sorted_ranks = np.repeat(np.tile(np.arange(count), len(few)), histogram).reshape(len(few), count)
+    steps[few] = nth_set_steps(candidates[few], n_few, sorted_ranks)
+    return steps
 
 
 class SampledFamily(Family):
@@ -184,7 +207,7 @@ class SampledFamily(Family):
             return TemporalBackbone(bands, d_model, encoder, self.pooling(d_model))
 
         dim_reducer = nn.Sequential(nn.Linear(2 * d_model, latent_dim))
-        return V1Model(backbone(10), backbone(2), dim_reducer)
+        return ConcatFusionModel(backbone(10), backbone(2), dim_reducer)
 
     def embedding_dim(self, arch: Mapping[str, Any]) -> int:
         return int(arch["latent_dim"])
@@ -222,9 +245,12 @@ class SampledFamily(Family):
 
     def prepare_batches(
         self, arrays: Mapping[str, np.ndarray], pixels: np.ndarray, *, data_source: str, seed: int,
-        batch_pixels: int, repeat_times: int = 1,
+        batch_pixels: int, repeat_times: int = 1, origin: tuple[int, int] = (0, 0),
     ) -> Iterator[Batch]:
-        """Batches of (pixels, s2_x, s1_x); with ``repeat_times`` R > 1 the inputs are (P, R, 40, C)."""
+        """Batches of ``repeat_times`` independent 40 + 40 draws per pixel (``Batch.repeats``).
+
+        ``origin`` is the tile row and column of the arrays' first pixel: draws follow tile pixels.
+        """
         if repeat_times < 1:
             raise UserError(f"repeat_times = {repeat_times} must be at least 1: give the number of draws to average")
         if arrays["bands"].shape[0] == 0:
@@ -232,30 +258,31 @@ class SampledFamily(Family):
                             "check the tile's S2 stack or use v1.1 / v2")
         arrays = self._with_placeholders(arrays)
         norm = self.normalisation(data_source)
-        s2, s1 = _S2Source(arrays, norm), _S1Source(arrays, norm)
+        s2, s1 = S2Source(arrays, norm), S1Source(arrays, norm)
         pixels = np.asarray(pixels, np.int64)
+        pixels = pixels[(s2.valid_counts[pixels] > 0) | (s1.valid_counts[pixels] > 0)]
+        keys = pixel_keys(pixels, arrays["bands"].shape[2], origin)
         per_batch = max(1, batch_pixels // repeat_times)
         for start in range(0, len(pixels), per_batch):
-            group = pixels[start:start + per_batch]
-            s2_valid, s1_valid = s2.valid(group).T, s1.valid(group).T  # (P, T)
-            observed = s2_valid.any(axis=1) | s1_valid.any(axis=1)
-            if not observed.any():
-                continue
-            group, s2_valid, s1_valid = group[observed], s2_valid[observed], s1_valid[observed]
-            # Four random streams per draw: S2 subset keys and picks, then S1's.
-            s2_x = np.stack([self._draw(s2, s2_valid, group, seed, stream=4 * repeat)
-                             for repeat in range(repeat_times)], axis=1)
-            s1_x = np.stack([self._draw(s1, s1_valid, group, seed, stream=4 * repeat + 2)
-                             for repeat in range(repeat_times)], axis=1)
-            if repeat_times == 1:
-                s2_x, s1_x = s2_x[:, 0], s1_x[:, 0]
-            yield Batch(pixels=group, s2_x=torch.from_numpy(s2_x), s1_x=torch.from_numpy(s1_x))
+            group, group_keys = pixels[start:start + per_batch], keys[start:start + per_batch]
+            # Four random streams per repeat: S2 subset and picks, then S1's.
+            s2_bands, s2_doys = self._draws(s2, group, group_keys, seed, repeat_times, first_stream=0)
+            s1_bands, s1_doys = self._draws(s1, group, group_keys, seed, repeat_times, first_stream=2)
+            yield Batch(group, s2_bands, s2_doys, s1_bands, s1_doys, repeats=repeat_times)
 
     @staticmethod
-    def _draw(source: _SensorSource, valid: np.ndarray, group: np.ndarray, seed: int, stream: int) -> np.ndarray:
-        subset_keys = counter_uniforms(seed, stream, group, valid.shape[1])
-        picks = counter_uniforms(seed, stream + 1, group, STEPS_PER_SENSOR)
-        return sampled_inputs(source, group, draw_steps(valid, subset_keys, picks))
+    def _draws(source: SensorSource, group: np.ndarray, group_keys: np.ndarray, seed: int, repeats: int,
+               first_stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bands (G · R, 40, C) and DOYs (G · R, 40): R draws per pixel, a pixel's draws adjacent."""
+        valid = source.valid_rows(group)
+        steps = np.empty((len(group), repeats, STEPS_PER_SENSOR), np.int64)
+        for repeat in range(repeats):
+            stream = 4 * repeat + first_stream
+            subset_words = counter_words(stream_key(seed, stream), group_keys, source.step_keys)
+            pick_key = stream_key(seed, stream + 1)
+            steps[:, repeat] = draw_steps(
+                valid, subset_words, lambda rows: counter_words(pick_key, group_keys[rows], np.arange(STEPS_PER_SENSOR)))
+        return source.inputs(np.repeat(group, repeats), steps.reshape(-1, STEPS_PER_SENSOR))
 
 
 class V1_0(SampledFamily):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from tessera.errors import UserError
-from tessera.models.base import BucketedFamily, Normalisation, TemporalBackbone
-from tessera.models.v1_0 import V1_QUANTISATION, V1Model, transformer_stack
+from tessera.models.base import BucketedFamily, ConcatFusionModel, Normalisation, TemporalBackbone
+from tessera.models.v1_0 import V1_QUANTISATION, transformer_stack
 from tessera.models.v1_0_qat import NormalisedGRUAttentionPooling
 
 # The bins (``num_obs_checkpoints``) of every published v1.1 checkpoint.
@@ -129,7 +129,7 @@ class V1_1(BucketedFamily):
             nn.Linear(2 * d_model, 4 * d_model), nn.LayerNorm(4 * d_model), nn.ReLU(), nn.Dropout(0.0),
             nn.Linear(4 * d_model, representation_dim),
         )
-        return V1Model(backbone(10, s2_num_heads, s2_num_layers, s2_dim_feedforward),
+        return ConcatFusionModel(backbone(10, s2_num_heads, s2_num_layers, s2_dim_feedforward),
                                  backbone(2, s1_num_heads, s1_num_layers, s1_dim_feedforward), dim_reducer)
 
     def embedding_dim(self, arch: Mapping[str, Any]) -> int:
