@@ -1,4 +1,4 @@
-"""The inference stage: embed patches of a tile's stack and write one float32 .npy per patch."""
+"""Patches of a tile's stack: embed them (one float32 .npy each) or export them in the reference layout."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import rasterio
+from affine import Affine
 from rasterio.windows import Window
 
+from tessera.errors import UserError
 from tessera.grid import patch_name
 from tessera.io import atomic_path
 from tessera.roi import read_roi_mask
@@ -21,11 +24,11 @@ log = logging.getLogger(__name__)
 NORMALISATION_SOURCE = {"demo": "mpc", "mpc": "mpc", "aws": "aws", "stac": "mpc"}
 
 
-def patch_seed(seed: int, tile: str, patch: Window) -> int:
-    """A seed per (run seed, tile, patch): random time-step selection is reproducible per patch
-    and independent of how patches are batched into jobs."""
-    digest = hashlib.sha256(f"{seed}/{tile}/{patch.row_off}/{patch.col_off}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+def tile_seed(seed: int, tile: str) -> int:
+    """The seed of one tile in a run: random time-step selection (v1.0 families) then depends on
+    (run seed, tile, tile pixel) only, so that overlapping runs and any patch layout agree."""
+    digest = hashlib.sha256(f"{seed}/{tile}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def embed_stack_patches(
@@ -37,7 +40,9 @@ def embed_stack_patches(
     family: str | None,
     trust_checkpoint: bool = False,
     device: str = "auto",
+    precision: str = "auto",
     seed: int = 0,
+    repeat_times: int = 1,
     batch_pixels: int = 4096,
     threads: int | None = None,
     out_dir: Path,
@@ -45,8 +50,9 @@ def embed_stack_patches(
     """Embed each patch (tile pixel windows) and write ``out_dir/r<row>_c<col>.npy``.
 
     float32 (h, w, D); NaN where the pixel is outside the ROI or had no valid observation.
+    ``repeat_times`` random draws per pixel are averaged (v1.0 families; 1 for the others).
     """
-    from tessera.infer import embed_arrays
+    from tessera.infer import Embedder
     from tessera.models import load_model
     from tessera.stack import read_window, verify_stack_index
 
@@ -56,6 +62,7 @@ def embed_stack_patches(
     tile, (col_off, row_off) = stack.index["tile"], stack.index["window"][:2]
     data_source = NORMALISATION_SOURCE[stack.index["source"]]
     model = load_model(checkpoint, family, trust_checkpoint=trust_checkpoint)
+    embedder = Embedder(model, device=device, precision=precision, threads=threads, batch_pixels=batch_pixels)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for patch in patches:
@@ -64,9 +71,9 @@ def embed_stack_patches(
         in_stack = Window(patch.col_off - col_off, patch.row_off - row_off, patch.width, patch.height)
         arrays = read_window(stack.s2_path, stack.s1_path, in_stack)
         valid = read_roi_mask(roi_mask_path, window=patch)
-        embedding = embed_arrays(
-            model, arrays, valid=valid, data_source=data_source, seed=patch_seed(seed, tile, patch),
-            device=device, batch_pixels=batch_pixels, threads=threads, progress=True,
+        embedding = embedder.embed(
+            arrays, valid=valid, data_source=data_source, seed=tile_seed(seed, tile),
+            origin=(patch.row_off, patch.col_off), repeat_times=repeat_times, progress=True,
         )
         with atomic_path(out) as tmp:
             np.save(tmp, embedding)
@@ -75,4 +82,57 @@ def embed_stack_patches(
                  patch_name(patch), valid.sum(), seconds, valid.sum() / max(seconds, 1e-9),
                  int(np.isnan(embedding[valid][:, 0]).sum()))
         written.append(out)
+    return written
+
+
+def reference_patch_name(col: int, row: int, width: int, height: int, size: int) -> str:
+    """``<x_min>_<y_min>_<x_max>_<y_max>`` as the reference retiler names a patch of a
+    ``width`` × ``height`` grid: columns and rows of its top-left pixel, then that plus ``size``,
+    clipped to the grid."""
+    return f"{col}_{row}_{min(col + size, width)}_{min(row + size, height)}"
+
+
+def export_patches(
+    stack_index: Path,
+    patches: list[Window],
+    out_dir: Path,
+    *,
+    roi_mask_path: Path,
+    patch_size: int,
+) -> list[Path]:
+    """Write patches of a tile's stack in the reference per-patch layout, for the reference tools.
+
+    ``patches`` are windows in tile pixels (as ``tessera.grid.patches`` cuts the work window);
+    each becomes ``out_dir/<x_min>_<y_min>_<x_max>_<y_max>/`` in the coordinates of the work
+    window (the reference's ROI grid): the seven ``.npy`` arrays zero-padded to ``patch_size``
+    square, as the retiler pads edge patches, and ``roi.tiff`` (uint8 0/1, LZW, tiled 256, the
+    window's CRS and transform shifted to the patch, no nodata tag). Patches without an ROI
+    pixel are skipped, as the reference does. Each directory appears complete or not at all.
+    """
+    from tessera.stack import export_reference_patch, verify_stack_index
+
+    stack = verify_stack_index(stack_index, checksums=False)
+    col_off, row_off, width, height = stack.index["window"]
+    transform = Affine(*stack.index["transform"][:6])
+    written = []
+    for patch in patches:
+        if max(patch.width, patch.height) > patch_size:
+            raise UserError(f"patch {patch_name(patch)} is {patch.width} x {patch.height} pixels, larger than "
+                            f"patch_size {patch_size}: cut the windows with the same patch size")
+        roi = read_roi_mask(roi_mask_path, window=patch)
+        if not roi.any():
+            continue
+        col, row = patch.col_off - col_off, patch.row_off - row_off
+        padded_roi = np.zeros((patch_size, patch_size), np.uint8)
+        padded_roi[:roi.shape[0], :roi.shape[1]] = roi
+        final = out_dir / reference_patch_name(col, row, width, height, patch_size)
+        with atomic_path(final, directory=True) as staging:
+            export_reference_patch(stack.s2_path, stack.s1_path, Window(col, row, patch_size, patch_size), staging)
+            profile = dict(driver="GTiff", width=patch_size, height=patch_size, count=1, dtype="uint8",
+                           crs=stack.index["crs"], transform=transform @ Affine.translation(col, row),
+                           compress="lzw", tiled=True, blockxsize=256, blockysize=256)
+            with rasterio.open(staging / "roi.tiff", "w", **profile) as dst:
+                dst.write(padded_roi, 1)
+        written.append(final)
+    log.info("exported %d of %d patches of %s to %s", len(written), len(patches), stack.index["tile"], out_dir)
     return written
