@@ -135,21 +135,20 @@ def test_signed_reads_leave_no_signature_in_logs_errors_or_the_stack(tmp_path, c
 
 # --- credential files -----------------------------------------------------------------------------
 
-opera = pytest.importorskip("tessera.sources.opera")
-
-
 @pytest.fixture
-def no_earthdata_environment(monkeypatch, tmp_path):
+def opera(monkeypatch, tmp_path):
+    """The OPERA source's credential lookup, with a fresh HOME and no Earthdata variables."""
+    module = pytest.importorskip("tessera.sources.opera")
     for name in ("EARTHDATA_TOKEN", "EARTHDATA_TOKEN_FILE", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
-    return tmp_path / "home"
+    return module
 
 
 @pytest.mark.parametrize("kind", ["token file", "netrc"])
-def test_credential_files_readable_by_others_are_refused_without_showing_the_secret(no_earthdata_environment, kind):
-    home = no_earthdata_environment
+def test_credential_files_readable_by_others_are_refused_without_showing_the_secret(opera, tmp_path, kind):
+    home = tmp_path / "home"
     if kind == "token file":
         path, text = home / ".edl_bearer_token", EARTHDATA_TOKEN
     else:
@@ -166,7 +165,7 @@ def test_credential_files_readable_by_others_are_refused_without_showing_the_sec
     assert options.get("GDAL_HTTP_BEARER") == EARTHDATA_TOKEN or options.get("GDAL_HTTP_NETRC_FILE") == str(path)
 
 
-def test_missing_credentials_name_every_way_to_give_them(no_earthdata_environment):
+def test_missing_credentials_name_every_way_to_give_them(opera):
     with pytest.raises(UserError, match="EARTHDATA_TOKEN.*edl_bearer_token.*netrc"):
         opera.earthdata_gdal_options()
 
