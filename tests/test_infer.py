@@ -1,6 +1,8 @@
 """Inference core: v2 input preparation, no-data, determinism, batching, quantisation, patch reader."""
 
+import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,16 @@ import pytest
 import torch
 
 from tessera.errors import UserError
-from tessera.infer import cpu_threads, embed_arrays, embed_reference_patch, quantize, read_reference_patch
+from tessera.infer import (
+    Embedder,
+    _prepared_ahead,
+    cpu_threads,
+    embed_arrays,
+    embed_reference_patch,
+    quantize,
+    read_reference_patch,
+    resolve_precision,
+)
 from tessera.models import get_family, load_model
 from tessera.models.base import Family, Quantisation
 from tessera.models.v2 import STUDENT_NORMALISATION, pad_pattern
@@ -218,3 +229,116 @@ def test_unavailable_cuda_is_a_user_error(model):
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="no usable CUDA"):
         embed_arrays(model, synthetic_arrays(), device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Embedder: batch-size invariance, precision, out-of-memory, background preparation
+
+FAMILY_VECTORS = {"v1.0": "v1.0", "v1.0-qat": "v1.0-qat", "v1.1": "v1.1", "v2": "v2-student"}
+
+
+def vector_model(family: str):
+    """The small reference-vector model of a family (v1.0 checkpoints do not record their size)."""
+    name = FAMILY_VECTORS[family]
+    meta = json.loads((VECTORS / name / "meta.json").read_text())
+    arch = meta["config"] if family in ("v1.0", "v1.0-qat") else {}
+    return load_model(VECTORS / name / "checkpoint.pt", family, **arch)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_VECTORS))
+def test_embeddings_are_bit_identical_whatever_the_batch(family):
+    model = vector_model(family)
+    arrays = synthetic_arrays(seed=2, height=6, width=7)
+    reference = embed_arrays(model, arrays, device="cpu", batch_pixels=4096)
+    for batch_pixels in (1, 3, 13):
+        again = embed_arrays(model, arrays, device="cpu", batch_pixels=batch_pixels)
+        assert np.array_equal(again, reference, equal_nan=True), batch_pixels
+    lonely = np.zeros((6, 7), bool)
+    lonely[4, 5] = True  # alone in its batch and bucket
+    alone = embed_arrays(model, arrays, valid=lonely, device="cpu")
+    assert np.array_equal(alone[4, 5], reference[4, 5])
+
+
+def test_deterministic_families_refuse_repeats(model):
+    with pytest.raises(UserError, match="repeat_times = 2, but family v2 selects time steps deterministically"):
+        embed_arrays(model, synthetic_arrays(), device="cpu", repeat_times=2)
+
+
+def _cosine(a, b):
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    keep = ~np.isnan(a[:, 0])
+    a, b = a[keep], b[keep]
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_VECTORS))
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_stays_close_to_fp32(family, precision):
+    model = vector_model(family)
+    arrays = synthetic_arrays(seed=3)
+    exact = embed_arrays(model, arrays, device="cpu", precision="fp32")
+    approximate = embed_arrays(model, arrays, device="cpu", precision=precision)
+    assert approximate.dtype == np.float32
+    assert np.array_equal(np.isnan(approximate), np.isnan(exact))
+    assert not np.array_equal(approximate, exact, equal_nan=True)  # the reduced path really ran
+    assert _cosine(approximate, exact).min() > 0.99
+    assert torch.backends.mha.get_fastpath_enabled()  # int8 switches the fused attention off only while it runs
+    if precision == "int8":
+        assert isinstance(model.s2_backbone.embedding[0], torch.nn.Linear)  # the caller's model is untouched
+
+
+def test_precision_choice():
+    v1_1, v2 = get_family("v1.1"), get_family("v2")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", v1_1, cpu) == "fp32"  # CPUs run fp32 unless asked
+    assert resolve_precision("auto", v1_1, cuda) == ("bf16" if v1_1.bf16_on_cuda else "fp32")
+    assert resolve_precision("auto", v2, cuda) == ("bf16" if v2.bf16_on_cuda else "fp32")
+    assert resolve_precision("bf16", v2, cpu) == "bf16"
+    with pytest.raises(UserError, match="int8 .* runs on the CPU only"):
+        resolve_precision("int8", v2, cuda)
+    with pytest.raises(UserError, match="precision 'fp16' is not one of auto, fp32, bf16, int8"):
+        resolve_precision("fp16", v2, cpu)
+
+
+class _MemoryLimited(torch.nn.Module):
+    """A model that, like a full GPU, fails on passes of more than ``limit`` rows."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.inner, self.limit, self.passes = model, limit, []
+        self.family, self.arch = model.family, model.arch
+
+    def encode(self, *inputs):
+        self.passes.append(inputs[0].shape[0])
+        if inputs[0].shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner.encode(*inputs)
+
+
+def test_out_of_memory_halves_the_rows_per_pass(model, caplog):
+    arrays = synthetic_arrays(seed=4)
+    expected = embed_arrays(model, arrays, device="cpu")
+    limited = _MemoryLimited(model, limit=20)
+    embedder = Embedder(limited, device="cpu")
+    got = embedder.embed(arrays)
+    assert np.array_equal(got, expected, equal_nan=True)  # padding keeps the halves bit-identical
+    assert embedder.max_rows <= 20 and max(limited.passes[-3:]) <= 24
+    assert "out of memory" in caplog.text
+    with pytest.raises(UserError, match="ran out of memory for a single pixel"):
+        Embedder(_MemoryLimited(model, limit=0), device="cpu").embed(arrays)
+
+
+def test_batches_prepared_ahead_arrive_in_order_and_errors_surface():
+    def batches():
+        yield from range(5)
+        raise UserError("the stack is damaged: rerun the stack step")
+
+    seen = []
+    with pytest.raises(UserError, match="the stack is damaged"):
+        for item in _prepared_ahead(batches(), lambda batch: batch * 10):
+            seen.append(item)
+    assert seen == [0, 10, 20, 30, 40]
+    early = _prepared_ahead(iter(range(1000)), lambda batch: batch)
+    assert next(early) == 0
+    early.close()  # the consumer stops early: the background thread is stopped, not left blocked
+    assert not [t for t in threading.enumerate() if t.name == "tessera-prepare-batches"]

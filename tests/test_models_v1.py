@@ -92,6 +92,26 @@ def test_qat_pooling_special_cases():
     assert torch.equal(pooling(torch.zeros(3, 0, 8)), torch.zeros(3, 8))
 
 
+def test_hand_written_gru_follows_the_reference_cell():
+    """The fused loop against the cell equations of UPSTREAM.md §4.8, one step at a time."""
+    torch.manual_seed(0)
+    gru = HandWrittenGRU(6)
+    for parameter in gru.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    x = torch.randn(3, 5, 6)
+    c = gru.gru_cell
+    h, expected = torch.zeros(3, 6), []
+    for step in range(5):
+        xt = x[:, step]
+        r = torch.sigmoid(xt @ c.W_ir.weight.T + h @ c.W_hr.weight.T + c.b_r)
+        z = torch.sigmoid(xt @ c.W_iz.weight.T + h @ c.W_hz.weight.T + c.b_z)
+        candidate = torch.tanh(xt @ c.W_ih.weight.T + (r * h) @ c.W_hh.weight.T + c.b_h)
+        h = (1 - z) * h + z * candidate
+        expected.append(h)
+    with torch.inference_mode():
+        torch.testing.assert_close(gru(x), torch.stack(expected, dim=1), atol=1e-6, rtol=1e-5)
+
+
 # UPSTREAM.md §4.2, §4.8, §5.2: encoder parameters of the published models.
 ENCODER_PARAMETERS = {"v1.0": 87_841_922, "v1.0-qat": 45_828_226, "v1.1": 57_708_738}
 
@@ -316,6 +336,22 @@ def test_seeded_embeddings_are_identical_across_runs_batch_sizes_and_rois(family
     assert np.array_equal(part[roi], first[roi]) and np.isnan(part[~roi]).all()
     other_seed = embed_arrays(model, arrays, seed=12, device="cpu")
     assert np.nanmax(np.abs(other_seed - first)) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["v1.0", "v1.0-qat"])
+def test_a_date_invalid_at_a_pixel_does_not_change_its_draws(family):
+    """Overlapping runs can have different time axes (a date without any valid pixel in one work
+    window is not stored): a pixel's draws depend only on its own candidate dates."""
+    arrays = _synthetic_patch()
+    arrays["masks"][7, 0, 0] = 0  # pixel 0: 49 of 50 steps valid, drawn without replacement
+    model = vector_model(family)
+    first = embed_arrays(model, arrays, seed=11, origin=(40, 70), device="cpu")
+    dropped = {**arrays, "bands": np.delete(arrays["bands"], 7, 0), "masks": np.delete(arrays["masks"], 7, 0),
+               "doys": np.delete(arrays["doys"], 7)}
+    second = embed_arrays(model, dropped, seed=11, origin=(40, 70), device="cpu")
+    assert np.array_equal(second[0, 0], first[0, 0])
+    assert np.array_equal(second[0, 1], first[0, 1])  # three valid steps, drawn with replacement
+    assert np.abs(second[1, 2] - first[1, 2]).max() > 1e-4  # step 7 was a candidate there
 
 
 # ---------------------------------------------------------------------------------------------

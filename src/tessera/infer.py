@@ -126,10 +126,17 @@ def _padded(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _quantised(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose Linear layers compute in int8 (weights per tensor, activations per batch)."""
+    """A copy of ``model`` whose Linear layers compute in int8 (weights per tensor, activations per batch).
+
+    The temporal pooling (``attn_pool``) stays float: its recurrent cells read their weights
+    directly, and rounding errors would compound over the time steps. Attention's output
+    projection (a Linear subclass the fused attention reads directly) stays float too.
+    """
+    layers = {name: torch.ao.quantization.default_dynamic_qconfig for name, module in model.named_modules()
+              if type(module) is nn.Linear and ".attn_pool." not in f".{name}."}
     with warnings.catch_warnings():  # torch marks eager-mode quantisation as deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), layers, dtype=torch.qint8)
     quantised.family, quantised.arch = model.family, model.arch
     return quantised
 
