@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -62,6 +63,9 @@ GDAL_HTTP_OPTIONS = {
     "GDAL_HTTP_MAX_RETRY": "5",
     "GDAL_HTTP_RETRY_DELAY": "1",
 }
+# Attempts of a read that fails for a reason GDAL does not retry (see _WindowReader.read).
+READ_ATTEMPTS = 3
+_HTTP_STATUS = re.compile(r"HTTP response code: (\d+)")
 # Band reads in flight per tile: reads wait on the network, not the CPU, and a date needs up to
 # 11 assets of each of its granules.
 PARALLEL_READS = 4
@@ -128,24 +132,34 @@ class _WindowReader:
     def read(self, item: pystac.Item, band: str, resampling: Resampling) -> np.ndarray:
         """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata).
 
-        A failed read of a signed href is signed anew and tried once more: an expired SAS token
-        shows as HTTP 403, or, when it expires between the requests of one open, as a file GDAL
-        cannot recognise.
+        GDAL retries HTTP errors and timeouts itself. A read that fails otherwise (a reset
+        connection, a body cut short, hence a block that does not decode) is tried again, up to
+        ``READ_ATTEMPTS`` in all, bypassing GDAL's cache, which would repeat the failure without a
+        request. A signed href is signed anew first: an expired SAS token shows as HTTP 403, or,
+        when it expires between the requests of one open, as a file GDAL cannot recognise.
         """
-        for last_try in (False, True):
+        for attempt in range(1, READ_ATTEMPTS + 1):
             try:
                 href = self.feed.href(item, band)
             except UnusableAsset as exc:
                 raise SceneUnreadable({item.id: str(exc)}) from None
             try:
-                return self._warped(href, resampling)
+                return self._warped(href, resampling, cached=attempt == 1)
             except RasterioError as exc:
-                if not last_try and self.feed.forget(href):
-                    continue
-                raise SceneUnreadable({item.id: f"{band}: {redact(_one_line(exc))}"}) from None
+                reason = _one_line(exc)
+                status = _HTTP_STATUS.search(reason)
+                signed_anew = (status is None or status.group(1) == "403") and self.feed.forget(href)
+                not_retried_by_gdal = status is None and "timed out" not in reason.lower()
+                if attempt == READ_ATTEMPTS or not (signed_anew or not_retried_by_gdal):
+                    raise SceneUnreadable({item.id: f"{band}: {redact(reason)}"}) from None
 
-    def _warped(self, href: str, resampling: Resampling) -> np.ndarray:
-        with rasterio.Env(**self.options), rasterio.open(href) as src, WarpedVRT(
+    def _warped(self, href: str, resampling: Resampling, *, cached: bool) -> np.ndarray:
+        options = self.options
+        if not cached:
+            # GDAL splits this option's list of path prefixes on ":", so a URL cannot be named:
+            # "/vsicurl/https" leaves every https file of this read uncached.
+            options = {**options, "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/" + href.split(":", 1)[0]}
+        with rasterio.Env(**options), rasterio.open(href) as src, WarpedVRT(
             src,
             crs=self.crs,
             transform=self.transform,
@@ -162,8 +176,9 @@ class _WindowReader:
 
     def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]) -> Iterator[tuple[tuple, np.ndarray]]:
         """``((item, band, resampling), array)`` for each read as it completes. Then, if any read
-        failed, SceneUnreadable naming every failed item: each is tried once (GDAL remembers a URL
-        that failed, so a second open would only say that the file does not exist)."""
+        failed, SceneUnreadable naming every failed item with its own reason (reads of the batch
+        still running are waited for rather than dropped: a later open of a failed URL would only
+        say that the file does not exist)."""
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(self.parallel_reads, thread_name_prefix="read") as pool:
             futures = {pool.submit(self.read, *read): read for read in reads}

@@ -11,15 +11,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import random
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import parse_qs
 
 import numpy as np
 import pystac
 import pystac_client
+import requests
 import shapely
 from pystac_client.stac_api_io import StacApiIO
 from shapely.geometry import shape
@@ -54,11 +58,16 @@ _SEARCH_RETRY = Retry(
     total=5, backoff_factor=1.5, backoff_jitter=0.5, status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None
 )
 _SEARCH_TIMEOUT_S = (10, 60)  # connect, read
+# Whole-search attempts when a response is cut short; the k-th retry waits min(60, 1.5**k) s x U(0.8, 1.2).
+_SEARCH_ATTEMPTS = 6
+_SEARCH_BACKOFF_BASE_S = 1.5
 _PAGE_SIZE = 250
 
 # Credentials that ride in URLs (SAS tokens, pre-signed queries) or headers.
 _URL_QUERY = re.compile(r"((?:https?|s3)://[^\s?#'\"<>]+)\?(?:[^\s'\"<>]*[^\s'\"<>.])?")  # a final "." ends the sentence
 _BEARER = re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE)
+# Query parameters of signed URLs: Azure SAS, AWS and Google pre-signed URLs, CloudFront, tokens.
+_SIGNATURE_PARAMETERS = {"sig", "x-amz-signature", "x-amz-security-token", "x-goog-signature", "signature", "token"}
 
 
 def redact(text: str) -> str:
@@ -173,26 +182,46 @@ class StacFeed:
         return items
 
     def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
-        """Every page of a POST /search, then only items that really match (see ``_MergingStacApiIO``)."""
+        """Every page of a POST /search, then only items that really match (see ``_MergingStacApiIO``).
+
+        Each request is retried by urllib3 (connection errors, 429, 5xx); a response cut short
+        after its headers is not, so the whole search is run again, with the reference's backoff.
+        """
         start = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
         end = dt.datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
-        try:
-            stac_io = _MergingStacApiIO(timeout=_SEARCH_TIMEOUT_S, max_retries=_SEARCH_RETRY)
-            client = pystac_client.Client.open(self.url, stac_io=stac_io)
-            found = client.search(
-                collections=[self.collection],
-                bbox=list(bbox_lonlat),
-                datetime=[start, end],
-                limit=_PAGE_SIZE,
-                method="POST",
-            )
-            items = [pystac.Item.from_dict(d, preserve_dict=False) for d in found.items_as_dicts()]
-        except (pystac_client.exceptions.APIError, pystac_client.warnings.DoesNotConformTo, OSError, ValueError) as exc:
-            reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
-            raise UserError(
-                f"searching {self.collection} at {self.url} failed ({reason}): check the network or the source and rerun"
-            ) from None
+        for attempt in range(1, _SEARCH_ATTEMPTS + 1):
+            try:
+                items = self._all_pages(bbox_lonlat, start, end)
+                break
+            except (pystac_client.exceptions.APIError, pystac_client.warnings.DoesNotConformTo, OSError, ValueError) as exc:
+                if attempt < _SEARCH_ATTEMPTS and _cut_short(exc):
+                    time.sleep(min(60.0, _SEARCH_BACKOFF_BASE_S ** attempt) * random.uniform(0.8, 1.2))
+                    continue
+                reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+                raise UserError(
+                    f"searching {self.collection} at {self.url} failed ({reason}): check the network or the source and rerun"
+                ) from None
         return _matching(items, self.collection, bbox_lonlat, start, end)
+
+    def _all_pages(self, bbox_lonlat, start: dt.datetime, end: dt.datetime) -> list[pystac.Item]:
+        stac_io = _MergingStacApiIO(timeout=_SEARCH_TIMEOUT_S, max_retries=_SEARCH_RETRY)
+        client = pystac_client.Client.open(self.url, stac_io=stac_io)
+        found = client.search(
+            collections=[self.collection],
+            bbox=list(bbox_lonlat),
+            datetime=[start, end],
+            limit=_PAGE_SIZE,
+            method="POST",
+        )
+        return [pystac.Item.from_dict(d, preserve_dict=False) for d in found.items_as_dicts()]
+
+
+def _cut_short(exc: BaseException) -> bool:
+    """A response that ended before its body did: pystac-client wraps requests' error in an APIError."""
+    if isinstance(exc, json.JSONDecodeError):
+        return True
+    cause = exc.__context__
+    return isinstance(cause, (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError))
 
 
 class _MergingStacApiIO(StacApiIO):
@@ -276,16 +305,34 @@ def cached_search(
     query = {"source": source.name, **feed.describe(), "bbox": [float(v) for v in bbox_lonlat], "year": year}
     if cache is not None and cache.exists():
         cached = json.loads(cache.read_text())
-        if cached.get("tessera:query") == query:
+        if cached.get("tessera:query") == query and cached.get("tessera:reusable", True):
             items = [pystac.Item.from_dict(d) for d in cached["features"]]
             return feed.rebase(items, cached["tessera:api_url"])
     items = feed.search(bbox_lonlat, year)
     if cache is not None:
+        features = [item.to_dict(transform_hrefs=False) for item in items]
+        unsigned = _without_signatures(features)
         with atomic_path(cache) as tmp:
             tmp.write_text(json.dumps({
                 "type": "FeatureCollection",
                 "tessera:query": query,
                 "tessera:api_url": feed.url,
-                "features": [item.to_dict(transform_hrefs=False) for item in items],
+                # An API that hands out pre-signed hrefs: the record keeps the scenes, not the
+                # signatures, and a rerun has to search again for fresh ones.
+                "tessera:reusable": unsigned == features,
+                "features": unsigned,
             }))
     return items
+
+
+def _without_signatures(features: list[dict]) -> list[dict]:
+    """Item dicts whose asset hrefs lose a query string that carries a signature or a token."""
+    cleaned = []
+    for feature in features:
+        assets = {}
+        for key, asset in feature.get("assets", {}).items():
+            href, _, query = asset.get("href", "").partition("?")
+            signed = {name.lower() for name in parse_qs(query)} & _SIGNATURE_PARAMETERS
+            assets[key] = {**asset, "href": href} if signed else asset
+        cleaned.append({**feature, "assets": assets})
+    return cleaned
