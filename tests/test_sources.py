@@ -294,3 +294,24 @@ def test_netrc_needs_the_earthdata_login_machine(no_earthdata_credentials):
     netrc.chmod(0o640)
     with pytest.raises(UserError, match="readable by others"):
         earthdata_gdal_options()
+
+
+def test_pre_signed_hrefs_are_cached_without_their_signature_and_searched_again(tmp_path):
+    class PreSigned(CountingFeed):
+        def search(self, bbox_lonlat, year):
+            items = super().search(bbox_lonlat, year)
+            items[0].assets["B04"].href = "https://a.blob.core.windows.net/c/B04.tif?st=2026&se=2026&sp=rl&sig=S3CRET"
+            items[0].add_asset("tilejson", pystac.Asset("https://example.org/tilejson.json?collection=x&item=a"))
+            return items
+
+    feed = PreSigned("https://api", "sentinel-2-l2a", MPC_ASSET_KEYS)
+    object.__setattr__(feed, "searches", [])
+    source = Source("test", feed, feed, "mpc")
+    cache = tmp_path / "search_s2.json"
+    items = cached_search(source, feed, BBOX, 2024, cache)
+    assert items[0].assets["B04"].href.endswith("sig=S3CRET")  # readable now
+    written = cache.read_text()
+    assert "S3CRET" not in written and "?collection=x&item=a" in written
+    assert json.loads(written)["features"][0]["assets"]["B04"]["href"] == "https://a.blob.core.windows.net/c/B04.tif"
+    cached_search(source, feed, BBOX, 2024, cache)
+    assert feed.searches == [2024, 2024]
