@@ -51,7 +51,7 @@ from tessera.demo.world import (
 )
 from tessera.errors import UserError
 from tessera.grid import reproject, utm_epsg
-from tessera.io import atomic_path
+from tessera.io import atomic_path, check_raster_complete
 
 S2_COLLECTION = "sentinel-2-l2a"
 S1_COLLECTION = "sentinel-1-rtc"
@@ -493,6 +493,9 @@ def _cog_asset(path: Path, values: np.ndarray, granule: Granule, gsd: int, *, no
         compress="deflate", predictor="yes", blocksize=128, overview_count=2, overview_resampling=resampling,
     ) as dst:
         dst.write(values, 1)
+    # GDAL reports a write failing at close (a full disk) only as a message: the catalog's staging
+    # folder must not be renamed into place around a truncated COG.
+    check_raster_complete(path)
     fields = dict(extra)
     if with_projection:
         fields.update({"proj:bbox": list(granule.bounds), "proj:shape": [height, width], "proj:transform": list(transform)[:6]})
