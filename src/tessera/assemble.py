@@ -8,6 +8,7 @@ get code 0 and scale NaN, which geotessera dequantises to NaN.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -30,6 +31,22 @@ def patch_origin(path: Path) -> tuple[int, int]:
     if not match:
         raise UserError(f"patch file {str(path)!r} is not named r<row>_c<col>.npy")
     return int(match.group(1)), int(match.group(2))
+
+
+def _load_patch(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(f"patch {str(path)!r} is damaged ({error}): delete it and rerun its inference") from None
+
+
+def _reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy memmap whose disk space is reserved up front: a full disk then fails here with
+    an OSError, not later with SIGBUS while writing through the mapping."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+    return array
 
 
 def assemble_tile(
@@ -56,7 +73,7 @@ def assemble_tile(
 
     tile = Tile.from_name(tile_name)
     quantiser = get_family(family)
-    found = {np.load(p, mmap_mode="r").shape[-1] for p in patch_paths}
+    found = {_load_patch(p, mmap_mode="r").shape[-1] for p in patch_paths}
     if len(found) != 1:
         raise UserError(f"patches of {tile_name} disagree on the embedding size ({sorted(found)}): rerun their inference")
     (dim,) = found
@@ -72,13 +89,13 @@ def assemble_tile(
         floats = None
         if float32_path is not None:
             tmp_floats = stack.enter_context(atomic_path(float32_path))
-            floats = np.lib.format.open_memmap(tmp_floats, mode="w+", dtype=np.float32, shape=(tile.height, tile.width, dim))
+            floats = _reserved_memmap(tmp_floats, np.float32, (tile.height, tile.width, dim))
             floats[:] = np.nan
         tmp_embedding = stack.enter_context(atomic_path(embedding_path))
-        codes = np.lib.format.open_memmap(tmp_embedding, mode="w+", dtype=np.int8, shape=(tile.height, tile.width, dim))
+        codes = _reserved_memmap(tmp_embedding, np.int8, (tile.height, tile.width, dim))
         for path in patch_paths:
             row, col = patch_origin(path)
-            embedding = np.load(path)[..., :dim]
+            embedding = _load_patch(path)[..., :dim]
             height, width = embedding.shape[:2]
             if row + height > tile.height or col + width > tile.width:
                 raise UserError(f"patch {str(path)!r} reaches outside tile {tile_name}: it belongs to another tile")

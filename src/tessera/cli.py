@@ -393,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A full disk, an exceeded quota, a permission: the job fails with one line, the previous
+        # outputs stay as they were (every write is atomic).
+        print(f"tessera: error: {exc}: check free space, quota and permissions, then rerun", file=sys.stderr)
+        return 1
     return status or 0
 
 

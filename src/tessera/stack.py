@@ -278,15 +278,24 @@ def read_window(s2_path: str | os.PathLike, s1_path: str | os.PathLike, window: 
     """
     s2, s1 = open_s2(s2_path), open_s1(s1_path)
     arrays = {
-        "bands": _read_boundless(s2.bands, window),
-        "masks": _read_boundless(s2.masks, window),
+        "bands": _read_checked(s2.bands, window, s2_path),
+        "masks": _read_checked(s2.masks, window, s2_path),
         "doys": s2.series.doys,
     }
     for orbit in S1_ORBITS:
         series = s1.orbit(orbit)
-        arrays[f"sar_{orbit}"] = _read_boundless(series.arrays["sar"], window)
+        arrays[f"sar_{orbit}"] = _read_checked(series.arrays["sar"], window, s1_path)
         arrays[f"sar_{orbit}_doy"] = series.doys
     return arrays
+
+
+def _read_checked(array: zarr.Array, window: Window, store: str | os.PathLike) -> np.ndarray:
+    """A window read; a chunk that fails to decode (zstd checksum, truncation) is named as damage."""
+    try:
+        return _read_boundless(array, window)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"stack {store} has a damaged chunk in {array.basename!r} ({error}): "
+                        "delete it and rerun the fetch step of this tile") from None
 
 
 # --- the stack stage: index and verification ---------------------------------------------------

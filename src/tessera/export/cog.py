@@ -9,7 +9,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 
-from tessera.io import atomic_path
+from tessera.io import atomic_path, check_raster_complete
 
 COG_DIR = "cog"
 _ROWS_PER_BLOCK = 256
@@ -50,6 +50,7 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, landmask_path: Path,
                 staging, tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=256,
                 overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(os.cpu_count() or 1),
             )
+            check_raster_complete(tmp)
         finally:
             staging.unlink(missing_ok=True)
 

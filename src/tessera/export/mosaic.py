@@ -44,7 +44,7 @@ from tessera.export.geotessera import find_tiles
 from tessera.export.quicklook import quicklook_paths
 from tessera.export.cog import tile_cog_path
 from tessera.grid import PIXEL_METRES, Tile
-from tessera.io import atomic_path
+from tessera.io import atomic_path, check_raster_complete
 
 MOSAIC_DIR = "mosaic"
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "int16": "Int16", "uint16": "UInt16", "float32": "Float32"}
@@ -156,4 +156,5 @@ def write_mosaic_cog(vrt: Path, out: Path) -> Path:
             vrt, tmp, driver="COG", compress="DEFLATE", predictor=predictor, blocksize=256,
             overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(os.cpu_count() or 1),
         )
+        check_raster_complete(tmp)
     return out

@@ -8,7 +8,7 @@ import numpy as np
 import rasterio
 
 from tessera.grid import Tile
-from tessera.io import atomic_path
+from tessera.io import atomic_path, check_raster_complete
 from tessera.stack import S1_ORBITS, open_s1, open_s2, verify_stack_index
 
 BANDS = ("s2_valid_steps", "s1_valid_steps")
@@ -35,8 +35,10 @@ def write_observation_counts(stack_index: Path, out: Path) -> Path:
     profile = dict(driver="GTiff", width=tile.width, height=tile.height, count=2, dtype="uint16", crs=tile.crs,
                    transform=tile.transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate")
     window = rasterio.windows.Window(col_off, row_off, width, height)
-    with atomic_path(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(s2_count, 1, window=window)
-        dst.write(s1_count, 2, window=window)
-        dst.descriptions = BANDS
+    with atomic_path(out) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(s2_count, 1, window=window)
+            dst.write(s1_count, 2, window=window)
+            dst.descriptions = BANDS
+        check_raster_complete(tmp)
     return out

@@ -26,7 +26,7 @@ from rasterio.windows import Window
 
 from tessera.errors import UserError
 from tessera.export.geotessera import TileFiles
-from tessera.io import atomic_path
+from tessera.io import atomic_path, check_raster_complete
 
 QUICKLOOK_DIR = "quicklook"
 _ROWS_PER_BLOCK = 256
@@ -124,6 +124,8 @@ def write_tile_quicklook(files: TileFiles, basis: PcaBasis, png: Path, cog: Path
         with atomic_path(cog) as tmp:
             rasterio.shutil.copy(staging, tmp, driver="COG", compress="DEFLATE", predictor=2, blocksize=256,
                                  overview_resampling="average")
+            check_raster_complete(tmp)
         # No .aux.xml beside the PNG: it would be left behind under the temporary name.
         with rasterio.Env(GDAL_PAM_ENABLED="NO"), atomic_path(png) as tmp:
             rasterio.shutil.copy(staging, tmp, driver="PNG")
+            check_raster_complete(tmp)
