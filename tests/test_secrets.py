@@ -84,8 +84,6 @@ def test_no_secret_in_results_logs_stacks_or_snakemake_records(secret_run):
     assert {path: held for path, held in leaks.items() if path not in search_caches} == {}
 
 
-@pytest.mark.xfail(strict=True, reason="sources.stac.cached_search stores asset hrefs as the API gave them: signed "
-                   "hrefs must be cached without their query string (and such a cache not reused)")
 def test_no_secret_in_search_caches(secret_run):
     workdir, _ = secret_run
     assert files_holding_secrets(workdir) == {}
