@@ -287,9 +287,10 @@ def test_reduced_precision_stays_close_to_fp32(family, precision):
         assert isinstance(model.s2_backbone.embedding[0], torch.nn.Linear)  # the caller's model is untouched
 
 
-def test_precision_choice():
+def test_precision_choice(monkeypatch):
     v1_1, v2 = get_family("v1.1"), get_family("v2")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision("auto", v1_1, cpu) == "fp32"  # CPUs run fp32 unless asked
     assert resolve_precision("auto", v1_1, cuda) == ("bf16" if v1_1.bf16_on_cuda else "fp32")
     assert resolve_precision("auto", v2, cuda) == ("bf16" if v2.bf16_on_cuda else "fp32")
@@ -298,6 +299,12 @@ def test_precision_choice():
         resolve_precision("int8", v2, cuda)
     with pytest.raises(UserError, match="precision 'fp16' is not one of auto, fp32, bf16, int8"):
         resolve_precision("fp16", v2, cpu)
+    # A GPU without bfloat16 (before Ampere) runs fp32 on auto and refuses an explicit bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert resolve_precision("auto", v1_1, cuda) == "fp32"
+    with pytest.raises(UserError, match="Tesla T4 has no bfloat16 support"):
+        resolve_precision("bf16", v1_1, cuda)
 
 
 class _MemoryLimited(torch.nn.Module):

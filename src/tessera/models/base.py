@@ -375,12 +375,13 @@ class SensorSource:
         self.valid = torch.from_numpy(valid.view(np.uint8)).t().contiguous().numpy().view(bool)  # (H·W, T)
         self.valid_counts = valid.sum(axis=0)  # (H·W,)
         self.doys = np.concatenate([np.asarray(part.doys, np.float32) for part in parts])
-        # Distinct per step: (part, day of year, occurrence of that day within the part).
+        # Distinct per step, and the same for the same date in another stack: (part, day of year,
+        # how many earlier steps of the part share that day).
         keys = []
         for index, part in enumerate(parts):
-            doys = np.asarray(part.doys, np.int64)
+            doys = np.asarray(part.doys, np.int64) & 0xFFFF
             occurrence = np.array([np.count_nonzero(doys[:t] == doy) for t, doy in enumerate(doys)], np.int64)
-            keys.append((index * 512 + doys) * 64 + occurrence)
+            keys.append((((index << 16) | doys) << 15) | occurrence)  # 32 bits: occurrence < 2^15 steps
         self.step_keys = np.concatenate(keys).astype(np.uint64)
         tables = {(part.mean, part.std) for part in parts}
         if len(tables) == 1:  # one table: a (C,) row for every step

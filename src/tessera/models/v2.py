@@ -111,6 +111,7 @@ class V2Student(BucketedFamily):
     description = "TESSERA v2 pixel student (nano/small/medium/large, optional QK-norm)"
     quantisation = Quantisation(code_min=-127, code_max=127, scale_floor=1e-12, floor_on_absmax=True)
     state_dict_keys = ("model",)
+    bf16_on_cuda = True  # meets tessera.infer's criterion at the published size (benchmarks/infer.py)
     demo_sizes = {"small": {}, "large": {"latent_dim": 160, "dim_feedforward": 2560}}
 
     def default_arch(self) -> dict[str, Any]:
