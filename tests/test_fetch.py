@@ -1,3 +1,4 @@
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from tessera.errors import UserError
 from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
 from tessera.grid import tile_at
 from tessera.sources import Source
-from tessera.sources.mpc import MPC_ASSET_KEYS
+from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
 from tessera.sources.stac import StacFeed
 from tessera.stack import open_s1, open_s2
 
@@ -263,6 +264,23 @@ def test_s1_merges_first_non_zero_per_date_and_orbit_and_honours_nodata(tmp_path
     assert (stack.descending.arrays["sar"][0] == [10000, 6000]).all()
     assert "no_orbit" in stack.skipped and "no_orbit" in report["skipped"]
     assert report["kept"] == ["2024-06-03 ascending", "2024-06-03 descending"]
+
+
+def test_s1_resampling_defaults_to_the_references_for_the_source(tmp_path):
+    # gamma0 rising by 0.01 per pixel eastwards, on a grid a quarter pixel east of ours.
+    ramp = window_field(np.tile(0.05 + 0.01 * np.arange(W), (H, 1)))
+    item = s1_item(tmp_path, "A", utc(2024, 6, 3, 5), "descending", ramp, ramp,
+                   transform=GRANULE_TRANSFORM @ Affine.translation(0.25, 0))
+    columns = np.arange(5, 15)
+    # Nearest takes each pixel's own source pixel, bilinear a quarter of the way to the western one.
+    expected = {"nearest": 0.05 + 0.01 * columns, "bilinear": 0.0475 + 0.01 * columns}
+    for rule, values in expected.items():
+        mpc_like = dataclasses.replace(source([item]), s1_resampling=rule)
+        fetch_s1(TILE, WINDOW, 2024, mpc_like, tmp_path / f"{rule}.zarr")
+        sar = open_s1(tmp_path / f"{rule}.zarr").descending.arrays["sar"][0, 5, columns, 0]
+        # Within a tenth of a pixel (GDAL's approximate transformer); the two rules differ by a quarter.
+        np.testing.assert_allclose(10 ** ((sar / 200 - 50) / 20), values, atol=1e-3)
+    assert mpc_shaped_source("demo", "http://unused").s1_resampling == "nearest"
 
 
 def test_s1_polarisation_below_min_coverage_is_dropped(tmp_path):

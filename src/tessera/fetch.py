@@ -382,7 +382,7 @@ def fetch_s1(
     roi_mask: np.ndarray | None = None,
     min_coverage_pct: float = 0.01,
     min_scenes: int = 1,
-    resampling: str = "bilinear",
+    resampling: str | None = None,
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
@@ -391,11 +391,11 @@ def fetch_s1(
 
     Items are grouped by UTC date and ``sat:orbit_state``; items without an orbit state are skipped
     and recorded. Where the feed has a mask layer (OPERA), masked pixels count as no data.
-    Otherwise as ``fetch_s2``.
+    ``resampling`` defaults to the source's (the reference's for it). Otherwise as ``fetch_s2``.
     """
     reader = _WindowReader(tile, window, source.s1, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
-    gamma0_resampling = RESAMPLING[resampling]
+    gamma0_resampling = RESAMPLING[resampling or source.s1_resampling]
     found = cached_search(source, source.s1, window_bbox_lonlat(tile, window), year, search_cache)
     groups = defaultdict(list)
     no_orbit = {}

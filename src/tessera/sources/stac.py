@@ -272,12 +272,15 @@ def _raster_band(asset: pystac.Asset) -> dict:
 
 @dataclass(frozen=True)
 class Source:
-    """A Sentinel-2 and a Sentinel-1 feed, and the reference's S2 harmonisation rule for them."""
+    """A Sentinel-2 and a Sentinel-1 feed, and how the reference treats their data."""
 
     name: str
     s2: Feed
     s1: Feed
     harmonisation: str
+    # gamma0 onto the tile grid: the reference stacks MPC's 10 m RTC with stackstac's default
+    # (nearest) and warps OPERA's 30 m bursts bilinearly (UPSTREAM.md §1.4).
+    s1_resampling: str = "bilinear"
 
     def __post_init__(self):
         if self.harmonisation not in HARMONISATION_RULES:
