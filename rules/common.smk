@@ -117,7 +117,8 @@ def fetch_options(sensor):
 INFER_COMMAND = (
     "tessera infer --stack {input.stack} {params.patches} --roi-mask {input.roi_mask}"
     " --checkpoint {input.checkpoint} --family {params.family} {params.trust} --device {params.device}"
-    " --seed {params.seed} --batch-pixels {params.batch_pixels} --threads {threads}"
+    " --seed {params.seed} --repeat-times {params.repeat_times} --precision {params.precision}"
+    " --batch-pixels {params.batch_pixels} --threads {threads}"
     " --out-dir {params.out_dir} 2> {log}"
 )
 
@@ -127,6 +128,8 @@ INFER_PARAMS = dict(
     trust="--trust-checkpoint" if CFG["model"]["trust_checkpoint"] else "",
     device=CFG["device"],
     seed=CFG["infer"]["seed"],
+    repeat_times=CFG["infer"]["repeat_times"],
+    precision=CFG["infer"]["precision"],
     batch_pixels=CFG["infer"]["batch_pixels"],
 )
 

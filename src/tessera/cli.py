@@ -109,9 +109,18 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
     embed_stack_patches(
         Path(args.stack), args.patch, roi_mask_path=Path(args.roi_mask), checkpoint=Path(args.checkpoint),
-        family=args.family, trust_checkpoint=args.trust_checkpoint, device=args.device, seed=args.seed,
-        batch_pixels=args.batch_pixels, threads=args.threads, out_dir=Path(args.out_dir),
+        family=args.family, trust_checkpoint=args.trust_checkpoint, device=args.device, precision=args.precision,
+        seed=args.seed, repeat_times=args.repeat_times, batch_pixels=args.batch_pixels, threads=args.threads,
+        out_dir=Path(args.out_dir),
     )
+
+
+def cmd_export_patches(args: argparse.Namespace) -> None:
+    from tessera.patches import export_patches
+
+    for path in export_patches(Path(args.stack), args.patch, Path(args.out_dir), roi_mask_path=Path(args.roi_mask),
+                               patch_size=args.patch_size):
+        log.info("wrote %s", path)
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
@@ -301,10 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary pickles")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat-times", type=int, default=1, help="random draws averaged per pixel (v1.0 families)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto")
     p.add_argument("--batch-pixels", type=int, default=4096)
     p.add_argument("--threads", type=int)
     p.add_argument("--out-dir", required=True, help="writes <out-dir>/r<row>_c<col>.npy per patch")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export-patches", help="write a tile's stack in the reference per-patch .npy layout")
+    p.add_argument("--stack", required=True, help="the tile's stack.json")
+    p.add_argument("--roi-mask", required=True, help="the tile's roi.tif")
+    p.add_argument("--patch", type=_window, action="append",
+                   help="patch window col_off,row_off,width,height in tile pixels (default: all, cut at --patch-size)")
+    p.add_argument("--patch-size", type=int, default=500, help="the reference retiler's patch size (default 500)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_export_patches)
 
     p = sub.add_parser("assemble", help="(rule assemble) patches -> int8 tile + scales in geotessera's layout")
     p.add_argument("--tile", required=True)
