@@ -193,7 +193,7 @@ def test_v1_quantisation_floors_the_scale():
 
 def _draw(valid: np.ndarray, seed: int = 0) -> np.ndarray:
     pixels = np.arange(len(valid))
-    return draw_steps(valid, counter_words(stream_key(seed, 0), pixels, np.arange(valid.shape[1])),
+    return draw_steps(valid, valid.sum(axis=1), counter_words(stream_key(seed, 0), pixels, np.arange(valid.shape[1])),
                       lambda rows: counter_words(stream_key(seed, 1), pixels[rows], np.arange(40)))
 
 

@@ -126,6 +126,9 @@ def test_export_patches_writes_the_reference_layout(tmp_path, tile):
         tile_roi = src.read(1, window=Window(116, 200, 14, 16))
     assert set(np.unique(mask)) == {0, 1}
     assert np.array_equal(mask[:, :14], tile_roi) and not mask[:, 14:].any()
+    # Without a list, every patch of the work window at that size.
+    again = export_patches(tile / "stack.json", None, tmp_path / "all", roi_mask_path=tile / "roi.tif", patch_size=16)
+    assert [p.name for p in again] == ["0_0_16_16", "16_0_30_16"]
 
 
 def test_exported_patches_embed_like_the_stack(tmp_path, tile):

@@ -14,6 +14,7 @@ from rasterio.windows import Window
 
 from tessera.errors import UserError
 from tessera.grid import patch_name
+from tessera.grid import patches as work_window_patches
 from tessera.io import atomic_path
 from tessera.roi import read_roi_mask
 
@@ -94,7 +95,7 @@ def reference_patch_name(col: int, row: int, width: int, height: int, size: int)
 
 def export_patches(
     stack_index: Path,
-    patches: list[Window],
+    patches: list[Window] | None,
     out_dir: Path,
     *,
     roi_mask_path: Path,
@@ -102,8 +103,8 @@ def export_patches(
 ) -> list[Path]:
     """Write patches of a tile's stack in the reference per-patch layout, for the reference tools.
 
-    ``patches`` are windows in tile pixels (as ``tessera.grid.patches`` cuts the work window);
-    each becomes ``out_dir/<x_min>_<y_min>_<x_max>_<y_max>/`` in the coordinates of the work
+    ``patches`` are windows in tile pixels (as ``tessera.grid.patches`` cuts the work window;
+    None: all of them, cut at ``patch_size``); each becomes ``out_dir/<x_min>_<y_min>_<x_max>_<y_max>/`` in the coordinates of the work
     window (the reference's ROI grid): the seven ``.npy`` arrays zero-padded to ``patch_size``
     square, as the retiler pads edge patches, and ``roi.tiff`` (uint8 0/1, LZW, tiled 256, the
     window's CRS and transform shifted to the patch, no nodata tag). Patches without an ROI
@@ -114,6 +115,8 @@ def export_patches(
     stack = verify_stack_index(stack_index, checksums=False)
     col_off, row_off, width, height = stack.index["window"]
     transform = Affine(*stack.index["transform"][:6])
+    if patches is None:
+        patches = work_window_patches(Window(col_off, row_off, width, height), patch_size)
     written = []
     for patch in patches:
         if max(patch.width, patch.height) > patch_size:

@@ -145,18 +145,18 @@ def pixel_keys(pixels: np.ndarray, width: int, origin: tuple[int, int]) -> np.nd
     return ((rows + origin[0]).astype(np.uint64) << np.uint64(32)) | (cols + origin[1]).astype(np.uint64)
 
 
-def draw_steps(valid: np.ndarray, subset_words: np.ndarray, pick_words: Callable[[np.ndarray], np.ndarray],
-               count: int = STEPS_PER_SENSOR) -> np.ndarray:
+def draw_steps(valid: np.ndarray, counts: np.ndarray, subset_words: np.ndarray,
+               pick_words: Callable[[np.ndarray], np.ndarray], count: int = STEPS_PER_SENSOR) -> np.ndarray:
     """(P, count) chronological time indices per pixel, drawn as the reference does.
 
-    ``valid`` (P, T): candidates are a pixel's valid steps, or all steps when it has none. With at
+    ``valid`` (P, T), with ``counts`` valid steps per row: candidates are a pixel's valid steps, or
+    all steps when it has none. With at
     least ``count`` candidates, the ``count`` with the smallest ``subset_words`` (P, T; distinct
     within a row) — a uniform subset, i.e. without replacement — which a mask keeps in time order.
     With fewer, ranks ``word · n / 2³²`` into the candidates (uniform, with replacement), put in
     order by counting; ``pick_words(rows)`` gives the (len(rows), count) words of those pixels
     (indices into ``valid``), so that only they pay for them.
     """
-    counts = valid.sum(axis=1)
     candidates = valid
     if not counts.all():
         candidates = valid.copy()
@@ -278,15 +278,16 @@ class SampledFamily(Family):
     def _draws(source: SensorSource, group: np.ndarray, group_keys: np.ndarray, seed: int, repeats: int,
                first_stream: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bands (G · R, 40, C) and DOYs (G · R, 40): R draws per pixel, a pixel's draws adjacent."""
-        valid = source.valid_rows(group)
-        steps = np.empty((len(group), repeats, STEPS_PER_SENSOR), np.int64)
+        valid, counts = source.valid_rows(group), source.valid_counts[group]
+        draws = []
         for repeat in range(repeats):
             stream = 4 * repeat + first_stream
             subset_words = counter_words(stream_key(seed, stream), group_keys, source.step_keys)
             pick_key = stream_key(seed, stream + 1)
-            steps[:, repeat] = draw_steps(
-                valid, subset_words, lambda rows: counter_words(pick_key, group_keys[rows], np.arange(STEPS_PER_SENSOR)))
-        return source.inputs(np.repeat(group, repeats), steps.reshape(-1, STEPS_PER_SENSOR))
+            draws.append(draw_steps(valid, counts, subset_words,
+                                    lambda rows: counter_words(pick_key, group_keys[rows], np.arange(STEPS_PER_SENSOR))))
+        steps = draws[0] if repeats == 1 else np.stack(draws, axis=1).reshape(-1, STEPS_PER_SENSOR)
+        return source.inputs(np.repeat(group, repeats), steps)
 
 
 class V1_0(SampledFamily):
