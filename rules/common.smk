@@ -1,5 +1,7 @@
 # Config validation, the parse-time plan and path helpers shared by every rule.
+import json
 import os
+import shlex
 import sys
 
 from tessera import config as tessera_config
@@ -111,6 +113,8 @@ def fetch_options(sensor):
         options += f" --s2-resampling {fetch['s2_resampling']}"
     if CFG["source"] == "demo":
         options += f" --demo-catalog {rules.demo_catalog.output[0]}"
+    if CFG["source"] == "stac":
+        options += f" --source-options {shlex.quote(json.dumps(CFG['stac']))}"
     return options
 
 

@@ -105,3 +105,11 @@ def test_plan_estimates_use_cached_searches(tmp_path):
     after = estimates(plan)
     assert after["cached_searches"] == 1 and after["s2_scenes"] == TYPICAL_S2_ITEMS + 7
     assert after["download_bytes"] < before["download_bytes"]
+
+
+def test_source_stac_needs_its_mapping():
+    with pytest.raises(UserError, match="source stac needs a 'stac' mapping"):
+        cfg.validate({"roi": DEMO_ROI, "year": 2024, "source": "stac"})
+    config = cfg.validate({"roi": DEMO_ROI, "year": 2024, "source": "stac",
+                           "stac": {"url": "http://x", "s2_collection": "a", "s1_collection": "b"}})
+    assert config["stac"]["url"] == "http://x"

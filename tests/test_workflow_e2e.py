@@ -124,3 +124,16 @@ def test_our_stacks_in_the_reference_layout_embed_to_our_embeddings(tiny_demo_ru
         theirs = reference[row - row_off:row - row_off + ours.shape[0], col - col_off:col - col_off + ours.shape[1]]
         inside = np.isfinite(ours[..., 0])  # outside the ROI we write no-data; the reference embeds everything
         np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-5)
+
+
+def test_search_prints_the_scenes_a_tile_would_use(tiny_demo_run, monkeypatch, capsys):
+    from tessera.cli import main
+
+    workdir, config, _ = tiny_demo_run
+    monkeypatch.chdir(workdir)
+    assert main(["-q", "search", "--config", str(config), "--tile", "grid_6.05_52.05"]) == 0
+    out = capsys.readouterr().out
+    stack = json.loads((workdir / "work/2024/grid_6.05_52.05/stack.json").read_text())
+    for scene in stack["s2"]["scenes"][0] + stack["s1"]["ascending"]["scenes"][0]:
+        assert scene in out  # every scene the fetch used is listed, with its date
+    assert stack["s2"]["dates"][0] in out

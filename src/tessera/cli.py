@@ -91,8 +91,31 @@ def cmd_fetch(args: argparse.Namespace) -> None:
                    search_cache=Path(args.out).with_name(f"search_{args.sensor}.json"), patch_size=args.patch_size)
     if args.sensor == "s2":
         options["resampling"] = args.s2_resampling
-    with open_source({"name": args.source}, demo_catalog=args.demo_catalog) as source:
+    with open_source({"name": args.source, **json.loads(args.source_options or "{}")},
+                     demo_catalog=args.demo_catalog) as source:
         fetcher(tile, args.window, args.year, source, Path(args.out), **options)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from tessera import config
+    from tessera.fetch import print_scenes
+    from tessera.plan import make_plan
+    from tessera.sources import open_source
+
+    plan = make_plan(config.load(args.config))
+    cfg = plan.config
+    if args.tile not in plan.by_name:
+        raise UserError(f"tile {args.tile} is not in this config's plan: pick one of {', '.join(sorted(plan.by_name))}")
+    tile_plan = plan.by_name[args.tile]
+    if cfg["source"] == "demo":
+        catalog = Path(cfg["work_dir"]) / "demo" / str(cfg["year"]) / "catalog.json"
+        if not catalog.exists():
+            raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
+    else:
+        catalog = None
+    with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
+        print_scenes(source, tile_plan.tile, tile_plan.window, cfg["year"],
+                     cache_dir=Path(cfg["work_dir"]) / str(cfg["year"]) / args.tile)
 
 
 def cmd_stack(args: argparse.Namespace) -> None:
@@ -257,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing profile of that name")
     p.set_defaults(func=cmd_install_profile)
 
+    p = sub.add_parser("search", help="print the scenes a tile would use (date, platform, orbit, cloud, coverage)")
+    p.add_argument("--config", action="append", required=True, metavar="FILE")
+    p.add_argument("--tile", required=True)
+    p.set_defaults(func=cmd_search)
+
     p = sub.add_parser("roi-mask", help="(rule roi_mask) rasterise the ROI onto a tile grid")
     p.add_argument("--roi", required=True)
     p.add_argument("--tile", required=True)
@@ -286,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-mask", required=True)
     p.add_argument("--source", required=True)
     p.add_argument("--demo-catalog")
+    p.add_argument("--source-options", help="JSON options of source stac (the config's stac mapping)")
     p.add_argument("--min-coverage-pct", type=float, default=0.01)
     p.add_argument("--min-scenes", type=int, default=1)
     p.add_argument("--s2-resampling", choices=["bilinear", "nearest"], default="bilinear")

@@ -89,6 +89,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if error is not None:
         raise UserError(_describe(error))
     _fill_defaults(the_schema, config)
+    if config["source"] == "stac" and "stac" not in config:
+        raise UserError("config: source stac needs a 'stac' mapping (url, s2_collection, s1_collection): see config/config.yaml")
     return config
 
 
