@@ -147,7 +147,11 @@ def test_exported_patches_embed_like_the_stack(tmp_path, tile):
     assert np.array_equal(everything[inside], via_directory[inside])
 
 
-def test_export_refuses_windows_larger_than_the_patch_size(tmp_path, tile):
+def test_export_refuses_windows_it_cannot_name(tmp_path, tile):
     with pytest.raises(UserError, match="larger than patch_size 8"):
         export_patches(tile / "stack.json", [Window(100, 200, 16, 16)], tmp_path / "out",
                        roi_mask_path=tile / "roi.tif", patch_size=8)
+    with pytest.raises(UserError, match="reaches outside the work window"):
+        export_patches(tile / "stack.json", [Window(96, 200, 8, 8)], tmp_path / "out",
+                       roi_mask_path=tile / "roi.tif", patch_size=8)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -103,12 +103,13 @@ def export_patches(
 ) -> list[Path]:
     """Write patches of a tile's stack in the reference per-patch layout, for the reference tools.
 
-    ``patches`` are windows in tile pixels (as ``tessera.grid.patches`` cuts the work window;
-    None: all of them, cut at ``patch_size``); each becomes ``out_dir/<x_min>_<y_min>_<x_max>_<y_max>/`` in the coordinates of the work
-    window (the reference's ROI grid): the seven ``.npy`` arrays zero-padded to ``patch_size``
-    square, as the retiler pads edge patches, and ``roi.tiff`` (uint8 0/1, LZW, tiled 256, the
-    window's CRS and transform shifted to the patch, no nodata tag). Patches without an ROI
-    pixel are skipped, as the reference does. Each directory appears complete or not at all.
+    ``patches`` are windows in tile pixels inside the work window (as ``tessera.grid.patches``
+    cuts it; None: all of them, cut at ``patch_size``). Each becomes
+    ``out_dir/<x_min>_<y_min>_<x_max>_<y_max>/`` in the coordinates of the work window (the
+    reference's ROI grid): the seven ``.npy`` arrays zero-padded to ``patch_size`` square, as the
+    retiler pads edge patches, and ``roi.tiff`` (uint8 0/1, LZW, tiled 256, the window's CRS and
+    transform shifted to the patch, no nodata tag). Patches without an ROI pixel are skipped, as
+    the reference does. Each directory appears complete or not at all.
     """
     from tessera.stack import export_reference_patch, verify_stack_index
 
@@ -122,6 +123,10 @@ def export_patches(
         if max(patch.width, patch.height) > patch_size:
             raise UserError(f"patch {patch_name(patch)} is {patch.width} x {patch.height} pixels, larger than "
                             f"patch_size {patch_size}: cut the windows with the same patch size")
+        if not (col_off <= patch.col_off and patch.col_off + patch.width <= col_off + width
+                and row_off <= patch.row_off and patch.row_off + patch.height <= row_off + height):
+            raise UserError(f"patch {patch_name(patch)} ({patch.width} x {patch.height}) reaches outside the work "
+                            f"window {stack.index['window']} of {stack.index['tile']}: give patches inside it")
         roi = read_roi_mask(roi_mask_path, window=patch)
         if not roi.any():
             continue

@@ -402,7 +402,9 @@ class SensorSource:
         rows, length = steps.shape
         if not self.steps:
             return torch.zeros(rows, length, self.channels), torch.zeros(rows, length)
-        raw = torch.from_numpy(np.take(self.values, steps * self.pixel_count + group[:, None], axis=0))
+        flat = np.multiply(steps, self.pixel_count)
+        flat += group[:, None]
+        raw = torch.from_numpy(np.take(self.values, flat, axis=0))
         # (G, L · C) operands, so that every pass runs along whole rows rather than C values at a time.
         bands = raw.to(torch.float32).view(rows, -1)
         if self.mean.ndim == 1:
@@ -528,9 +530,10 @@ def nth_set_steps(mask: np.ndarray, counts: np.ndarray, ranks: np.ndarray) -> np
     set_flat = np.flatnonzero(mask)  # row · T + t of every set entry, row by row
     if not len(set_flat):
         return np.zeros((rows, ranks.shape[1]), np.int64)
-    first = np.cumsum(counts) - counts
+    positions = ranks + (np.cumsum(counts) - counts)[:, None]
     # "clip": a row without set steps may point one past the end; its result is overwritten.
-    picked = np.take(set_flat, first[:, None] + ranks, mode="clip") - np.arange(rows)[:, None] * steps
+    picked = np.take(set_flat, positions, mode="clip")
+    picked -= np.arange(0, rows * steps, steps)[:, None]
     if not counts.all():
         picked[counts == 0] = 0
     return picked
