@@ -7,6 +7,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The project's shared reference material lies beside the checkout (CI clones main next to it).
+SHARED = REPO.parent / "shared"
+VECTORS = SHARED / "reference" / "vectors"
+STAC_FIXTURES = SHARED / "fixtures" / "stac"
 BIN = Path(sys.executable).parent
 
 

@@ -10,7 +10,7 @@ One HTTP origin (``Origin``) answers as
 * a file host with Earthdata-style authentication and injected faults (HTTP 500s, stalls).
 ``Cmr`` is NASA CMR's ``granules.umm_json`` search over HTTPS (asf-search only speaks HTTPS).
 
-Items are the REAL fixture JSON (``/work/shared/fixtures/stac``) re-dressed: ids, times, footprints,
+Items are the REAL fixture JSON (``shared/fixtures/stac`` beside the checkout) re-dressed: ids, times, footprints,
 projection fields and hrefs are replaced by those of synthetic scenes (the demo generator's COGs),
 everything else stays as the services returned it.
 """
@@ -45,7 +45,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 
 from tessera.sources.aws import EARTH_SEARCH_ASSET_KEYS
 
-FIXTURES = Path("/work/shared/fixtures/stac")
+from conftest import STAC_FIXTURES as FIXTURES
 MPC_ROOT = "https://planetarycomputer.microsoft.com/api/stac/v1"
 EARTH_SEARCH_ROOT = "https://earth-search.aws.element84.com/v1"
 MPC_S2_BLOB = ("sentinel2l2a01", "sentinel2-l2")

@@ -3,7 +3,6 @@
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from tessera.models import get_family, load_model
 from tessera.models.base import Family, Quantisation
 from tessera.models.v2 import STUDENT_NORMALISATION, pad_pattern
 
-VECTORS = Path("/work/shared/reference/vectors")
+from conftest import VECTORS
 TILE = VECTORS / "tile-level" / "tile" / "0_0_6_6"
 V2 = get_family("v2")
 

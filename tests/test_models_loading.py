@@ -14,7 +14,7 @@ from tessera.errors import UserError
 from tessera.models import checkpoint_sha256, family_names, get_family, load_model, make_demo_checkpoint
 from tessera.models.base import Family
 
-VECTORS = Path("/work/shared/reference/vectors")
+from conftest import VECTORS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tessera.models.v1_0 import counter_words, draw_steps, stream_key
 from tessera.models.v1_0_qat import HandWrittenGRU, NormalisedGRUAttentionPooling
 from tessera.models.v1_1 import build_resample_indices
 
-VECTORS = Path("/work/shared/reference/vectors")
+from conftest import VECTORS
 PATCH = VECTORS / "tile-level" / "tile" / "0_0_6_6"
 
 # UPSTREAM.md §4.5 and §5.3, typed in again so that a wrong table in the code cannot pass.

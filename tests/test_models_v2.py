@@ -12,7 +12,7 @@ from tessera.errors import UserError
 from tessera.models import get_family, load_model, make_demo_checkpoint
 from tessera.models.v2 import pad_pattern
 
-VECTORS = Path("/work/shared/reference/vectors")
+from conftest import VECTORS
 V2 = get_family("v2")
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pystac
@@ -22,7 +21,7 @@ from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
 from tessera.sources.opera import OperaFeed, _burst_item, _latest_per_burst, earthdata_gdal_options
 from tessera.sources.stac import RedactingFilter, StacFeed, UnusableAsset
 
-FIXTURES = Path("/work/shared/fixtures/stac")
+from conftest import STAC_FIXTURES as FIXTURES
 
 BBOX = (5.5, 52.1, 5.6, 52.2)
 
