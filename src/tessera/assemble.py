@@ -20,8 +20,6 @@ from tessera.grid import Tile
 from tessera.io import atomic_path, sha256_file
 
 _PATCH_NAME = re.compile(r"^r(\d+)_c(\d+)$")
-# Families whose embeddings are Matryoshka-ordered: a prefix of the dimensions is usable alone.
-MATRYOSHKA_FAMILIES = {"v2"}
 MATRYOSHKA_DIMS = (16, 32, 64, 128)
 
 
@@ -78,7 +76,7 @@ def assemble_tile(
         raise UserError(f"patches of {tile_name} disagree on the embedding size ({sorted(found)}): rerun their inference")
     (dim,) = found
     if dims is not None:
-        if quantiser.name not in MATRYOSHKA_FAMILIES:
+        if not quantiser.matryoshka:
             raise UserError(f"export.dims = {dims} needs Matryoshka-ordered embeddings (model family v2); "
                             f"{quantiser.name} embeddings must be kept whole: remove export.dims")
         if dims not in MATRYOSHKA_DIMS or dims > dim:

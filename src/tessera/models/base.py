@@ -295,6 +295,8 @@ class Family:
     demo_sizes: Mapping[str, Mapping[str, Any]] = {"small": {}}
     # Whether precision "auto" runs this family under bf16 autocast on CUDA (criterion: tessera.infer).
     bf16_on_cuda: bool = False
+    # Whether the embedding is Matryoshka-ordered: a prefix of its dimensions is usable alone.
+    matryoshka: bool = False
 
     def default_arch(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -108,6 +108,7 @@ def pad_pattern(n_valid: int, length: int) -> np.ndarray:
 
 class V2Student(BucketedFamily):
     name = "v2"
+    matryoshka = True
     description = "TESSERA v2 pixel student (nano/small/medium/large, optional QK-norm)"
     quantisation = Quantisation(code_min=-127, code_max=127, scale_floor=1e-12, floor_on_absmax=True)
     state_dict_keys = ("model",)
