@@ -1,7 +1,5 @@
 """Snakemake profiles: what a dry-run under each would submit, and installing the SLURM one."""
 
-import os
-
 import pytest
 import yaml
 
@@ -10,14 +8,8 @@ from tessera.errors import UserError
 from tessera.profiles import install_profile
 
 
-def _dry_run_resources(tmp_path, *args, env=None):
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        result = run_snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/demo.yaml"), *args)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+def _dry_run_resources(tmp_path, *args):
+    result = run_snakemake(tmp_path, "-n", "--configfile", str(REPO / "config/demo.yaml"), *args)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs, rule = [], None
     for line in result.stdout.splitlines():
@@ -29,9 +21,10 @@ def _dry_run_resources(tmp_path, *args, env=None):
     return jobs, result
 
 
-def test_slurm_workflow_profile_maps_inference_to_gpu(tmp_path):
-    jobs, result = _dry_run_resources(tmp_path, "--workflow-profile", str(REPO / "profiles/slurm"),
-                                      env={"TESSERA_CPU_PARTITION": "cpuq", "TESSERA_GPU_PARTITION": "gpuq"})
+def test_slurm_workflow_profile_maps_inference_to_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_CPU_PARTITION", "cpuq")
+    monkeypatch.setenv("TESSERA_GPU_PARTITION", "gpuq")
+    jobs, result = _dry_run_resources(tmp_path, "--workflow-profile", str(REPO / "profiles/slurm"))
     by_rule = {}
     for rule, res in jobs:
         by_rule.setdefault(rule, []).append(res)
