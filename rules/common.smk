@@ -80,7 +80,7 @@ def tile_patches(wildcards):
     tile = PLAN.by_name[wildcards.tile]
     if CFG["infer"]["per"] == "tile":
         return [f"{WORK}/{tile.name}/patches"]
-    return [f"{WORK}/{tile.name}/patches/{patch_name(p)}.npy" for p in tile.patches]
+    return [f"{WORK}/{tile.name}/patches/{patch_name(p)}.npz" for p in tile.patches]
 
 
 def checkpoint_path():

@@ -1,5 +1,5 @@
 # TESSERA inference on a tile's stack (GPU when present, else CPU threads): one job per tile, or
-# one per patch (config infer.per). Either way each patch is written as work/.../patches/r*_c*.npy.
+# one per patch (config infer.per). Either way each patch is written as work/.../patches/r*_c*.npz.
 
 
 if CFG["infer"]["per"] == "patch":
@@ -10,7 +10,7 @@ if CFG["infer"]["per"] == "patch":
             roi_mask=f"{WORK}/{{tile}}/roi.tif",
             checkpoint=checkpoint_path(),
         output:
-            f"{WORK}/{{tile}}/patches/{{patch}}.npy",
+            f"{WORK}/{{tile}}/patches/{{patch}}.npz",
         params:
             patches=patch_args,
             out_dir=lambda wildcards, output: os.path.dirname(output[0]),

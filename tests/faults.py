@@ -8,7 +8,7 @@ body. Faults are deterministic: whether the n-th attempt at a request fails depe
 seed, the request (method, URL, Range, body) and n, never on thread timing; and a request fails at
 most ``max_consecutive`` times in a row, so that a test of "retries recover" cannot be flaky.
 
-The damage helpers flip or cut bytes of a COG, a stack chunk, a patch ``.npy`` or a checkpoint.
+The damage helpers flip or cut bytes of a COG, a stack chunk, a patch embedding or a checkpoint.
 """
 
 from __future__ import annotations

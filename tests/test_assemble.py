@@ -8,6 +8,7 @@ from tessera.assemble import assemble_tile
 from tessera.errors import UserError
 from tessera.grid import tile_at
 from tessera.infer import quantize
+from tessera.patches import write_patch_embedding
 from tessera.roi import write_roi_mask
 
 
@@ -18,9 +19,8 @@ def one_patch(tmp_path):
     rng = np.random.default_rng(0)
     embedding = rng.normal(size=(8, 6, 128)).astype(np.float32)
     embedding[0, 0] = np.nan  # a pixel never observed
-    patch = tmp_path / "patches" / "r600_c300.npy"
-    patch.parent.mkdir()
-    np.save(patch, embedding)
+    patch = tmp_path / "patches" / "r600_c300.npz"
+    write_patch_embedding(patch, embedding)
     return tile, roi_mask, patch, embedding
 
 

@@ -27,6 +27,7 @@ from tessera.cli import main
 from tessera.demo import generate_catalog
 from tessera.grid import Tile
 from tessera.models import make_demo_checkpoint
+from tessera.patches import read_patch_embedding
 from tessera.plan import plan_tiles
 from tessera.roi import read_roi, write_roi_mask
 from tessera.stack import StackGrid, write_s1, write_s2, write_stack_index
@@ -214,7 +215,7 @@ def test_infer_fixture_embeds_with_a_good_checkpoint(small_stack, tmp_path, caps
     code = main(["-q", *infer_args(small_stack, small_stack["v2"], tmp_path / "out")])
     capsys.readouterr()
     assert code == 0
-    assert np.load(tmp_path / "out" / "r100_c100.npy").shape == (16, 16, 128)
+    assert read_patch_embedding(tmp_path / "out" / "r100_c100.npz").shape == (16, 16, 128)
 
 
 def _wrong_family(small_stack, directory: Path) -> Path:

@@ -21,6 +21,7 @@ from tessera.export.geotessera import TileFiles, write_manifests, write_metadata
 from tessera.export.cog import tile_cog_path
 from tessera.export.verify import verify_output
 from tessera.grid import Tile, patch_name, tiles_for_geometry
+from tessera.patches import write_patch_embedding
 from tessera.plan import plan_tiles
 from tessera.roi import read_roi_mask, write_roi_mask
 
@@ -57,9 +58,8 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
     for planned in plan_tiles(roi, patch_size=4096):
         tile, window = planned.tile, planned.window
         roi_mask = write_roi_mask(roi, tile, work / tile.name / "roi.tif")
-        patch = work / tile.name / "patches" / f"{patch_name(window)}.npy"
-        patch.parent.mkdir(parents=True, exist_ok=True)
-        np.save(patch, synthetic_embedding(tile, window, read_roi_mask(roi_mask, window), dims))
+        patch = work / tile.name / "patches" / f"{patch_name(window)}.npz"
+        write_patch_embedding(patch, synthetic_embedding(tile, window, read_roi_mask(roi_mask, window), dims))
         files = TileFiles.locate(out, tile, year)
         assemble_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, embedding_path=files.embedding,
                       scales_path=files.scales, checksums_path=files.checksums, landmask_path=files.landmask)

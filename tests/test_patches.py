@@ -14,7 +14,7 @@ from tessera.errors import UserError
 from tessera.grid import Tile, patches
 from tessera.infer import embed_reference_patch
 from tessera.models import get_family
-from tessera.patches import embed_stack_patches, export_patches, reference_patch_name, tile_seed
+from tessera.patches import embed_stack_patches, export_patches, read_patch_embedding, reference_patch_name, tile_seed
 from tessera.stack import read_window, write_s1, write_s2, write_stack_index, StackGrid
 
 TILE = Tile.from_name("grid_6.05_52.05")
@@ -69,7 +69,7 @@ def _embed_tile(tile, checkpoint, layout, tmp_path, **options):
     result = np.full((WINDOW.height, WINDOW.width, 4), np.nan, np.float32)
     for patch, path in zip(layout, written):
         row, col = patch.row_off - WINDOW.row_off, patch.col_off - WINDOW.col_off
-        result[row:row + patch.height, col:col + patch.width] = np.load(path)
+        result[row:row + patch.height, col:col + patch.width] = read_patch_embedding(path)
     return result
 
 

@@ -16,6 +16,7 @@ import shapely
 from shapely import box
 
 from conftest import BIN, REPO, job_stats, run_snakemake, write_tiny_config
+from tessera.patches import PATCH_SUFFIX
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def _finished_files(workdir: Path) -> dict[str, int]:
     """Output files (results and patch embeddings) whose job had finished: path -> mtime_ns."""
     incomplete = _marked_incomplete(workdir)
     found = {}
-    for path in [*(workdir / "results").rglob("*"), *(workdir / "work").glob("*/*/patches/*.npy")]:
+    for path in [*(workdir / "results").rglob("*"), *(workdir / "work").glob(f"*/*/patches/*{PATCH_SUFFIX}")]:
         relative = str(path.relative_to(workdir))
         if path.is_file() and not path.name.startswith(".") and not any(relative.startswith(m) for m in incomplete):
             found[relative] = path.stat().st_mtime_ns

@@ -8,6 +8,7 @@ import rasterio
 
 from conftest import TINY_ROI, job_stats, run_snakemake
 from tessera.grid import Tile
+from tessera.patches import PATCH_SUFFIX, read_patch_embedding
 from tessera.roi import rasterize_roi, read_roi
 
 pytestmark = pytest.mark.slow
@@ -118,9 +119,11 @@ def test_our_stacks_in_the_reference_layout_embed_to_our_embeddings(tiny_demo_ru
     assert main(["-q", "embed-patch", str(patch_dir), "--checkpoint", str(workdir / "work/demo/checkpoint-v2.pt"),
                  "--family", "v2", "--out", str(tmp_path / "ref.npy")]) == 0
     reference = np.load(tmp_path / "ref.npy")
-    for patch in (tile / "patches").glob("r*_c*.npy"):
+    patches = sorted((tile / "patches").glob(f"r*_c*{PATCH_SUFFIX}"))
+    assert patches
+    for patch in patches:
         row, col = (int(v[1:]) for v in patch.stem.split("_"))
-        ours = np.load(patch)
+        ours = read_patch_embedding(patch)
         theirs = reference[row - row_off:row - row_off + ours.shape[0], col - col_off:col - col_off + ours.shape[1]]
         inside = np.isfinite(ours[..., 0])  # outside the ROI we write no-data; the reference embeds everything
         np.testing.assert_allclose(theirs[inside], ours[inside], atol=1e-5)

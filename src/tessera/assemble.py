@@ -18,24 +18,18 @@ import numpy as np
 from tessera.errors import UserError
 from tessera.grid import Tile
 from tessera.io import atomic_path, sha256_file
+from tessera.patches import PATCH_SUFFIX, read_patch_embedding
 
 _PATCH_NAME = re.compile(r"^r(\d+)_c(\d+)$")
 MATRYOSHKA_DIMS = (16, 32, 64, 128)
 
 
 def patch_origin(path: Path) -> tuple[int, int]:
-    """(row_off, col_off) of a patch file named r<row>_c<col>.npy."""
+    """(row_off, col_off) of a patch file named r<row>_c<col>.npz."""
     match = _PATCH_NAME.match(path.stem)
-    if not match:
-        raise UserError(f"patch file {str(path)!r} is not named r<row>_c<col>.npy")
+    if not match or path.suffix != PATCH_SUFFIX:
+        raise UserError(f"patch file {str(path)!r} is not named r<row>_c<col>{PATCH_SUFFIX}")
     return int(match.group(1)), int(match.group(2))
-
-
-def _load_patch(path: Path, mmap_mode: str | None = None) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode=mmap_mode)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f"patch {str(path)!r} is damaged ({error}): delete it and rerun its inference") from None
 
 
 def _reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
@@ -71,10 +65,9 @@ def assemble_tile(
 
     tile = Tile.from_name(tile_name)
     quantiser = get_family(family)
-    found = {_load_patch(p, mmap_mode="r").shape[-1] for p in patch_paths}
-    if len(found) != 1:
-        raise UserError(f"patches of {tile_name} disagree on the embedding size ({sorted(found)}): rerun their inference")
-    (dim,) = found
+    if not patch_paths:
+        raise UserError(f"no patch embeddings given for {tile_name}: run its inference first")
+    dim = full_dim = read_patch_embedding(patch_paths[0]).shape[-1]
     if dims is not None:
         if not quantiser.matryoshka:
             raise UserError(f"export.dims = {dims} needs Matryoshka-ordered embeddings (model family v2); "
@@ -93,7 +86,11 @@ def assemble_tile(
         codes = _reserved_memmap(tmp_embedding, np.int8, (tile.height, tile.width, dim))
         for path in patch_paths:
             row, col = patch_origin(path)
-            embedding = _load_patch(path)[..., :dim]
+            embedding = read_patch_embedding(path)
+            if embedding.shape[-1] != full_dim:
+                raise UserError(f"patch {str(path)!r} has {embedding.shape[-1]} dims, {patch_paths[0].name} "
+                                f"{full_dim}: the patches of {tile_name} come from different models; rerun their inference")
+            embedding = embedding[..., :dim]
             height, width = embedding.shape[:2]
             if row + height > tile.height or col + width > tile.width:
                 raise UserError(f"patch {str(path)!r} reaches outside tile {tile_name}: it belongs to another tile")

@@ -148,10 +148,11 @@ def cmd_export_patches(args: argparse.Namespace) -> None:
 
 def cmd_assemble(args: argparse.Namespace) -> None:
     from tessera.assemble import assemble_tile
+    from tessera.patches import PATCH_SUFFIX
 
     patch_files = []
     for path in map(Path, args.patches):
-        patch_files += sorted(path.glob("r*_c*.npy")) if path.is_dir() else [path]
+        patch_files += sorted(path.glob(f"r*_c*{PATCH_SUFFIX}")) if path.is_dir() else [path]
     assemble_tile(
         args.tile, patch_files, family=args.family, roi_mask_path=Path(args.roi_mask),
         embedding_path=Path(args.embedding), scales_path=Path(args.scales),
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto")
     p.add_argument("--batch-pixels", type=int, default=4096)
     p.add_argument("--threads", type=int)
-    p.add_argument("--out-dir", required=True, help="writes <out-dir>/r<row>_c<col>.npy per patch")
+    p.add_argument("--out-dir", required=True, help="writes <out-dir>/r<row>_c<col>.npz per patch")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("export-patches", help="write a tile's stack in the reference per-patch .npy layout")
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float32", help="also write the unquantised float32 (H, W, D) .npy here")
     p.add_argument("--checkpoint", help="the checkpoint, for the COG's provenance tags (with --cog)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a COG tag (with --cog)")
-    p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npy, or folders of them")
+    p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npz, or folders of them")
     p.set_defaults(func=cmd_assemble)
 
     p = sub.add_parser("catalog", help="(rule catalog) manifests and tessera_metadata.json of an output directory")

@@ -23,11 +23,11 @@ skipped and recorded in the stack's ``skipped``, with any credential cut out of 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import re
 import sys
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -69,8 +69,10 @@ GDAL_HTTP_OPTIONS = {
     "GDAL_HTTP_RETRY_DELAY": "1",
 }
 # Attempts of a read that fails for a reason GDAL does not retry (see _WindowReader.read).
-READ_ATTEMPTS = 3
+READ_ATTEMPTS = 4
 _HTTP_STATUS = re.compile(r"HTTP response code: (\d+)")
+# GDAL errors and libtiff warnings that mean a read got fewer or other bytes than the file holds.
+_HIDDEN_READ_FAILURE = re.compile(r"GDAL signalled an error: err_no=(?!11\b)|IO error during reading")
 # Band reads in flight per tile: reads wait on the network, not the CPU, and a date needs up to
 # 11 assets of each of its granules.
 PARALLEL_READS = 4
@@ -133,6 +135,7 @@ class _WindowReader:
         # Credentials are looked up once, up front: a missing one is the user's to fix, not a scene failure.
         self.options = {**GDAL_HTTP_OPTIONS, **feed.read_options()}
         self.parallel_reads = parallel_reads
+        self.gdal_messages = _GdalMessages()
 
     def read(self, item: pystac.Item, band: str, resampling: Resampling) -> np.ndarray:
         """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata).
@@ -164,6 +167,7 @@ class _WindowReader:
             # GDAL splits this option's list of path prefixes on ":", so a URL cannot be named:
             # "/vsicurl/https" leaves every https file of this read uncached.
             options = {**options, "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/" + href.split(":", 1)[0]}
+        self.gdal_messages.take()  # left by an earlier read of this thread that raised
         with rasterio.Env(**options), rasterio.open(href) as src, WarpedVRT(
             src,
             crs=self.crs,
@@ -177,6 +181,9 @@ class _WindowReader:
             # The warp runs in the source's data type, as the reference's (stackstac) does: an
             # integer band is interpolated and rounded by GDAL before we see floats.
             data = vrt.read(1, masked=True)
+        hidden = self.gdal_messages.take()
+        if hidden:
+            raise RasterioError(f"the read returned data but GDAL reported: {hidden[0]}")
         return data.astype(np.float64).filled(np.nan)
 
     def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]) -> Iterator[tuple[tuple, np.ndarray]]:
@@ -206,17 +213,46 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-@contextlib.contextmanager
-def _credentials_kept_out_of_logs() -> Iterator[None]:
-    redacting = RedactingFilter()
-    loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(redacting)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(redacting)
+class _GdalMessages(RedactingFilter):
+    """Watches GDAL's messages during a fetch: keeps credentials out of them and records, per
+    thread, the failures that a read which returns data hides.
+
+    GDAL's warper does not always pass on a failed source block: a range response cut short can
+    leave a TIFF tile undecodable ("TIFFReadEncodedTile() failed") or a header tag unread ("IO error
+    during reading of GeoKeyDirectory; tag ignored") while the read returns zeros. rasterio logs
+    such errors (at INFO, as "GDAL signalled an error") rather than raising when the call as a whole
+    succeeds, from the thread that made the call. HTTP errors (err_no 11) are left out: GDAL retries
+    those itself and a read that still fails raises.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._failures: dict[int, list[str]] = defaultdict(list)
+        self._loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        super().filter(record)
+        if _HIDDEN_READ_FAILURE.search(record.getMessage()):
+            self._failures[record.thread].append(record.getMessage())
+        # INFO records are made only for this watch; show them where they would have been shown.
+        return record.levelno >= self._shown_level
+
+    def take(self) -> list[str]:
+        """The failures recorded in this thread since the last call."""
+        return self._failures.pop(threading.get_ident(), [])
+
+    def __enter__(self) -> _GdalMessages:
+        self._shown_level = logging.getLogger("rasterio").getEffectiveLevel()
+        self._levels = [logger.level for logger in self._loggers]
+        for logger in self._loggers:
+            logger.addFilter(self)
+            logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for logger, level in zip(self._loggers, self._levels):
+            logger.removeFilter(self)
+            logger.setLevel(level)
 
 
 def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float, float]:
@@ -354,7 +390,7 @@ def fetch_s2(
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
-    with _credentials_kept_out_of_logs(), write_s2(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
+    with reader.gdal_messages, write_s2(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
         for date, (scene_ids, bands, mask) in _each_date(groups, build, stack.skipped, f"{tile.name} S2"):
             stack.append(date, scene_ids, bands, mask)
             kept.append(date.isoformat())
@@ -438,7 +474,7 @@ def fetch_s1(
         return used, merged
 
     kept: list[str] = []
-    with _credentials_kept_out_of_logs(), write_s1(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
+    with reader.gdal_messages, write_s1(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
         stack.skipped.update(no_orbit)
         for (date, orbit), (scene_ids, sar) in _each_date(groups, build, stack.skipped, f"{tile.name} S1"):
             stack.append(orbit, date, scene_ids, sar)

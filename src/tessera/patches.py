@@ -1,10 +1,11 @@
-"""Patches of a tile's stack: embed them (one float32 .npy each) or export them in the reference layout."""
+"""Patches of a tile's stack: embed them (one float32 .npz each) or export them in the reference layout."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,26 @@ log = logging.getLogger(__name__)
 # Which normalisation table a family uses for data from each source: v1.1 was trained separately
 # on Planetary Computer and on Earth Search/OPERA data; the demo source mimics Planetary Computer.
 NORMALISATION_SOURCE = {"demo": "mpc", "mpc": "mpc", "aws": "aws", "stac": "mpc"}
+
+
+# A patch embedding is one array in an .npz: the zip entry's CRC-32, which numpy's loader checks
+# on every read, catches a damaged file that a bare .npy would load as wrong numbers.
+PATCH_SUFFIX = ".npz"
+_PATCH_ARRAY = "embedding"
+
+
+def write_patch_embedding(path: Path, embedding: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **{_PATCH_ARRAY: embedding})
+
+
+def read_patch_embedding(path: Path) -> np.ndarray:
+    """A patch embedding written by ``write_patch_embedding``; damage is a UserError naming the file."""
+    try:
+        with np.load(path) as archive:
+            return archive[_PATCH_ARRAY]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise UserError(f"patch {str(path)!r} is damaged ({error}): delete it and rerun its inference") from None
 
 
 def tile_seed(seed: int, tile: str) -> int:
@@ -48,7 +69,7 @@ def embed_stack_patches(
     threads: int | None = None,
     out_dir: Path,
 ) -> list[Path]:
-    """Embed each patch (tile pixel windows) and write ``out_dir/r<row>_c<col>.npy``.
+    """Embed each patch (tile pixel windows) and write ``out_dir/r<row>_c<col>.npz``.
 
     float32 (h, w, D); NaN where the pixel is outside the ROI or had no valid observation.
     ``repeat_times`` random draws per pixel are averaged (v1.0 families; 1 for the others).
@@ -67,7 +88,7 @@ def embed_stack_patches(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for patch in patches:
-        out = out_dir / f"{patch_name(patch)}.npy"
+        out = out_dir / f"{patch_name(patch)}{PATCH_SUFFIX}"
         started = time.perf_counter()
         in_stack = Window(patch.col_off - col_off, patch.row_off - row_off, patch.width, patch.height)
         arrays = read_window(stack.s2_path, stack.s1_path, in_stack)
@@ -76,8 +97,7 @@ def embed_stack_patches(
             arrays, valid=valid, data_source=data_source, seed=tile_seed(seed, tile),
             origin=(patch.row_off, patch.col_off), repeat_times=repeat_times, progress=True,
         )
-        with atomic_path(out) as tmp:
-            np.save(tmp, embedding)
+        write_patch_embedding(out, embedding)
         seconds = time.perf_counter() - started
         log.info("%s %s: %d ROI pixels in %.1f s (%.0f px/s), %d of them never observed (no-data)", tile,
                  patch_name(patch), valid.sum(), seconds, valid.sum() / max(seconds, 1e-9),

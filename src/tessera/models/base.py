@@ -43,6 +43,7 @@ import functools
 import math
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise UserError(f"checkpoint {name!r} does not exist: check the model checkpoint path")
+    _check_zip_crcs(name)
     try:
         if trust_checkpoint:
             checkpoint = torch.load(name, map_location="cpu", weights_only=False)
@@ -96,6 +98,21 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
         raise UserError(f"checkpoint {name!r} holds a {type(checkpoint).__name__}, not a dict of weights: "
                         "use a TESSERA checkpoint")
     return checkpoint
+
+
+def _check_zip_crcs(name: str) -> None:
+    """Refuse a checkpoint whose zip entries fail their CRC-32: torch.load does not check them, so
+    a flipped byte in a tensor would load as a wrong weight. (Files in torch's legacy, non-zip
+    format carry no checksum to check.)"""
+    if not zipfile.is_zipfile(name):
+        return
+    try:
+        with zipfile.ZipFile(name) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        damaged = f"({_first_line(error)})"
+    if damaged is not None:
+        raise UserError(f"checkpoint {name!r} is damaged (entry {damaged} fails its checksum): download it again")
 
 
 def _first_line(error: BaseException) -> str:
