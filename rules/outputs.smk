@@ -81,6 +81,9 @@ rule stac:
         manifest=rules.catalog.output.manifest,
         checkpoint=checkpoint_path(),
         cogs=expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES) if CFG["export"]["cog"] else [],
+        # Items link and checksum the quicklooks: without them as inputs the catalogue could be
+        # written while a quicklook is being remade (Snakemake removes a job's outputs first).
+        quicklooks=expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.{{kind}}", tile=TILES, kind=("png", "tif")),
     output:
         f"{OUT}/stac/collection.json",
     params:

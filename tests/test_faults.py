@@ -234,7 +234,8 @@ def test_a_corrupted_stack_chunk_is_one_clear_line(small_stack, checkpoint):
     result = _infer(small_stack, checkpoint)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("tessera: error: ")]
-    assert len(errors) == 1 and "s2.zarr" in errors[0] and "rerun the fetch step" in errors[0]
+    assert len(errors) == 1 and "s2.zarr is damaged" in errors[0] and "run the workflow again" in errors[0]
+    assert not (small_stack.parent / "s2.zarr").exists()  # removed, so that the next run fetches it again
 
 
 def _assemble(tmp_path: Path, patch: Path) -> subprocess.CompletedProcess:
@@ -256,7 +257,8 @@ def test_a_damaged_patch_is_never_assembled(tmp_path, damage):
     shutil.rmtree(tmp_path / "out")
     damage(patch)
     result = _assemble(tmp_path, patch)
-    assert result.returncode == 2 and "r100_c100.npz' is damaged" in result.stderr and "rerun its inference" in result.stderr
+    assert result.returncode == 2 and "r100_c100.npz is damaged" in result.stderr and "run the workflow again" in result.stderr
+    assert not patch.exists()  # removed, so that the next run embeds it again
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

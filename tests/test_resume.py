@@ -16,6 +16,7 @@ import shapely
 from shapely import box
 
 from conftest import BIN, REPO, job_stats, run_snakemake, write_tiny_config
+from faults import flip_byte
 from tessera.patches import PATCH_SUFFIX
 
 pytestmark = pytest.mark.slow
@@ -139,3 +140,26 @@ def test_a_failing_tile_does_not_stop_the_others_and_only_it_reruns(tmp_path):
     assert stats["fetch_s2"] == 1 and stats["stack"] == 1 and stats["assemble"] == 1 and stats["quicklook"] == 2
     assert "fetch_s1" not in stats and "roi_mask" not in stats and "demo_catalog" not in stats
     assert west.stat().st_mtime_ns == west_mtime
+
+
+def test_a_damaged_patch_is_removed_when_found_and_rebuilt_by_the_next_run(tmp_path, tiny_demo_run):
+    reference_dir, _, _ = tiny_demo_run
+    workdir = Path(shutil.copytree(reference_dir, tmp_path / "run"))
+    config = workdir / "tiny.yaml"
+    patch = sorted(workdir.glob(f"work/*/*/patches/*{PATCH_SUFFIX}"))[0]
+    tile = patch.parent.parent.name
+    flip_byte(patch)
+    # Something must read the patch for the damage to show: here a lost export of its tile.
+    (workdir / f"results/global_0.1_degree_representation/2024/{tile}/{tile}.npy").unlink()
+
+    found = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert found.returncode != 0
+    log = (workdir / f"logs/assemble/{tile}.log").read_text()
+    assert f"{patch.relative_to(workdir)} is damaged" in log and "removed it; run the workflow again" in log and "Traceback" not in log
+    assert not patch.exists()
+
+    rebuilt = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-4000:]
+    stats = job_stats(rebuilt.stdout + rebuilt.stderr)
+    assert stats["infer"] == 1 and stats["assemble"] == 1 and "fetch_s2" not in stats
+    assert _results(workdir) == _results(reference_dir)

@@ -15,7 +15,8 @@ from pathlib import Path
 from rasterio.windows import Window
 
 from tessera import __version__
-from tessera.errors import UserError
+from tessera.errors import DamagedIntermediate, UserError
+from tessera.io import remove_path
 
 log = logging.getLogger("tessera")
 
@@ -437,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         status = args.func(args)
+    except DamagedIntermediate as exc:
+        remove_path(exc.path)
+        print(f"tessera: error: {exc}: removed it; run the workflow again to rebuild it", file=sys.stderr)
+        return 2
     except UserError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         return 2

@@ -55,6 +55,15 @@ def remove_stale_temporaries(final: str | os.PathLike) -> None:
             stale.unlink(missing_ok=True)
 
 
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file or a directory tree (a Zarr store); nothing if it is gone already."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def check_raster_complete(path: str | os.PathLike) -> None:
     """Read back every block of a raster GDAL has just written; OSError if it is not whole.
 

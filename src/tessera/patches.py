@@ -13,7 +13,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from tessera.errors import UserError
+from tessera.errors import DamagedIntermediate, UserError
 from tessera.grid import patch_name
 from tessera.grid import patches as work_window_patches
 from tessera.io import atomic_path
@@ -43,7 +43,7 @@ def read_patch_embedding(path: Path) -> np.ndarray:
         with np.load(path) as archive:
             return archive[_PATCH_ARRAY]
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise UserError(f"patch {str(path)!r} is damaged ({error}): delete it and rerun its inference") from None
+        raise DamagedIntermediate(path, str(error)) from None
 
 
 def tile_seed(seed: int, tile: str) -> int:

@@ -23,7 +23,7 @@ from affine import Affine
 from rasterio.windows import Window
 from zarr.codecs import ZstdCodec
 
-from tessera.errors import UserError
+from tessera.errors import DamagedIntermediate, UserError
 from tessera.io import atomic_path
 
 S2_CHANNELS = 10
@@ -294,8 +294,7 @@ def _read_checked(array: zarr.Array, window: Window, store: str | os.PathLike) -
     try:
         return _read_boundless(array, window)
     except (RuntimeError, ValueError) as error:
-        raise UserError(f"stack {store} has a damaged chunk in {array.basename!r} ({error}): "
-                        "delete it and rerun the fetch step of this tile") from None
+        raise DamagedIntermediate(store, f"a chunk of {array.basename!r}: {error}") from None
 
 
 # --- the stack stage: index and verification ---------------------------------------------------
