@@ -17,12 +17,12 @@ except UserError as error:
     print(f"tessera: error: {error}", file=sys.stderr)
     sys.exit(2)
 
-# Snakemake's own DAG work grows with the job count (about 7 jobs per tile): past a few thousand
+# Snakemake's own DAG work grows with the job count (about 3 jobs per tile): past a few thousand
 # tiles every dry-run and every cluster job's start gets slow, so say how to split the run.
 COMFORTABLE_TILES = 3000
 if len(PLAN.tiles) > COMFORTABLE_TILES:
     print(
-        f"tessera: warning: {len(PLAN.tiles)} tiles make a DAG of about {7 * len(PLAN.tiles):,} jobs; Snakemake "
+        f"tessera: warning: {len(PLAN.tiles)} tiles make a DAG of about {3 * len(PLAN.tiles):,} jobs; Snakemake "
         f"handles up to ~{COMFORTABLE_TILES} tiles comfortably. Consider splitting the ROI into several runs "
         "(outputs join without seams), or building in parts with --batch catalog=1/4 ... 4/4.",
         file=sys.stderr,
@@ -37,6 +37,12 @@ EMBED_DIR = f"{OUT}/global_0.1_degree_representation/{YEAR}"
 LANDMASK_DIR = f"{OUT}/global_0.1_degree_tiff_all"
 ENV = "../envs/tessera.yaml"
 ZONES = sorted({t.tile.epsg for t in PLAN.tiles})
+# Paths that several rules name. Rules refer to them as plain strings, not as rules.<name>.output:
+# Snakemake checks every input of a rule that has such references against them, by hashing the
+# whole input list per file, which made the dry-run of 1,000 tiles several seconds slower.
+MANIFEST = f"{OUT}/manifest.parquet"
+DEMO_CATALOG = f"{CFG['work_dir']}/demo/{YEAR}/catalog.json"
+QUICKLOOKS = f"{OUT}/quicklook/{YEAR}"  # pca.json, {tile}_{year}.png and .tif
 
 
 def output_dir_of_manifest(wildcards, input):
@@ -97,9 +103,9 @@ def roi_input():
 
 
 def fetch_inputs(wildcards):
-    inputs = {"roi_mask": f"{WORK}/{wildcards.tile}/roi.tif"}
+    inputs = {"roi": roi_input()}
     if CFG["source"] == "demo":
-        inputs["catalog"] = rules.demo_catalog.output[0]
+        inputs["catalog"] = DEMO_CATALOG
     return inputs
 
 
@@ -112,7 +118,7 @@ def fetch_options(sensor):
     if sensor == "s2":
         options += f" --s2-resampling {fetch['s2_resampling']}"
     if CFG["source"] == "demo":
-        options += f" --demo-catalog {rules.demo_catalog.output[0]}"
+        options += f" --demo-catalog {DEMO_CATALOG}"
     if CFG["source"] == "stac":
         options += f" --source-options {shlex.quote(json.dumps(CFG['stac']))}"
     return options
@@ -146,7 +152,7 @@ def all_outputs():
         outputs += expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES)
     outputs += [f"{OUT}/tessera_metadata.json", f"{OUT}/manifest.parquet", f"{OUT}/landmasks.parquet"]
     outputs += expand(f"{OUT}/observations/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES)
-    outputs += expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.png", tile=TILES)
+    outputs += [QUICKLOOKS]
     outputs += [f"{OUT}/stac/collection.json", f"{OUT}/report_{YEAR}.html"]
     if CFG["export"]["cog"]:
         outputs += expand(f"{OUT}/mosaic/{YEAR}/{{layer}}_{YEAR}_epsg{{epsg}}.vrt", layer=["tessera", "quicklook"], epsg=ZONES)

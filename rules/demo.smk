@@ -3,7 +3,7 @@
 
 rule demo_catalog:
     output:
-        f"{CFG['work_dir']}/demo/{YEAR}/catalog.json",
+        DEMO_CATALOG,
     params:
         roi=CFG["roi"],
         year=YEAR,

@@ -44,7 +44,7 @@ rule catalog:
         landmasks=expand(f"{LANDMASK_DIR}/{{tile}}.tiff", tile=TILES),
     output:
         metadata=f"{OUT}/tessera_metadata.json",
-        manifest=f"{OUT}/manifest.parquet",
+        manifest=MANIFEST,
         registry=f"{OUT}/registry.parquet",
         landmasks=f"{OUT}/landmasks.parquet",
     params:

@@ -1,59 +1,41 @@
 # What people look at and catalogue: PCA quicklooks, per-zone mosaics, STAC, and the run report.
-# (Observation counts come from the stack rule, tile COGs from the assemble rule.)
-
-
-rule quicklook_pca:
-    input:
-        manifest=rules.catalog.output.manifest,
-        embeddings=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}.npy", tile=TILES),
-        scales=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy", tile=TILES),
-    output:
-        f"{OUT}/quicklook/{YEAR}/pca.json",
-    params:
-        output_dir=output_dir_of_manifest,
-        year=YEAR,
-    log:
-        "logs/quicklook_pca.log",
-    benchmark:
-        "logs/benchmarks/quicklook_pca.tsv"
-    conda:
-        ENV
-    shell:
-        "tessera quicklook-pca --output-dir {params.output_dir} --year {params.year} --out {output} 2> {log}"
+# (Observation counts come from the fetch rule, tile COGs from the assemble rule.)
 
 
 rule quicklook:
     input:
-        pca=rules.quicklook_pca.output[0],
-        manifest=rules.catalog.output.manifest,
-        embedding=rules.assemble.output.embedding,
-        scales=rules.assemble.output.scales,
-        landmask=rules.assemble.output.landmask,
+        manifest=MANIFEST,
+        embeddings=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}.npy", tile=TILES),
+        scales=expand(f"{EMBED_DIR}/{{tile}}/{{tile}}_scales.npy", tile=TILES),
+        landmasks=expand(f"{LANDMASK_DIR}/{{tile}}.tiff", tile=TILES),
     output:
-        png=f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.png",
-        cog=f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.tif",
+        # One job for every tile: the PCA basis is fitted on all of them, so any tile that changes
+        # changes every quicklook anyway, and a job per tile would only grow the DAG.
+        # A directory, not thousands of files: Snakemake compares each requested file with every
+        # output of a candidate rule, which made a 1,000-tile dry-run seconds slower.
+        directory(QUICKLOOKS),
     params:
         output_dir=output_dir_of_manifest,
         year=YEAR,
+    threads: 2
     resources:
-        mem_mb=grows_with_attempt(2000),
-        runtime=grows_with_attempt(20),
+        mem_mb=grows_with_attempt(4000),
+        runtime=grows_with_attempt(max(20, len(TILES) // 20)),
     log:
-        "logs/quicklook/{tile}.log",
+        "logs/quicklook.log",
     benchmark:
-        "logs/benchmarks/quicklook/{tile}.tsv"
+        "logs/benchmarks/quicklook.tsv"
     conda:
         ENV
     shell:
-        "tessera quicklook --output-dir {params.output_dir} --year {params.year} --tile {wildcards.tile}"
-        " --pca {input.pca} 2> {log}"
+        "tessera quicklook --output-dir {params.output_dir} --year {params.year} --threads {threads} 2> {log}"
 
 
 rule mosaic:
     input:
-        manifest=rules.catalog.output.manifest,
+        manifest=MANIFEST,
         cogs=expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES),
-        quicklooks=expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES),
+        quicklooks=QUICKLOOKS,
     output:
         expand(
             f"{OUT}/mosaic/{YEAR}/{{layer}}_{YEAR}_epsg{{epsg}}.{{ext}}",
@@ -78,12 +60,12 @@ rule mosaic:
 rule stac:
     input:
         stacks=expand(f"{WORK}/{{tile}}/stack.json", tile=TILES),
-        manifest=rules.catalog.output.manifest,
+        manifest=MANIFEST,
         checkpoint=checkpoint_path(),
         cogs=expand(f"{OUT}/cog/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES) if CFG["export"]["cog"] else [],
-        # Items link and checksum the quicklooks: without them as inputs the catalogue could be
-        # written while a quicklook is being remade (Snakemake removes a job's outputs first).
-        quicklooks=expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.{{kind}}", tile=TILES, kind=("png", "tif")),
+        # Items link and checksum the quicklooks: without them as an input the catalogue could be
+        # written while the quicklooks are being remade (Snakemake removes a job's outputs first).
+        quicklooks=QUICKLOOKS,
     output:
         f"{OUT}/stac/collection.json",
     params:
@@ -107,8 +89,8 @@ rule stac:
 rule report:
     input:
         stacks=expand(f"{WORK}/{{tile}}/stack.json", tile=TILES),
-        quicklooks=expand(f"{OUT}/quicklook/{YEAR}/{{tile}}_{YEAR}.tif", tile=TILES),
-        manifest=rules.catalog.output.manifest,
+        quicklooks=QUICKLOOKS,
+        manifest=MANIFEST,
     output:
         f"{OUT}/report_{YEAR}.html",
     params:

@@ -29,10 +29,9 @@ def test_slurm_workflow_profile_maps_inference_to_gpu(tmp_path, monkeypatch):
     for rule, res in jobs:
         by_rule.setdefault(rule, []).append(res)
     assert all(r["slurm_partition"] == "gpuq" and r["gpu"] == "1" for r in by_rule["infer"])
-    for rule in ["fetch_s2", "fetch_s1", "stack", "assemble", "quicklook", "roi_mask"]:
+    for rule in ["fetch", "assemble", "quicklook", "catalog", "report"]:
         assert all(r["slurm_partition"] == "cpuq" and "gpu" not in r for r in by_rule[rule]), rule
     assert "$" not in result.stdout
-    assert "Group job prep" in result.stdout  # one submission per tile for its preparation
 
 
 def test_installed_profile_is_found_by_name(tmp_path, monkeypatch):
@@ -59,5 +58,5 @@ def test_install_profile_refuses_missing_partitions_and_silent_overwrite(tmp_pat
 
 def test_resources_grow_with_attempt(tmp_path):
     jobs, _ = _dry_run_resources(tmp_path, "--cores", "2")
-    fetch = next(res for rule, res in jobs if rule == "fetch_s2")
-    assert fetch["mem_mb"] == "2000" and fetch["runtime"] == "120"
+    fetch = next(res for rule, res in jobs if rule == "fetch")
+    assert fetch["mem_mb"] == "2000" and fetch["runtime"] == "240"

@@ -73,7 +73,7 @@ def _results(workdir: Path) -> dict[str, bytes]:
 def test_killed_runs_resume_to_identical_outputs_without_redoing_finished_work(tmp_path, tiny_demo_run):
     config = write_tiny_config(tmp_path)
     kill_points = {
-        "fetch": lambda: any(f.stat().st_size > 200 for f in (tmp_path / "logs/fetch_s2").glob("*.log")),
+        "fetch": lambda: any(f.stat().st_size > 200 for f in (tmp_path / "logs/fetch").glob("*.log")),
         "inference": lambda: any("/patches/" in f for f in _finished_files(tmp_path)),
         "export": lambda: any(f.startswith("results/cog/") for f in _finished_files(tmp_path)),
     }
@@ -126,8 +126,8 @@ def test_a_failing_tile_does_not_stop_the_others_and_only_it_reruns(tmp_path):
     first = run_snakemake(tmp_path, "--configfile", str(config), "--cores", "2", "--keep-going")
     assert first.returncode != 0
     log = first.stdout + first.stderr
-    assert "Error in rule fetch_s2" in log and "grid_6.05_52.05" in log
-    assert "Traceback" not in (tmp_path / "logs/fetch_s2/grid_6.05_52.05.log").read_text()
+    assert "Error in rule fetch" in log and "grid_6.05_52.05" in log
+    assert "Traceback" not in (tmp_path / "logs/fetch/grid_6.05_52.05.log").read_text()
     west = tmp_path / "results/global_0.1_degree_representation/2024/grid_5.95_52.05/grid_5.95_52.05.npy"
     assert west.exists() and (tmp_path / "results/cog/2024/grid_5.95_52.05_2024.tif").exists()
     assert not (tmp_path / "results/global_0.1_degree_representation/2024/grid_6.05_52.05").exists()
@@ -137,8 +137,8 @@ def test_a_failing_tile_does_not_stop_the_others_and_only_it_reruns(tmp_path):
     second = run_snakemake(tmp_path, "--configfile", str(config), "--cores", "2")
     assert second.returncode == 0, second.stderr[-4000:]
     stats = job_stats(second.stdout + second.stderr)
-    assert stats["fetch_s2"] == 1 and stats["stack"] == 1 and stats["assemble"] == 1 and stats["quicklook"] == 2
-    assert "fetch_s1" not in stats and "roi_mask" not in stats and "demo_catalog" not in stats
+    assert stats["fetch"] == 1 and stats["infer"] == 1 and stats["assemble"] == 1 and stats["quicklook"] == 1
+    assert "demo_catalog" not in stats and "demo_checkpoint" not in stats
     assert west.stat().st_mtime_ns == west_mtime
 
 
@@ -161,5 +161,5 @@ def test_a_damaged_patch_is_removed_when_found_and_rebuilt_by_the_next_run(tmp_p
     rebuilt = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
     assert rebuilt.returncode == 0, rebuilt.stderr[-4000:]
     stats = job_stats(rebuilt.stdout + rebuilt.stderr)
-    assert stats["infer"] == 1 and stats["assemble"] == 1 and "fetch_s2" not in stats
+    assert stats["infer"] == 1 and stats["assemble"] == 1 and "fetch" not in stats
     assert _results(workdir) == _results(reference_dir)

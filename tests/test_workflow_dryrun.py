@@ -15,7 +15,7 @@ def test_dry_run_lists_every_job_of_the_plan(tmp_path):
     expected = make_plan(cfg.load([REPO / "config/config.yaml", REPO / "config/demo.yaml"])).job_counts()
     assert stats.pop("total") == sum(expected.values())
     assert stats == dict(expected)
-    assert stats["infer"] >= 4 and stats["fetch_s2"] >= 2
+    assert stats["infer"] >= 4 and stats["fetch"] >= 2
     assert not (tmp_path / "results").exists()  # a dry-run writes nothing
 
 

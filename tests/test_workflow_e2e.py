@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 def test_all_stages_ran(tiny_demo_run):
     _, _, result = tiny_demo_run
     stats = job_stats(result.stdout + result.stderr)
-    for rule in ["demo_catalog", "demo_checkpoint", "fetch_s2", "fetch_s1", "stack", "infer", "assemble", "quicklook", "stac", "report"]:
+    for rule in ["demo_catalog", "demo_checkpoint", "fetch", "infer", "assemble", "quicklook", "stac", "report"]:
         assert stats[rule] >= 1, rule
-    assert stats["fetch_s2"] == 2 and stats["infer"] >= 4
+    assert stats["fetch"] == 2 and stats["infer"] >= 4
 
 
 def test_geotessera_layout_and_no_data(tiny_demo_run):

@@ -185,21 +185,11 @@ def _year_tiles(output_dir: Path, year: int):
     return [files for files in find_tiles(output_dir) if files.year == year and files.present]
 
 
-def cmd_quicklook_pca(args: argparse.Namespace) -> None:
-    from tessera.export.quicklook import fit_pca
-
-    fit_pca(_year_tiles(Path(args.output_dir), args.year)).save(Path(args.out))
-
-
 def cmd_quicklook(args: argparse.Namespace) -> None:
-    from tessera.export.geotessera import TileFiles
-    from tessera.export.quicklook import PcaBasis, quicklook_paths, write_tile_quicklook
-    from tessera.grid import Tile
+    from tessera.export.quicklook import write_quicklooks
 
-    output_dir = Path(args.output_dir)
-    png, cog = quicklook_paths(output_dir, args.tile, args.year)
-    write_tile_quicklook(TileFiles.locate(output_dir, Tile.from_name(args.tile), args.year),
-                         PcaBasis.load(Path(args.pca)), png, cog)
+    write_quicklooks(_year_tiles(Path(args.output_dir), args.year), Path(args.output_dir), args.year,
+                     threads=args.threads)
 
 
 def cmd_mosaic(args: argparse.Namespace) -> None:
@@ -287,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", required=True)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("roi-mask", help="(rule roi_mask) rasterise the ROI onto a tile grid")
+    p = sub.add_parser("roi-mask", help="(rule fetch) rasterise the ROI onto a tile grid")
     p.add_argument("--roi", required=True)
     p.add_argument("--tile", required=True)
     p.add_argument("--out", required=True)
@@ -308,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_demo_checkpoint)
 
-    p = sub.add_parser("fetch", help="(rules fetch_s2, fetch_s1) search and read a tile's scenes into its stack")
+    p = sub.add_parser("fetch", help="(rule fetch) search and read a tile's scenes into its stack")
     p.add_argument("sensor", choices=["s2", "s1"])
     p.add_argument("--tile", required=True)
     p.add_argument("--year", type=int, required=True)
@@ -324,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("stack", help="(rule stack) verify a tile's S2 and S1 stacks and index them")
+    p = sub.add_parser("stack", help="(rule fetch) verify a tile's S2 and S1 stacks and index them")
     p.add_argument("--s2", required=True)
     p.add_argument("--s1", required=True)
     p.add_argument("--out", required=True)
@@ -383,17 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", nargs="+", help="the tiles' embedding .npy files")
     p.set_defaults(func=cmd_catalog)
 
-    p = sub.add_parser("quicklook-pca", help="(rule quicklook_pca) one PCA basis for all tiles of a year")
+    p = sub.add_parser("quicklook", help="(rule quicklook) one PCA basis for all tiles of a year, and each "
+                       "tile's PCA-to-RGB PNG and COG")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--year", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_quicklook_pca)
-
-    p = sub.add_parser("quicklook", help="(rule quicklook) PCA-to-RGB PNG and COG of a tile")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--year", type=int, required=True)
-    p.add_argument("--tile", required=True)
-    p.add_argument("--pca", required=True)
+    p.add_argument("--threads", type=int, default=1, help="tiles written at once")
     p.set_defaults(func=cmd_quicklook)
 
     p = sub.add_parser("mosaic", help="(rule mosaic) per-UTM-zone VRT mosaics of the tile COGs and quicklooks")

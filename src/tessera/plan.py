@@ -50,11 +50,11 @@ class Plan:
 
     def job_counts(self) -> Counter:
         """Jobs per rule, as `snakemake -n` will list them."""
-        per_tile = ["roi_mask", "fetch_s2", "fetch_s1", "stack", "assemble", "quicklook"]
+        per_tile = ["fetch", "assemble"]
         counts = Counter({rule: len(self.tiles) for rule in per_tile})
         per_patch = self.config["infer"]["per"] == "patch"
         counts["infer"] = sum(len(t.patches) for t in self.tiles) if per_patch else len(self.tiles)
-        for rule in ["catalog", "quicklook_pca", "stac", "report"]:
+        for rule in ["catalog", "quicklook", "stac", "report"]:
             counts[rule] = 1
         if self.config["export"]["cog"]:
             counts["mosaic"] = 1

@@ -15,13 +15,16 @@ small uint8 RGB + alpha COG on the tile grid with overviews:
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+from tqdm import tqdm
 from rasterio.windows import Window
 
 from tessera.errors import UserError
@@ -32,6 +35,24 @@ QUICKLOOK_DIR = "quicklook"
 _ROWS_PER_BLOCK = 256
 # Percentiles of the sampled components mapped to 0 and 255: a robust stretch that ignores outliers.
 STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def pca_basis_path(output_dir: Path, year: int) -> Path:
+    return Path(output_dir) / QUICKLOOK_DIR / str(year) / "pca.json"
+
+
+def write_quicklooks(tile_files: list[TileFiles], output_dir: Path, year: int, *, threads: int = 1) -> None:
+    """Fit one PCA basis on all tiles of the year, save it, and write every tile's quicklook,
+    ``threads`` tiles at a time (the work is in numpy and GDAL, which release the GIL)."""
+    basis = fit_pca(tile_files)
+    basis.save(pca_basis_path(output_dir, year))
+
+    def write(files: TileFiles) -> None:
+        write_tile_quicklook(files, basis, *quicklook_paths(output_dir, files.tile.name, year))
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for _ in tqdm(pool.map(write, tile_files), total=len(tile_files), desc="quicklooks", unit="tile", file=sys.stderr):
+            pass
 
 
 def quicklook_paths(output_dir: Path, tile_name: str, year: int) -> tuple[Path, Path]:
@@ -60,11 +81,6 @@ class PcaBasis:
         fields = {name: getattr(self, name).tolist() for name in ("mean", "components", "low", "high")}
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(fields) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> PcaBasis:
-        fields = json.loads(Path(path).read_text())
-        return cls(**{name: np.asarray(value, np.float64) for name, value in fields.items()})
 
 
 def fit_pca(tile_files: list[TileFiles], *, max_pixels: int = 100_000, seed: int = 0) -> PcaBasis:
