@@ -126,7 +126,7 @@ def fetch_options(sensor):
 
 INFER_COMMAND = (
     "tessera infer --stack {input.stack} {params.patches} --roi-mask {input.roi_mask}"
-    " --checkpoint {input.checkpoint} --family {params.family} {params.trust} --device {params.device}"
+    " --checkpoint {input.checkpoint} --family {params.family} {params.checkpoint_flags} --device {params.device}"
     " --seed {params.seed} --repeat-times {params.repeat_times} --precision {params.precision}"
     " --batch-pixels {params.batch_pixels} --threads {threads}"
     " --out-dir {params.out_dir} 2> {log}"
@@ -135,7 +135,10 @@ INFER_COMMAND = (
 
 INFER_PARAMS = dict(
     family=FAMILY,
-    trust="--trust-checkpoint" if CFG["model"]["trust_checkpoint"] else "",
+    checkpoint_flags=" ".join(
+        flag for flag, wanted in (("--trust-checkpoint", CFG["model"]["trust_checkpoint"]),
+                                  ("--allow-source-mismatch", CFG["model"]["allow_source_mismatch"])) if wanted
+    ),
     device=CFG["device"],
     seed=CFG["infer"]["seed"],
     repeat_times=CFG["infer"]["repeat_times"],

@@ -11,7 +11,7 @@ DEMO_ROI = "5.992,52.040,6.008,52.046"
 def test_defaults_are_filled():
     config = cfg.validate({"roi": DEMO_ROI, "year": 2024})
     assert config["source"] == "demo"
-    assert config["model"] == {"family": "v2", "checkpoint": "demo", "trust_checkpoint": False}
+    assert config["model"] == {"family": "v2", "checkpoint": "demo", "trust_checkpoint": False, "allow_source_mismatch": False}
     assert config["patch_size"] == 512 and config["output_dir"] == "results" and config["device"] == "auto"
     assert config["fetch"]["min_coverage_pct"] == 0.01
 
@@ -45,7 +45,7 @@ def test_config_files_merge_like_snakemake(tmp_path):
     base.write_text(yaml.safe_dump({"roi": DEMO_ROI, "year": 2024, "model": {"family": "v2", "checkpoint": "x.pt"}}))
     over.write_text(yaml.safe_dump({"model": {"checkpoint": "y.pt"}}))
     config = cfg.load([base, over])
-    assert config["model"] == {"family": "v2", "checkpoint": "y.pt", "trust_checkpoint": False}
+    assert config["model"] == {"family": "v2", "checkpoint": "y.pt", "trust_checkpoint": False, "allow_source_mismatch": False}
     with pytest.raises(UserError, match="does not exist"):
         cfg.load([tmp_path / "missing.yaml"])
     (tmp_path / "bad.yaml").write_text("roi: [unclosed")
@@ -62,7 +62,7 @@ def test_plan_of_the_demo_roi():
     plan = make_plan(cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32, "infer": {"per": "patch"}}))
     assert [t.name for t in plan.tiles] == ["grid_5.95_52.05", "grid_6.05_52.05"]
     counts = plan.job_counts()
-    assert counts["fetch_s2"] == 2 and counts["infer"] == sum(len(t.patches) for t in plan.tiles) >= 4
+    assert counts["fetch"] == 2 and counts["infer"] == sum(len(t.patches) for t in plan.tiles) >= 4
     per_tile = make_plan(cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32}))
     assert per_tile.job_counts()["infer"] == 2
     for tile in plan.tiles:

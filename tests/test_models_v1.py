@@ -393,6 +393,57 @@ def test_v1_1_reproduces_the_tile_level_reference(tmp_path):
     np.testing.assert_allclose(full.reshape(6, 6, 24), expected, atol=1e-4, rtol=1e-4)
 
 
+def _v1_1_checkpoint_trained_on(tmp_path: Path, source: str, *, in_config: bool) -> Path:
+    """The reference v1.1 checkpoint, saying it was trained on ``source`` data in its config or
+    (as published) in its file name."""
+    checkpoint = torch.load(VECTORS / "v1.1" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    if in_config:
+        checkpoint["config"] = {**checkpoint.get("config", {}), "data_source": source}
+        path = tmp_path / "checkpoint.pt"
+    else:
+        path = tmp_path / f"tessera_v1_1_{source}_encoder.pt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("in_config", [True, False], ids=["config", "file name"])
+def test_v1_1_refuses_data_of_the_other_source_unless_allowed(tmp_path, in_config, capsys):
+    from tessera.cli import main
+
+    checkpoint = _v1_1_checkpoint_trained_on(tmp_path, "aws", in_config=in_config)
+    embed = ["-q", "embed-patch", str(PATCH), "--checkpoint", str(checkpoint), "--family", "v1.1", "--device", "cpu"]
+    assert main([*embed, "--data-source", "mpc", "--out", str(tmp_path / "mpc.npy")]) == 2
+    error = capsys.readouterr().err
+    assert "mpc-kind data" in error and "trained on aws data" in error and "--allow-source-mismatch" in error
+    assert not (tmp_path / "mpc.npy").exists()
+
+    assert main([*embed, "--data-source", "mpc", "--allow-source-mismatch", "--out", str(tmp_path / "mpc.npy")]) == 0
+    assert main([*embed, "--out", str(tmp_path / "default.npy")]) == 0  # the checkpoint's own source
+    assert main([*embed, "--data-source", "aws", "--out", str(tmp_path / "aws.npy")]) == 0
+    mpc, default, aws = (np.load(tmp_path / f"{name}.npy") for name in ("mpc", "default", "aws"))
+    np.testing.assert_array_equal(default, aws)
+    assert not np.allclose(mpc, aws, equal_nan=True)  # the tables differ, so do the embeddings
+
+
+def test_embed_patch_takes_the_seed_and_repeat_times_of_v1_0_draws(tmp_path):
+    from tessera.cli import main
+
+    checkpoint = tmp_path / "v1.0.pt"
+    make_demo_checkpoint(checkpoint, family="v1.0")
+
+    def embed(name: str, *options: str) -> np.ndarray:
+        args = ["-q", "embed-patch", str(PATCH), "--checkpoint", str(checkpoint), "--device", "cpu", "--precision",
+                "fp32", *options, "--out", str(tmp_path / f"{name}.npy")]
+        assert main(args) == 0
+        return np.load(tmp_path / f"{name}.npy")
+
+    first, again, other_seed = embed("a", "--seed", "1"), embed("b", "--seed", "1"), embed("c", "--seed", "2")
+    averaged = embed("d", "--seed", "1", "--repeat-times", "3")
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other_seed, equal_nan=True)
+    assert not np.allclose(first, averaged, equal_nan=True)
+
+
 def test_v1_1_no_valid_sensor_gets_eight_zero_rows():
     arrays = _synthetic_patch()
     batches = list(get_family("v1.1").prepare_batches(arrays, np.arange(6), data_source="mpc", seed=0,

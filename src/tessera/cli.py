@@ -133,7 +133,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
     embed_stack_patches(
         Path(args.stack), args.patch, roi_mask_path=Path(args.roi_mask), checkpoint=Path(args.checkpoint),
-        family=args.family, trust_checkpoint=args.trust_checkpoint, device=args.device, precision=args.precision,
+        family=args.family, trust_checkpoint=args.trust_checkpoint, allow_source_mismatch=args.allow_source_mismatch,
+        device=args.device, precision=args.precision,
         seed=args.seed, repeat_times=args.repeat_times, batch_pixels=args.batch_pixels, threads=args.threads,
         out_dir=Path(args.out_dir),
     )
@@ -239,7 +240,9 @@ def cmd_embed_patch(args: argparse.Namespace) -> None:
     from tessera.infer import embed_reference_patch
 
     embed_reference_patch(Path(args.patch_dir), Path(args.checkpoint), args.family, Path(args.out),
-                          data_source=args.data_source)
+                          data_source=args.data_source, trust_checkpoint=args.trust_checkpoint,
+                          allow_source_mismatch=args.allow_source_mismatch, device=args.device,
+                          precision=args.precision, seed=args.seed, repeat_times=args.repeat_times)
 
 
 def cmd_install_profile(args: argparse.Namespace) -> None:
@@ -249,6 +252,17 @@ def cmd_install_profile(args: argparse.Namespace) -> None:
                              account=args.account, qos=args.qos, dest=Path(args.dest) if args.dest else None,
                              force=args.force)
     print(f"installed {target}; run: snakemake --profile {args.name} --configfile <your config>")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """How inference runs: the options that `infer` and `embed-patch` share."""
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary pickles")
+    p.add_argument("--allow-source-mismatch", action="store_true",
+                   help="embed data of another kind (mpc/aws) than the checkpoint was trained on (v1.1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat-times", type=int, default=1, help="random draws averaged per pixel (v1.0 families)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,11 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-mask", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--family")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that need arbitrary pickles")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat-times", type=int, default=1, help="random draws averaged per pixel (v1.0 families)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto")
+    _add_model_options(p)
     p.add_argument("--batch-pixels", type=int, default=4096)
     p.add_argument("--threads", type=int)
     p.add_argument("--out-dir", required=True, help="writes <out-dir>/r<row>_c<col>.npz per patch")
@@ -410,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("patch_dir")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--family")
-    p.add_argument("--data-source", choices=["mpc", "aws"])
+    p.add_argument("--data-source", choices=["mpc", "aws"],
+                   help="the patch's kind of data, for per-source normalisation (v1.1); default: the checkpoint's")
+    _add_model_options(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_embed_patch)
     return parser

@@ -332,7 +332,8 @@ def _store_bytes(path: Path) -> int:
 
 
 def _grid(tile: Tile, window: Window, year: int, source: Source) -> StackGrid:
-    return StackGrid(tile.name, year, window, f"EPSG:{tile.epsg}", tile.window_transform(window), source.name)
+    return StackGrid(tile.name, year, window, f"EPSG:{tile.epsg}", tile.window_transform(window), source.name,
+                     source.normalisation)
 
 
 # --- Sentinel-2 ----------------------------------------------------------------------------------

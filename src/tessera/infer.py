@@ -398,6 +398,26 @@ def read_patch_roi(patch_dir: str | os.PathLike, shape: tuple[int, int]) -> np.n
     return mask
 
 
+def normalisation_for(model: nn.Module, data_source: str | None, *, allow_mismatch: bool = False, data: str) -> str:
+    """The normalisation table (``mpc`` or ``aws``) for ``data`` of kind ``data_source`` (None: not
+    known, as for a reference patch directory), checked against what the checkpoint was trained on.
+
+    v1.1 has one checkpoint per data source, each normalised with its own table; embedding data of
+    the other kind gives embeddings that are off without any error, so a mismatch is refused
+    unless ``allow_mismatch`` (then the data's table is used, as the reference would).
+    """
+    trained_on = getattr(model, "trained_on", None)
+    if data_source is None:
+        return trained_on or "mpc"  # the reference's default
+    if trained_on and trained_on != data_source:
+        if not allow_mismatch:
+            raise UserError(f"{data} holds {data_source}-kind data but the {model.family.name} checkpoint was trained "
+                            f"on {trained_on} data: use the {data_source} checkpoint, or allow it with "
+                            "--allow-source-mismatch (model.allow_source_mismatch)")
+        log.warning("%s: %s-kind data embedded with a checkpoint trained on %s data (allowed)", data, data_source, trained_on)
+    return data_source
+
+
 def embed_reference_patch(
     patch_dir: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -406,6 +426,7 @@ def embed_reference_patch(
     data_source: str | None = None,
     *,
     trust_checkpoint: bool = False,
+    allow_source_mismatch: bool = False,
     device: str = "auto",
     precision: str = "auto",
     seed: int = 0,
@@ -414,13 +435,14 @@ def embed_reference_patch(
     """Embed one reference per-patch directory into float32 (H, W, D) ``out_npy`` (NaN = no data).
 
     Pixels outside the directory's ``roi.tiff`` (when it has one) are no-data. ``data_source``
-    (mpc or aws) picks the normalisation of families that have one per source; the reference
-    default is mpc.
+    (mpc or aws) picks the normalisation of families that have one per source; by default the
+    one the checkpoint was trained on, else mpc (the reference's default).
     """
     arrays = read_reference_patch(patch_dir)
     valid = read_patch_roi(patch_dir, arrays["bands"].shape[1:3])
     model = load_model(checkpoint, family, trust_checkpoint=trust_checkpoint)
-    embedding = embed_arrays(model, arrays, valid=valid, data_source=data_source or "mpc", seed=seed,
+    data_source = normalisation_for(model, data_source, allow_mismatch=allow_source_mismatch, data=f"patch {patch_dir}")
+    embedding = embed_arrays(model, arrays, valid=valid, data_source=data_source, seed=seed,
                              repeat_times=repeat_times, device=device, precision=precision)
     with atomic_path(out_npy) as tmp:
         np.save(tmp, embedding)

@@ -21,10 +21,6 @@ from tessera.roi import read_roi_mask
 
 log = logging.getLogger(__name__)
 
-# Which normalisation table a family uses for data from each source: v1.1 was trained separately
-# on Planetary Computer and on Earth Search/OPERA data; the demo source mimics Planetary Computer.
-NORMALISATION_SOURCE = {"demo": "mpc", "mpc": "mpc", "aws": "aws", "stac": "mpc"}
-
 
 # A patch embedding is one array in an .npz: the zip entry's CRC-32, which numpy's loader checks
 # on every read, catches a damaged file that a bare .npy would load as wrong numbers.
@@ -61,6 +57,7 @@ def embed_stack_patches(
     checkpoint: Path,
     family: str | None,
     trust_checkpoint: bool = False,
+    allow_source_mismatch: bool = False,
     device: str = "auto",
     precision: str = "auto",
     seed: int = 0,
@@ -74,7 +71,7 @@ def embed_stack_patches(
     float32 (h, w, D); NaN where the pixel is outside the ROI or had no valid observation.
     ``repeat_times`` random draws per pixel are averaged (v1.0 families; 1 for the others).
     """
-    from tessera.infer import Embedder
+    from tessera.infer import Embedder, normalisation_for
     from tessera.models import load_model
     from tessera.stack import read_window, verify_stack_index
 
@@ -82,8 +79,9 @@ def embed_stack_patches(
     # GPU; chunk contents carry zstd checksums that every read verifies.
     stack = verify_stack_index(stack_index, checksums=False)
     tile, (col_off, row_off) = stack.index["tile"], stack.index["window"][:2]
-    data_source = NORMALISATION_SOURCE[stack.index["source"]]
     model = load_model(checkpoint, family, trust_checkpoint=trust_checkpoint)
+    data_source = normalisation_for(model, stack.index["normalisation"], allow_mismatch=allow_source_mismatch,
+                                    data=f"stack {stack_index}")
     embedder = Embedder(model, device=device, precision=precision, threads=threads, batch_pixels=batch_pixels)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

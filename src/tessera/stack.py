@@ -64,6 +64,7 @@ class StackGrid:
     crs: str  # "EPSG:326zz"
     transform: Affine  # of the window
     source: str
+    normalisation: str = "mpc"  # the data's kind for per-source normalisation tables (Source.normalisation)
 
     def attrs(self) -> dict:
         return {
@@ -73,11 +74,13 @@ class StackGrid:
             "crs": self.crs,
             "transform": list(self.transform)[:6],
             "source": self.source,
+            "normalisation": self.normalisation,
         }
 
     @classmethod
     def from_attrs(cls, attrs: Mapping) -> StackGrid:
-        return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]), attrs["source"])
+        return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]),
+                   attrs["source"], attrs["normalisation"])
 
 
 def chunk_edge(patch_size: int) -> int:

@@ -109,6 +109,7 @@ def load_model(checkpoint_path: str | os.PathLike, family: str | Family | None =
     model.requires_grad_(False)
     model.family = chosen
     model.arch = resolved
+    model.trained_on = chosen.trained_on(checkpoint, name)
     return model
 
 

@@ -321,6 +321,11 @@ class Family:
     def arch_from_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
+    def trained_on(self, checkpoint: Mapping[str, Any], path: str) -> str | None:
+        """The data (``mpc`` or ``aws``) a checkpoint was trained on, for families with a checkpoint
+        per data source; None when the family has one or the checkpoint does not say."""
+        return None
+
     def state_dict_from_checkpoint(self, checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
         for key in self.state_dict_keys:
             if isinstance(checkpoint.get(key), Mapping):

@@ -13,6 +13,7 @@ which must be the one the checkpoint was trained on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,6 +110,17 @@ class V1_1(BucketedFamily):
             raise UserError(f"checkpoint config sets num_obs_checkpoints {list(bins)}: only the published bins "
                             "8, 16, ..., 256 are supported; use a published v1.1 checkpoint")
         return {key: config[key] for key in self.default_arch() if key in config}
+
+    def trained_on(self, checkpoint: Mapping[str, Any], path: str) -> str | None:
+        """The training config's ``data_source``, else the published file name's
+        (``tessera_v1_1_{mpc,aws}_encoder.pt``)."""
+        config = checkpoint.get("config") or {}
+        if not isinstance(config, Mapping):
+            config = vars(config)
+        if config.get("data_source") in NORMALISATION_BY_SOURCE:
+            return config["data_source"]
+        named = [source for source in NORMALISATION_BY_SOURCE if f"_{source}_" in os.path.basename(path).lower()]
+        return named[0] if len(named) == 1 else None
 
     def matches_keys(self, keys: set[str]) -> bool:
         return ("s2_backbone.attn_pool.temporal_context.gru_cell.W_ir.weight" in keys

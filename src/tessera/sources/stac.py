@@ -290,6 +290,12 @@ class Source:
             if missing:
                 raise ValueError(f"source {self.name}: no {sensor} asset key for bands {sorted(missing)}")
 
+    @property
+    def normalisation(self) -> str:
+        """Which per-source normalisation table (v1.1) fits these data: ``mpc`` for S2 brought to
+        the old baseline by the MPC rule, ``aws`` for S2 as stored (Earth Search's, OPERA's S1)."""
+        return "mpc" if self.harmonisation == "mpc" else "aws"
+
     def harmonise_s2(self, values: np.ndarray, acquired: dt.date) -> np.ndarray:
         """S2 reflectance (float DN) brought to the pre-2022 baseline with this source's rule."""
         if self.harmonisation == "mpc" and acquired > MPC_OFFSET_FROM:
