@@ -140,3 +140,24 @@ def test_search_prints_the_scenes_a_tile_would_use(tiny_demo_run, monkeypatch, c
     for scene in stack["s2"]["scenes"][0] + stack["s1"]["ascending"]["scenes"][0]:
         assert scene in out  # every scene the fetch used is listed, with its date
     assert stack["s2"]["dates"][0] in out
+
+
+@pytest.mark.parametrize("family", ["v1.0", "v1.0-qat", "v1.1"])
+def test_the_demo_runs_with_every_model_family(tiny_demo_run, tmp_path, family):
+    """The finished tiny run with model.family switched: the stacks are kept, every tile is
+    embedded again with that family's demo checkpoint, and the outputs verify."""
+    import shutil
+
+    from conftest import write_tiny_config
+    from tessera.cli import main
+
+    reference_dir, _, _ = tiny_demo_run
+    workdir = shutil.copytree(reference_dir, tmp_path / "run")
+    config = write_tiny_config(workdir, model={"family": family, "checkpoint": "demo"})
+    result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    stats = job_stats(result.stdout + result.stderr)
+    assert "fetch" not in stats and stats["demo_checkpoint"] == 1 and stats["infer"] >= 4 and stats["assemble"] == 2
+    metadata = json.loads((workdir / "results/tessera_metadata.json").read_text())
+    assert metadata["model_family"] == family
+    assert main(["-q", "verify", str(workdir / "results")]) == 0
