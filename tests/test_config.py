@@ -105,6 +105,9 @@ def test_plan_estimates_use_cached_searches(tmp_path):
     after = estimates(plan)
     assert after["cached_searches"] == 1 and after["s2_scenes"] == TYPICAL_S2_ITEMS + 7
     assert after["download_bytes"] < before["download_bytes"]
+    prefix = estimates(make_plan(cfg.validate({**config, "export": {"dims": 16, "cog": False}})))
+    assert prefix["output_bytes"] == pytest.approx(before["output_bytes"] * (16 + 4) / (128 + 4))
+    assert prefix["cog_bytes"] == 0 < before["cog_bytes"] and before["float32_bytes"] == 0
 
 
 def test_source_stac_needs_its_mapping():

@@ -54,7 +54,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"  stacks on disk      {est['stack_bytes'] / 1e9:,.2f} GB uncompressed (Zarr + zstd stores less)")
     print(f"  compute             {est['macs'] / 1e12:,.1f} TMAC for {est['pixels']:,} work-window pixels "
           f"({cfg['model']['family']}; a GPU doing 10 TMAC/s takes {est['macs'] / 1e13 / 60:,.1f} min)")
-    print(f"  outputs             {est['output_bytes'] / 1e9:,.2f} GB int8 + scales")
+    print(f"  outputs             {est['output_bytes'] / 1e9:,.2f} GB int8 + scales, {est['cog_bytes'] / 1e9:,.2f} GB "
+          f"COGs, {est['float32_bytes'] / 1e9:,.2f} GB float32 .npy")
 
 
 def cmd_roi_mask(args: argparse.Namespace) -> None:

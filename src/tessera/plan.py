@@ -145,7 +145,11 @@ def estimates(plan: Plan) -> dict[str, float]:
         totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
         totals["pixels"] += sum(p.width * p.height for p in t.patches)
     totals["macs"] = totals["pixels"] * MACS_PER_PIXEL[cfg["model"]["family"]]
-    # int8 codes + float32 scale per pixel of every tile, plus the float32 COG (about half compressed).
+    # int8 codes + a float32 scale per pixel of every tile; float32 COGs of the embedded pixels
+    # (DEFLATE with a float predictor keeps about half); the optional float32 .npy.
+    dims = cfg["export"]["dims"] or 128
     tile_pixels = sum(t.tile.width * t.tile.height for t in plan.tiles)
-    totals["output_bytes"] = tile_pixels * (128 + 4)
+    totals["output_bytes"] = tile_pixels * (dims + 4)
+    totals["cog_bytes"] = totals["pixels"] * dims * 4 // 2 if cfg["export"]["cog"] else 0
+    totals["float32_bytes"] = tile_pixels * dims * 4 if cfg["export"]["float32"] else 0
     return dict(totals)
