@@ -12,6 +12,12 @@ SHARED = REPO.parent / "shared"
 VECTORS = SHARED / "reference" / "vectors"
 STAC_FIXTURES = SHARED / "fixtures" / "stac"
 BIN = Path(sys.executable).parent
+# Outside the project (a clone without shared/ beside it) the tests that read it are skipped; CI
+# sets TESSERA_REQUIRE_SHARED so that they fail there instead.
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir() and not os.environ.get("TESSERA_REQUIRE_SHARED"),
+    reason=f"needs the project's reference vectors and STAC fixtures at {SHARED} (shared/ beside the checkout)",
+)
 
 
 def run_snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:

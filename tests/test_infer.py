@@ -23,7 +23,7 @@ from tessera.models import get_family, load_model
 from tessera.models.base import Family, Quantisation
 from tessera.models.v2 import STUDENT_NORMALISATION, pad_pattern
 
-from conftest import VECTORS
+from conftest import VECTORS, needs_shared
 TILE = VECTORS / "tile-level" / "tile" / "0_0_6_6"
 V2 = get_family("v2")
 
@@ -112,6 +112,7 @@ def test_more_than_256_observations_are_subsampled():
     np.testing.assert_array_equal(s2[0, :, -1].numpy(), arrays["doys"][pad_pattern(300, 256)])
 
 
+@needs_shared
 def test_embed_arrays_no_data_valid_mask_and_batch_independence(model):
     arrays = synthetic_arrays()
     full = embed_arrays(model, arrays, device="cpu", batch_pixels=4096)
@@ -128,6 +129,7 @@ def test_embed_arrays_no_data_valid_mask_and_batch_independence(model):
     assert np.isnan(embed_arrays(model, arrays, valid=np.zeros((7, 9), bool), device="cpu")).all()
 
 
+@needs_shared
 def test_pixels_outside_valid_are_not_computed(model, monkeypatch):
     arrays = synthetic_arrays()
     valid = np.zeros((7, 9), bool)
@@ -145,6 +147,7 @@ def test_pixels_outside_valid_are_not_computed(model, monkeypatch):
     assert sorted(computed) == [2 * 9 + 3, 5 * 9 + 5]
 
 
+@needs_shared
 def test_reruns_are_bit_identical(model):
     arrays = synthetic_arrays(seed=5)
     first = embed_arrays(model, arrays, device="cpu", seed=7)
@@ -152,6 +155,7 @@ def test_reruns_are_bit_identical(model):
     assert first.tobytes() == second.tobytes()
 
 
+@needs_shared
 def test_reference_tile_end_to_end(tmp_path):
     out = tmp_path / "emb.npy"
     embed_reference_patch(TILE, VECTORS / "v2-student" / "checkpoint.pt", "v2", out, device="cpu")
@@ -162,6 +166,7 @@ def test_reference_tile_end_to_end(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+@needs_shared
 def test_reader_fills_missing_sar_and_masks(tmp_path, model):
     patch = tmp_path / "patch"
     shutil.copytree(TILE, patch)
@@ -174,6 +179,7 @@ def test_reader_fills_missing_sar_and_masks(tmp_path, model):
     assert np.isfinite(embedding).all()  # every S2 step counts as valid without masks.npy
 
 
+@needs_shared
 def test_reader_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_reference_patch(tmp_path / "absent")
@@ -223,6 +229,7 @@ def test_cpu_threads(monkeypatch):
         cpu_threads(0)
 
 
+@needs_shared
 def test_unavailable_cuda_is_a_user_error(model):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -244,6 +251,7 @@ def vector_model(family: str):
     return load_model(VECTORS / name / "checkpoint.pt", family, **arch)
 
 
+@needs_shared
 @pytest.mark.parametrize("family", list(FAMILY_VECTORS))
 def test_embeddings_are_bit_identical_whatever_the_batch(family):
     model = vector_model(family)
@@ -258,6 +266,7 @@ def test_embeddings_are_bit_identical_whatever_the_batch(family):
     assert np.array_equal(alone[4, 5], reference[4, 5])
 
 
+@needs_shared
 def test_deterministic_families_refuse_repeats(model):
     with pytest.raises(UserError, match="repeat_times = 2, but family v2 selects time steps deterministically"):
         embed_arrays(model, synthetic_arrays(), device="cpu", repeat_times=2)
@@ -270,6 +279,7 @@ def _cosine(a, b):
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
+@needs_shared
 @pytest.mark.parametrize("family", list(FAMILY_VECTORS))
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precision_stays_close_to_fp32(family, precision):
@@ -321,6 +331,7 @@ class _MemoryLimited(torch.nn.Module):
         return self.inner.encode(*inputs)
 
 
+@needs_shared
 def test_out_of_memory_halves_the_rows_per_pass(model, caplog):
     arrays = synthetic_arrays(seed=4)
     expected = embed_arrays(model, arrays, device="cpu")

@@ -14,7 +14,7 @@ from tessera.errors import UserError
 from tessera.models import checkpoint_sha256, family_names, get_family, load_model, make_demo_checkpoint
 from tessera.models.base import Family
 
-from conftest import VECTORS
+from conftest import VECTORS, needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,7 @@ def test_non_tensor_state_entry(demo, tmp_path):
         load_model(tmp_path / "listentry.pt")
 
 
+@needs_shared
 def test_explicit_family_that_does_not_match(demo):
     v1_1 = VECTORS / "v1.1" / "checkpoint.pt"
     with pytest.raises(UserError, match=r"checkpoint '.*v1.1/checkpoint.pt' looks like family v1.1, not v2"):
@@ -144,6 +145,7 @@ class _GruFamily(Family):
         return any(".attn_pool.temporal_context." in k for k in keys)
 
 
+@needs_shared
 def test_ambiguous_detection_asks_for_the_family(monkeypatch):
     monkeypatch.setitem(models.FAMILIES, _GruFamily.name, _GruFamily())
     with pytest.raises(UserError, match="could be any of v1.1, gru-standin: set the model family"):

@@ -16,7 +16,7 @@ from tessera.models.v1_0 import counter_words, draw_steps, stream_key
 from tessera.models.v1_0_qat import HandWrittenGRU, NormalisedGRUAttentionPooling
 from tessera.models.v1_1 import build_resample_indices
 
-from conftest import VECTORS
+from conftest import VECTORS, needs_shared
 PATCH = VECTORS / "tile-level" / "tile" / "0_0_6_6"
 
 # UPSTREAM.md §4.5 and §5.3, typed in again so that a wrong table in the code cannot pass.
@@ -49,6 +49,7 @@ def vector_model(name: str, family: str | None = None):
 # Models
 
 
+@needs_shared
 @pytest.mark.parametrize("name", ["v1.0", "v1.0-qat", "v1.1"])
 def test_reproduces_reference_vectors(name):
     meta = json.loads((VECTORS / name / "meta.json").read_text())
@@ -61,6 +62,7 @@ def test_reproduces_reference_vectors(name):
     np.testing.assert_allclose(out, vectors["expected"], atol=1e-4, rtol=1e-4)
 
 
+@needs_shared
 def test_v1_1_architecture_comes_from_the_checkpoint_config():
     config = json.loads((VECTORS / "v1.1" / "meta.json").read_text())["config"]
     model = vector_model("v1.1", "v1.1")
@@ -72,6 +74,7 @@ def test_v1_1_architecture_comes_from_the_checkpoint_config():
     assert torch.equal(family.stored_embedding(output, model.arch), output[:, :16])
 
 
+@needs_shared
 @pytest.mark.parametrize("config, message", [
     ({"split_s1_modalities": True}, "split_s1_modalities"),
     ({"num_obs_checkpoints": [16, 32]}, "num_obs_checkpoints"),
@@ -146,6 +149,7 @@ def _published_checkpoint(path: Path, family: str, *, random: bool, drop: str | 
     return state
 
 
+@needs_shared
 @pytest.mark.parametrize("family", ["v1.0", "v1.0-qat", "v1.1"])
 def test_published_key_layout_loads_strictly(tmp_path, family):
     state = _published_checkpoint(tmp_path / "ckpt.pt", family, random=True)
@@ -159,6 +163,7 @@ def test_published_key_layout_loads_strictly(tmp_path, family):
     assert model.family.embedding_dim(model.arch) == 128
 
 
+@needs_shared
 @pytest.mark.parametrize("family, key", [
     ("v1.0", "s1_backbone.attn_pool.temporal_context.bias_hh_l0"),
     ("v1.0-qat", "s2_backbone.attn_pool.temporal_context.gru_cell.W_hz.weight"),
@@ -299,6 +304,7 @@ def test_qat_gives_an_empty_orbit_a_zero_step_at_doy_180():
         assert (s1[..., 2] == 180).all()
 
 
+@needs_shared
 def test_repeat_times_averages_independent_draws():
     arrays = _synthetic_patch()
     single = _batch("v1.0", arrays)
@@ -318,6 +324,7 @@ def test_repeat_times_averages_independent_draws():
         _batch("v1.0", arrays, repeat_times=0)
 
 
+@needs_shared
 @pytest.mark.parametrize("family", ["v1.0", "v1.0-qat"])
 def test_seeded_embeddings_are_identical_across_runs_batch_sizes_and_rois(family):
     arrays = read_reference_patch(PATCH)
@@ -338,6 +345,7 @@ def test_seeded_embeddings_are_identical_across_runs_batch_sizes_and_rois(family
     assert np.nanmax(np.abs(other_seed - first)) > 1e-3
 
 
+@needs_shared
 @pytest.mark.parametrize("family", ["v1.0", "v1.0-qat"])
 def test_a_date_invalid_at_a_pixel_does_not_change_its_draws(family):
     """Overlapping runs can have different time axes (a date without any valid pixel in one work
@@ -374,6 +382,7 @@ def test_v1_1_bins():
     assert family.bins(counts).tolist() == [8, 8, 8, 16, 16, 24, 256, 256, 256, 256]
 
 
+@needs_shared
 def test_v1_1_reproduces_the_tile_level_reference(tmp_path):
     expected = np.load(VECTORS / "tile-level" / "expected.npz")["v1_1"]
     stored = embed_reference_patch(PATCH, VECTORS / "v1.1" / "checkpoint.pt", "v1.1", tmp_path / "out.npy",
@@ -406,6 +415,7 @@ def _v1_1_checkpoint_trained_on(tmp_path: Path, source: str, *, in_config: bool)
     return path
 
 
+@needs_shared
 @pytest.mark.parametrize("in_config", [True, False], ids=["config", "file name"])
 def test_v1_1_refuses_data_of_the_other_source_unless_allowed(tmp_path, in_config, capsys):
     from tessera.cli import main
@@ -425,6 +435,7 @@ def test_v1_1_refuses_data_of_the_other_source_unless_allowed(tmp_path, in_confi
     assert not np.allclose(mpc, aws, equal_nan=True)  # the tables differ, so do the embeddings
 
 
+@needs_shared
 def test_embed_patch_takes_the_seed_and_repeat_times_of_v1_0_draws(tmp_path):
     from tessera.cli import main
 

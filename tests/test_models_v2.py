@@ -12,10 +12,11 @@ from tessera.errors import UserError
 from tessera.models import get_family, load_model, make_demo_checkpoint
 from tessera.models.v2 import pad_pattern
 
-from conftest import VECTORS
+from conftest import VECTORS, needs_shared
 V2 = get_family("v2")
 
 
+@needs_shared
 @pytest.mark.parametrize("name", ["v2-student", "v2-student-qknorm"])
 def test_reproduces_reference_vectors(name):
     meta = json.loads((VECTORS / name / "meta.json").read_text())
@@ -43,6 +44,7 @@ def _published_checkpoint(path: Path, size: str, *, drop: str | None = None, add
     return path
 
 
+@needs_shared
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_published_key_layout_loads_strictly(tmp_path, size):
     listing = json.loads((VECTORS / "keys" / f"v2-{size}.json").read_text())
@@ -53,6 +55,7 @@ def test_published_key_layout_loads_strictly(tmp_path, size):
     assert model.arch["latent_dim"] == listing["config"]["latent_dim"]
 
 
+@needs_shared
 def test_missing_key_is_refused_by_name(tmp_path):
     key = "s1_backbone.transformer_encoder.layers.3.linear2.bias"
     path = _published_checkpoint(tmp_path / "ckpt.pt", "small", drop=key)
@@ -60,6 +63,7 @@ def test_missing_key_is_refused_by_name(tmp_path):
         load_model(path, "v2")
 
 
+@needs_shared
 def test_extra_key_is_refused_by_name(tmp_path):
     path = _published_checkpoint(tmp_path / "ckpt.pt", "small", add="s2_backbone.extra_head.weight")
     with pytest.raises(UserError, match=r"unexpected s2_backbone\.extra_head\.weight") as info:

@@ -21,7 +21,7 @@ from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
 from tessera.sources.opera import OperaFeed, _burst_item, _latest_per_burst, earthdata_gdal_options
 from tessera.sources.stac import RedactingFilter, StacFeed, UnusableAsset
 
-from conftest import STAC_FIXTURES as FIXTURES
+from conftest import STAC_FIXTURES as FIXTURES, needs_shared
 
 BBOX = (5.5, 52.1, 5.6, 52.2)
 
@@ -178,6 +178,7 @@ def test_feed_signs_hrefs_and_the_source_harmonises():
         Source("s", StacFeed("u", "c2", {k: v for k, v in MPC_ASSET_KEYS.items() if k != "SCL"}), feed, "mpc")
 
 
+@needs_shared
 def test_earth_search_assets_are_read_as_stored_but_only_as_l2a_dn():
     item = pystac.Item.from_dict(json.loads((FIXTURES / "earthsearch-sentinel-2-l2a-item-2023-10-08-S2A_13TDE.json").read_text()))
     feed = StacFeed("u", "sentinel-2-l2a", EARTH_SEARCH_ASSET_KEYS)
@@ -232,6 +233,7 @@ def test_stac_source_options():
 # --- OPERA RTC-S1 and Earthdata credentials ------------------------------------------------------
 
 
+@needs_shared
 def test_a_real_opera_granule_becomes_an_s1_item():
     import asf_search
     from asf_search.search.search_generator import as_ASFProduct

@@ -18,6 +18,7 @@ from shapely import box
 
 import tessera.fetch as fetch
 import tessera.sources.stac as stac
+from conftest import needs_shared
 from fixtures_servers import (
     MPC_S2_BLOB,
     Cmr,
@@ -38,6 +39,9 @@ from tessera.sources.aws import aws_source
 from tessera.sources.mpc import mpc_source
 from tessera.sources.stac import StacFeed
 from tessera.stack import open_s1, open_s2
+
+# The stand-in services serve the real STAC item JSON of shared/fixtures.
+pytestmark = needs_shared
 
 BBOX = (5.998, 52.040, 6.002, 52.042)  # across 6°E: S2 granules in UTM zones 31 and 32
 YEAR = 2022  # dates either side of the baseline-04.00 offset (2022-01-25)
