@@ -359,3 +359,36 @@ def test_batches_prepared_ahead_arrive_in_order_and_errors_surface():
     assert next(early) == 0
     early.close()  # the consumer stops early: the background thread is stopped, not left blocked
     assert not [t for t in threading.enumerate() if t.name == "tessera-prepare-batches"]
+
+
+def _mixed_patch(height: int = 5, width: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """S2 codes over the whole uint16 range, random clouds, S1 gaps, a pixel never observed."""
+    rng = np.random.default_rng(seed)
+    masks = (rng.random((23, height, width)) < 0.6).astype(np.uint8)
+    masks[:, 0, 0] = 0
+    arrays = {"bands": rng.integers(0, 65536, (23, height, width, 10), dtype=np.uint16), "masks": masks,
+              "doys": np.sort(rng.choice(np.arange(1, 366), 23, replace=False)).astype(np.uint16)}
+    for orbit, steps in (("sar_ascending", 9), ("sar_descending", 7)):
+        sar = rng.integers(1, 32768, (steps, height, width, 2), dtype=np.int16)
+        sar[rng.random((steps, height, width)) < 0.3] = 0
+        sar[:, 0, 0] = 0
+        arrays[orbit] = sar
+        arrays[f"{orbit}_doy"] = np.sort(rng.choice(np.arange(1, 366), steps, replace=False)).astype(np.int16)
+    return arrays
+
+
+@pytest.mark.parametrize("family", ["v1.0", "v1.1", "v2"])
+def test_inputs_gathered_on_a_device_equal_those_gathered_by_numpy(family):
+    """The GPU path of the preparation (gathering on the device), run here on the CPU device:
+    the same tensors, bit for bit, as the numpy path."""
+    arrays = _mixed_patch()
+    chosen = get_family(family)
+    pixels = np.arange(arrays["bands"].shape[1] * arrays["bands"].shape[2])
+    options = dict(data_source="aws" if family == "v1.1" else "mpc", seed=5, batch_pixels=7)
+    on_cpu = list(chosen.prepare_batches(arrays, pixels, **options))
+    on_device = list(chosen.prepare_batches(arrays, pixels, **options, device=torch.device("cpu")))
+    assert len(on_cpu) == len(on_device) > 1
+    for numpy_batch, device_batch in zip(on_cpu, on_device):
+        np.testing.assert_array_equal(numpy_batch.pixels, device_batch.pixels)
+        for name in ("s2_bands", "s2_doys", "s1_bands", "s1_doys"):
+            assert torch.equal(getattr(numpy_batch, name), getattr(device_batch, name)), name

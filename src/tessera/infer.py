@@ -8,9 +8,10 @@ sensor, are never computed and come out as NaN.
 Running a batch: its rows are padded with zero rows to a multiple of :data:`ROW_MULTIPLE`,
 because CPU matmul kernels over fewer rows round differently; with the padding a pixel's
 embedding is bit-identical whatever batch it lands in (patch layout, bucket sizes, batch size).
-The next batch is prepared in a background thread while the current one runs on a GPU, in
-pinned memory so that its copy to the device is asynchronous; on a CPU preparation takes well
-under 1 % of the forward time and would only compete with its threads, so it runs inline. When
+On a GPU the patch's codes are copied there once and each batch's inputs are gathered, cast and
+standardised there (the CPU only chooses the time steps), one batch ahead in a background thread;
+on a CPU preparation takes well under 1 % of the forward time and would only compete with its
+threads, so it runs inline. When
 the device runs out of memory the rows per forward pass are halved for the rest of the run.
 
 Precision (``precision``): ``fp32``; ``bf16`` (autocast: matmuls in bfloat16, accumulation and
@@ -240,9 +241,10 @@ class Embedder:
                 raise ValueError(f"valid mask has shape {valid.shape}, the arrays are {(height, width)}")
             pixels = np.flatnonzero(valid)
         embeddings = np.full((height * width, self.family.embedding_dim(self.arch)), np.nan, np.float32)
+        # On a GPU the inputs are gathered there; on a CPU numpy gathers faster than torch.
         batches = self.family.prepare_batches(arrays, pixels, data_source=data_source, seed=seed,
                                               batch_pixels=self.batch_pixels, repeat_times=repeat_times,
-                                              origin=origin)
+                                              origin=origin, device=self.device if self.device.type == "cuda" else None)
         if self.device.type == "cuda":
             batches = _prepared_ahead(batches, self._staged)
         else:
@@ -254,10 +256,10 @@ class Embedder:
         return embeddings.reshape(height, width, -1)
 
     def _staged(self, batch: Batch) -> Batch:
-        """The batch with padded rows, in pinned memory when it is going to a GPU."""
+        """The batch with padded rows; rows still on the CPU go to pinned memory when bound for a GPU."""
         inputs = _padded([getattr(batch, name) for name in _INPUTS])
         if self.device.type == "cuda":
-            inputs = [t.pin_memory() for t in inputs]
+            inputs = [t.pin_memory() if t.device.type == "cpu" else t for t in inputs]
         return Batch(batch.pixels, *inputs, repeats=batch.repeats)
 
     def embed_batch(self, batch: Batch) -> np.ndarray:

@@ -347,7 +347,10 @@ class Family:
     def prepare_batches(
         self, arrays: Mapping[str, np.ndarray], pixels: np.ndarray, *, data_source: str, seed: int,
         batch_pixels: int, repeat_times: int = 1, origin: tuple[int, int] = (0, 0),
+        device: torch.device | None = None,
     ) -> Iterator[Batch]:
+        """Model inputs of ``pixels`` (flat indices into the patch), in batches; with a ``device``,
+        gathered on it (see :class:`SensorSource`)."""
         raise NotImplementedError
 
     def demo_arch(self, size: str) -> dict[str, Any]:
@@ -386,9 +389,13 @@ class SensorSource:
     standardised as the reference does, ``(float32(x) − mean) / (std + 1e-9)``, with the table of
     the part each step belongs to. Validity is kept pixel by pixel (H·W, T), so that a group's
     rows are one contiguous read each.
+
+    With a ``device`` (a GPU), the codes, days of year and tables are copied there once and the
+    gathering, casting and standardising run there: the CPU only chooses the time steps. Without
+    one they run in numpy, which on a CPU is faster than torch (its uint16 cast has no fast path).
     """
 
-    def __init__(self, parts: list[SeriesPart]):
+    def __init__(self, parts: list[SeriesPart], device: torch.device | None = None):
         height, width, channels = parts[0].values.shape[1:]
         self.channels = channels
         self.pixel_count = height * width
@@ -416,6 +423,15 @@ class SensorSource:
             self.mean = np.concatenate([np.tile(np.asarray(p.mean, np.float32), (len(p.doys), 1)) for p in parts])
             self.std = np.concatenate([np.tile(np.asarray(p.std, np.float32), (len(p.doys), 1)) for p in parts])
             self.std += np.float32(1e-9)
+        self.device = device
+        if device is not None:
+            # uint16 has few torch kernels: the codes travel as int16 and are widened on the device.
+            codes = self.values.view(np.int16) if self.values.dtype == np.uint16 else self.values
+            self._device_codes = torch.from_numpy(np.ascontiguousarray(codes)).to(device)
+            self._unsigned = self.values.dtype == np.uint16
+            self._device_doys = torch.from_numpy(self.doys).to(device)
+            self._device_mean = torch.from_numpy(self.mean).to(device)
+            self._device_std = torch.from_numpy(self.std).to(device)
 
     def valid_rows(self, group: np.ndarray) -> np.ndarray:
         """(G, T) bool: which steps of each pixel of ``group`` are valid observations."""
@@ -425,9 +441,12 @@ class SensorSource:
         """Standardised bands (G, L, C) and raw days of year (G, L), float32, at ``steps`` (G, L)."""
         rows, length = steps.shape
         if not self.steps:
-            return torch.zeros(rows, length, self.channels), torch.zeros(rows, length)
+            return (torch.zeros(rows, length, self.channels, device=self.device),
+                    torch.zeros(rows, length, device=self.device))
         flat = np.multiply(steps, self.pixel_count)
         flat += group[:, None]
+        if self.device is not None:
+            return self._inputs_on_device(flat, steps)
         # numpy's cast of uint16 is about 3x torch's (which has no fast uint16 path).
         raw = np.take(self.values, flat, axis=0).astype(np.float32)
         # (G, L · C) operands, so that every pass runs along whole rows rather than C values at a time.
@@ -438,6 +457,22 @@ class SensorSource:
             mean, std = np.take(self.mean, steps, axis=0), np.take(self.std, steps, axis=0)
         bands.sub_(torch.from_numpy(mean).view(-1, bands.shape[1])).div_(torch.from_numpy(std).view(-1, bands.shape[1]))
         return bands.view(rows, length, self.channels), torch.from_numpy(np.take(self.doys, steps))
+
+    def _inputs_on_device(self, flat: np.ndarray, steps: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` gathered on ``self.device`` (same values, bit for bit)."""
+        rows, length = steps.shape
+        flat_t = torch.from_numpy(flat.reshape(-1)).to(self.device, non_blocking=True)
+        steps_t = torch.from_numpy(steps).to(self.device, non_blocking=True)
+        codes = self._device_codes.index_select(0, flat_t).to(torch.int32)
+        if self._unsigned:
+            codes = codes & 0xFFFF
+        bands = codes.to(torch.float32).view(rows, length, self.channels)
+        if self._device_mean.ndim == 1:
+            mean, std = self._device_mean, self._device_std
+        else:
+            mean, std = self._device_mean[steps_t], self._device_std[steps_t]
+        bands.sub_(mean).div_(std)
+        return bands, self._device_doys[steps_t]
 
 
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
@@ -453,21 +488,21 @@ def _either_channel_set(sar: np.ndarray) -> np.ndarray:
 class S2Source(SensorSource):
     """S2 bands, valid where the mask is non-zero."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation):
+    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation, device: torch.device | None = None):
         super().__init__([SeriesPart(arrays["bands"], arrays["doys"], np.asarray(arrays["masks"]) != 0,
-                                     norm.s2_mean, norm.s2_std)])
+                                     norm.s2_mean, norm.s2_std)], device)
 
 
 class S1Source(SensorSource):
     """S1 ascending then descending [VV, VH] codes, valid where either is non-zero, z-scored per orbit."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation):
+    def __init__(self, arrays: Mapping[str, np.ndarray], norm: Normalisation, device: torch.device | None = None):
         orbits = (("sar_ascending", norm.s1_asc_mean, norm.s1_asc_std),
                   ("sar_descending", norm.s1_desc_mean, norm.s1_desc_std))
         super().__init__([
             SeriesPart(arrays[name], arrays[f"{name}_doy"], _either_channel_set(arrays[name]), mean, std)
             for name, mean, std in orbits
-        ])
+        ], device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,12 +541,13 @@ class BucketedFamily(Family):
     def normalisation(self, data_source: str) -> Normalisation:
         raise NotImplementedError
 
-    def prepare_batches(self, arrays, pixels, *, data_source, seed, batch_pixels, repeat_times=1, origin=(0, 0)):
+    def prepare_batches(self, arrays, pixels, *, data_source, seed, batch_pixels, repeat_times=1, origin=(0, 0),
+                        device=None):
         if repeat_times != 1:
             raise UserError(f"repeat_times = {repeat_times}, but family {self.name} selects time steps "
                             "deterministically, so every draw would be the same: set repeat_times to 1")
         norm = self.normalisation(data_source)
-        s2, s1 = S2Source(arrays, norm), S1Source(arrays, norm)
+        s2, s1 = S2Source(arrays, norm, device), S1Source(arrays, norm, device)
         pixels = np.asarray(pixels, np.int64)
         n_s2, n_s1 = s2.valid_counts[pixels], s1.valid_counts[pixels]
         has_data = (n_s2 > 0) | (n_s1 > 0)
@@ -535,12 +571,13 @@ class BucketedFamily(Family):
                   length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bands (G, length, C) and DOYs (G, length) of ``group``, whose valid-step ``counts`` are given."""
         if not counts.any():
-            return torch.zeros(len(group), length, source.channels), torch.zeros(len(group), length)
+            return (torch.zeros(len(group), length, source.channels, device=source.device),
+                    torch.zeros(len(group), length, device=source.device))
         table = _pattern_table(self.pattern, int(counts.max()), length)  # (n_max + 1, length)
         steps = nth_set_steps(source.valid_rows(group), counts, np.take(table, counts, axis=0))
         bands, doys = source.inputs(group, steps)
         if not counts.all():
-            empty = torch.from_numpy(counts == 0)
+            empty = torch.from_numpy(counts == 0).to(bands.device)
             bands[empty] = 0.0
             doys[empty] = 0.0
         return bands, doys

@@ -250,6 +250,7 @@ class SampledFamily(Family):
     def prepare_batches(
         self, arrays: Mapping[str, np.ndarray], pixels: np.ndarray, *, data_source: str, seed: int,
         batch_pixels: int, repeat_times: int = 1, origin: tuple[int, int] = (0, 0),
+        device: torch.device | None = None,
     ) -> Iterator[Batch]:
         """Batches of ``repeat_times`` independent 40 + 40 draws per pixel (``Batch.repeats``).
 
@@ -262,7 +263,7 @@ class SampledFamily(Family):
                             "check the tile's S2 stack or use v1.1 / v2")
         arrays = self._with_placeholders(arrays)
         norm = self.normalisation(data_source)
-        s2, s1 = S2Source(arrays, norm), S1Source(arrays, norm)
+        s2, s1 = S2Source(arrays, norm, device), S1Source(arrays, norm, device)
         pixels = np.asarray(pixels, np.int64)
         pixels = pixels[(s2.valid_counts[pixels] > 0) | (s1.valid_counts[pixels] > 0)]
         keys = pixel_keys(pixels, arrays["bands"].shape[2], origin)
