@@ -397,21 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cog", action="store_true", help="also write each mosaic as a COG next to its VRT")
     p.set_defaults(func=cmd_mosaic)
 
-    for name, func, help_text in [("stac", cmd_stac, "(rule stac) STAC Collection and Items of the outputs"),
-                                  ("report", cmd_report, "(rule report) the HTML run report")]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--output-dir", required=True)
-        p.add_argument("--year", type=int, required=True)
-        if name == "stac":
-            p.add_argument("--family", required=True)
-            p.add_argument("--variant", required=True)
-            p.add_argument("--source", required=True)
-            p.add_argument("--checkpoint", required=True)
-        else:
-            p.add_argument("--out", required=True)
-            p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks) for timings")
-        p.add_argument("stacks", nargs="+", help="the tiles' stack.json (scene ids)")
-        p.set_defaults(func=func)
+    p = sub.add_parser("stac", help="(rule stac) STAC Collection and Items of the outputs")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--family", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("stacks", nargs="+", help="the tiles' stack.json (scene ids)")
+    p.set_defaults(func=cmd_stac)
+
+    p = sub.add_parser("report", help="(rule report) the HTML run report")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--year", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks) for timings")
+    p.add_argument("stacks", nargs="+", help="the tiles' stack.json (scene ids)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
     p.add_argument("output_dir")
