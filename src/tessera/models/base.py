@@ -192,18 +192,26 @@ def doy_encoding(doy: torch.Tensor, d_model: int) -> torch.Tensor:
 
 
 class AttentionPooling(nn.Module):
-    """Softmax-weighted sum over time with a learned linear score (key ``query``)."""
+    """Softmax-weighted sum of the tokens over time, scored by a learned linear layer (key
+    ``query``) on the tokens; the families' poolings score other features of them (``scores``).
+
+    As the reference: one step returns that token, no step returns zeros.
+    """
 
     def __init__(self, d_model: int):
         super().__init__()
         self.query = nn.Linear(d_model, 1)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, 1) unnormalised weights of the tokens x (B, T, D)."""
+        return self.query(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0], x.shape[2])
         if x.shape[1] == 1:
             return x[:, 0]
-        weights = torch.softmax(self.query(x), dim=1)
+        weights = torch.softmax(self.scores(x), dim=1)
         return (weights * x).sum(dim=1)
 
 

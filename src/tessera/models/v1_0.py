@@ -26,6 +26,7 @@ from torch import nn
 
 from tessera.errors import UserError
 from tessera.models.base import (
+    AttentionPooling,
     Batch,
     ConcatFusionModel,
     Family,
@@ -69,21 +70,19 @@ def transformer_stack(d_model: int, nhead: int, num_layers: int, dim_feedforward
     return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
 
 
-class GRUAttentionPooling(nn.Module):
+class GRUAttentionPooling(AttentionPooling):
     """Softmax weights scored on a GRU's outputs, applied to the GRU's *inputs* (the tokens)."""
 
     def __init__(self, d_model: int):
-        super().__init__()
+        super().__init__(d_model)
         self.temporal_context = nn.GRU(d_model, d_model, batch_first=True)
-        self.query = nn.Linear(d_model, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
         # The recurrence runs in float32 even under autocast (where CUDA would run it in bf16):
         # rounding errors would compound over the time steps.
         with torch.autocast(x.device.type, enabled=False):
             context, _ = self.temporal_context(x.float())
-        weights = torch.softmax(self.query(context), dim=1)
-        return (weights * x).sum(dim=1)
+        return self.query(context)
 
 
 # ---------------------------------------------------------------------------------------------

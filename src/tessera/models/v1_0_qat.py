@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.models.base import AttentionPooling
 from tessera.models.v1_0 import SampledFamily
 
 
@@ -71,25 +72,16 @@ class HandWrittenGRU(nn.Module):
         return torch.stack(states, dim=1)
 
 
-class NormalisedGRUAttentionPooling(nn.Module):
-    """Weights from LayerNorm(GRU outputs) → linear score → softmax, applied to the tokens.
-
-    As the reference: one step returns that token, no step returns zeros.
-    """
+class NormalisedGRUAttentionPooling(AttentionPooling):
+    """Weights from LayerNorm(GRU outputs) → linear score → softmax, applied to the tokens."""
 
     def __init__(self, d_model: int):
-        super().__init__()
+        super().__init__(d_model)
         self.temporal_context = HandWrittenGRU(d_model)
         self.layer_norm = nn.LayerNorm(d_model)
-        self.query = nn.Linear(d_model, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 0:
-            return x.new_zeros(x.shape[0], x.shape[2])
-        if x.shape[1] == 1:
-            return x[:, 0]
-        weights = torch.softmax(self.query(self.layer_norm(self.temporal_context(x))), dim=1)
-        return (weights * x).sum(dim=1)
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query(self.layer_norm(self.temporal_context(x)))
 
 
 class V1_0_QAT(SampledFamily):
