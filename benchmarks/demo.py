@@ -55,7 +55,9 @@ def main() -> None:
 
     per_rule: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for tsv in (workdir / "logs/benchmarks").rglob("*.tsv"):
-        rule = tsv.relative_to(workdir / "logs/benchmarks").parts[0]
+        # logs/benchmarks/<rule>/<job>.tsv per tile or patch, logs/benchmarks/<rule>.tsv once per run
+        relative = tsv.relative_to(workdir / "logs/benchmarks")
+        rule = relative.parts[0] if len(relative.parts) > 1 else relative.stem
         with tsv.open() as handle:
             row = next(csv.DictReader(handle, delimiter="\t"))
         rss = float(row["max_rss"]) if row["max_rss"] not in ("-", "NA", "") else float("nan")
