@@ -79,6 +79,10 @@ S1_BYTES_PER_PIXEL = 2 * 4
 # Stack bytes per pixel and time step, uncompressed: S2 10 × uint16 + mask; S1 2 × int16.
 STACK_S2_BYTES = 10 * 2 + 1
 STACK_S1_BYTES = 2 * 2
+# Tile COG bytes per float32 value of the embedded pixels, overviews included: 0.82 measured on
+# the demo's two tiles (DEFLATE + float predictor; random-weight embeddings, which compress worse
+# than real ones, so an upper bound).
+COG_BYTES_PER_VALUE = 4 * 0.82
 # Multiply-accumulates per pixel at typical sequence lengths (UPSTREAM.md §9): v1.0 and v1.0-QAT
 # always 40 + 40 steps; v1.1 and v2 (small) bucketed, about 64 + 64 for a year of observations.
 MACS_PER_PIXEL = {"v1.0": 3.53e9, "v1.0-qat": 1.84e9, "v1.1": 3.40e9, "v2": 0.43e9}
@@ -145,11 +149,11 @@ def estimates(plan: Plan) -> dict[str, float]:
         totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
         totals["pixels"] += sum(p.width * p.height for p in t.patches)
     totals["macs"] = totals["pixels"] * MACS_PER_PIXEL[cfg["model"]["family"]]
-    # int8 codes + a float32 scale per pixel of every tile; float32 COGs of the embedded pixels
-    # (DEFLATE with a float predictor keeps about half); the optional float32 .npy.
+    # int8 codes + a float32 scale per pixel of every tile; COGs of the embedded pixels; the
+    # optional float32 .npy.
     dims = cfg["export"]["dims"] or 128
     tile_pixels = sum(t.tile.width * t.tile.height for t in plan.tiles)
     totals["output_bytes"] = tile_pixels * (dims + 4)
-    totals["cog_bytes"] = totals["pixels"] * dims * 4 // 2 if cfg["export"]["cog"] else 0
+    totals["cog_bytes"] = totals["pixels"] * dims * COG_BYTES_PER_VALUE if cfg["export"]["cog"] else 0
     totals["float32_bytes"] = tile_pixels * dims * 4 if cfg["export"]["float32"] else 0
     return dict(totals)
