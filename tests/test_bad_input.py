@@ -186,7 +186,7 @@ STACK_WINDOW = Window(100, 100, 16, 16)
 def small_stack(tmp_path_factory) -> dict[str, Path]:
     """A tile's stack.json over a 16 px window (synthetic values), its ROI mask and a demo checkpoint."""
     root = tmp_path_factory.mktemp("stack")
-    grid = StackGrid(TILE.name, 2024, STACK_WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(STACK_WINDOW), "demo")
+    grid = StackGrid(TILE.name, 2024, STACK_WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(STACK_WINDOW), "demo", "mpc")
     rng = np.random.default_rng(0)
     shape = (16, 16)
     with write_s2(root / "s2.zarr", grid, chunk=16) as s2:

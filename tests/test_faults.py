@@ -190,7 +190,7 @@ PATCH_ARG = "100,100,16,16"
 @pytest.fixture
 def small_stack(tmp_path) -> Path:
     """stack.json over a 16 px window of synthetic values, with the tile's ROI mask next to it."""
-    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo")
+    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc")
     rng = np.random.default_rng(1)
     with write_s2(tmp_path / "s2.zarr", grid, chunk=16) as s2:
         for day in (10, 70, 130, 190, 250):
@@ -322,7 +322,7 @@ def test_roi_mask_on_a_full_disk_keeps_the_previous_mask_at_every_fill_level(tin
 
 
 def test_stack_on_a_full_disk_keeps_the_previous_store(tiny_disk):
-    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo")
+    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc")
     rng = np.random.default_rng(2)
 
     def write(steps: int) -> None:

@@ -28,7 +28,7 @@ def tile(tmp_path_factory):
     """A stack index over WINDOW with 50 S2 and 2 × 12 S1 dates, and the tile's ROI mask (a disc)."""
     root = tmp_path_factory.mktemp("tile")
     grid = StackGrid(tile=TILE.name, year=2024, window=WINDOW, crs=f"EPSG:{TILE.epsg}", transform=WINDOW_TRANSFORM,
-                     source="demo")
+                     source="demo", normalisation="mpc")
     rng = np.random.default_rng(0)
     with write_s2(root / "s2.zarr", grid, chunk=8) as writer:
         for step in range(STEPS):

@@ -24,7 +24,7 @@ from tessera.stack import (
 H, W = 20, 30
 GRID = StackGrid(
     tile="grid_6.05_52.05", year=2024, window=Window(100, 200, W, H), crs="EPSG:32632",
-    transform=Affine(10, 0, 301000, 0, -10, 5770000), source="demo",
+    transform=Affine(10, 0, 301000, 0, -10, 5770000), source="demo", normalisation="mpc",
 )
 
 
@@ -86,6 +86,17 @@ def test_incomplete_store_is_refused(tmp_path, stacks):
         open_s2(s2_path)
     with pytest.raises(UserError, match="does not exist"):
         open_s1(tmp_path / "missing.zarr")
+
+
+def test_a_store_without_its_data_kind_is_one_clear_error(stacks):
+    """Stores written before the normalisation kind was recorded: refetch, no KeyError."""
+    s2_path, _ = stacks
+    group = zarr.open_group(s2_path, mode="r+")
+    attrs = group.attrs.asdict()
+    del attrs["normalisation"]
+    group.attrs.put(attrs)
+    with pytest.raises(UserError, match=r"s2.zarr lacks normalisation .*rerun the fetch of this tile"):
+        open_s2(s2_path)
 
 
 def test_appends_must_be_in_date_order_with_the_right_shapes(tmp_path):
@@ -161,7 +172,7 @@ def test_corrupted_chunk_fails_to_read_instead_of_returning_garbage(tmp_path):
     """zstd frame checksums: flipping a byte inside a stored chunk is detected on read."""
     from tessera.stack import StackGrid, open_s2, write_s2
 
-    grid = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 16, 16), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000), "demo")
+    grid = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 16, 16), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000), "demo", "mpc")
     rng = np.random.default_rng(0)
     with write_s2(tmp_path / "s2.zarr", grid, chunk=16) as stack:
         stack.append(dt.date(2024, 5, 1), ["a"], rng.integers(0, 10000, (16, 16, 10), dtype=np.uint16), np.ones((16, 16), np.uint8))

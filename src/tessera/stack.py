@@ -64,7 +64,7 @@ class StackGrid:
     crs: str  # "EPSG:326zz"
     transform: Affine  # of the window
     source: str
-    normalisation: str = "mpc"  # the data's kind for per-source normalisation tables (Source.normalisation)
+    normalisation: str  # the data's kind for per-source normalisation tables (Source.normalisation)
 
     def attrs(self) -> dict:
         return {
@@ -78,7 +78,12 @@ class StackGrid:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping) -> StackGrid:
+    def from_attrs(cls, attrs: Mapping, store: Path) -> StackGrid:
+        missing = [key for key in ("tile", "year", "window", "crs", "transform", "source", "normalisation")
+                   if key not in attrs]
+        if missing:
+            raise UserError(f"stack {store} lacks {', '.join(missing)} (written by an older tessera-workflow?): "
+                            "delete it and rerun the fetch of this tile")
         return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]),
                    attrs["source"], attrs["normalisation"])
 
@@ -249,7 +254,7 @@ def open_s2(path: str | os.PathLike) -> S2Stack:
     path = Path(path)
     group = _open_complete(path, "S2")
     attrs = group.attrs.asdict()
-    return S2Stack(path, StackGrid.from_attrs(attrs), attrs["skipped"], _read_series(group, _S2_ARRAYS))
+    return S2Stack(path, StackGrid.from_attrs(attrs, path), attrs["skipped"], _read_series(group, _S2_ARRAYS))
 
 
 def open_s1(path: str | os.PathLike) -> S1Stack:
@@ -258,7 +263,7 @@ def open_s1(path: str | os.PathLike) -> S1Stack:
     group = _open_complete(path, "S1")
     attrs = group.attrs.asdict()
     orbits = {orbit: _read_series(group[orbit], _S1_ARRAYS) for orbit in S1_ORBITS}
-    return S1Stack(path, StackGrid.from_attrs(attrs), attrs["skipped"], **orbits)
+    return S1Stack(path, StackGrid.from_attrs(attrs, path), attrs["skipped"], **orbits)
 
 
 def _read_boundless(array: zarr.Array, window: Window) -> np.ndarray:
@@ -333,7 +338,7 @@ def _describe(s2: S2Stack, s1: S1Stack, checksums: bool = True) -> dict:
     if s2.grid != s1.grid:
         raise UserError(
             f"the S2 stack {s2.path} and S1 stack {s1.path} disagree on tile, year, window, CRS, transform or source "
-            f"({s2.grid} vs {s1.grid}): delete both and rerun the fetch steps of this tile"
+            f"({s2.grid} vs {s1.grid}): delete both and rerun the fetch of this tile"
         )
     return {
         "format": INDEX_FORMAT,
@@ -384,7 +389,7 @@ def verify_stack_index(index_json: str | os.PathLike, *, checksums: bool = True)
     """
     index_json = Path(index_json)
     if not index_json.exists():
-        raise UserError(f"stack index {index_json} does not exist: run the stack step for this tile first")
+        raise UserError(f"stack index {index_json} does not exist: run the fetch of this tile first")
     index = json.loads(index_json.read_text())
     s2_path = index_json.parent / index["stores"]["s2"]
     s1_path = index_json.parent / index["stores"]["s1"]
@@ -395,7 +400,7 @@ def verify_stack_index(index_json: str | os.PathLike, *, checksums: bool = True)
     if current != recorded:
         differing = sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
         raise UserError(
-            f"stack index {index_json} no longer matches its stores (differs in {', '.join(differing)}): rerun the stack step of this tile"
+            f"stack index {index_json} no longer matches its stores (differs in {', '.join(differing)}): rerun the fetch of this tile"
         )
     return VerifiedStack(index, s2_path, s1_path)
 
