@@ -11,8 +11,8 @@ embedding is bit-identical whatever batch it lands in (patch layout, bucket size
 On a GPU the patch's codes are copied there once and each batch's inputs are gathered, cast and
 standardised there (the CPU only chooses the time steps), one batch ahead in a background thread;
 on a CPU preparation takes well under 1 % of the forward time and would only compete with its
-threads, so it runs inline. When
-the device runs out of memory the rows per forward pass are halved for the rest of the run.
+threads, so it runs inline. When the device runs out of memory the rows per forward pass are
+halved for the rest of the run.
 
 Precision (``precision``): ``fp32``; ``bf16`` (autocast: matmuls in bfloat16, accumulation and
 outputs in float32); ``int8`` (CPU only: Linear layers dynamically quantised, an approximation on

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
-from tqdm import tqdm
 from rasterio.windows import Window
+from tqdm import tqdm
 
 from tessera.errors import UserError
 from tessera.export.geotessera import TileFiles
@@ -37,15 +37,16 @@ _ROWS_PER_BLOCK = 256
 STRETCH_PERCENTILES = (2.0, 98.0)
 
 
-def pca_basis_path(output_dir: Path, year: int) -> Path:
-    return Path(output_dir) / QUICKLOOK_DIR / str(year) / "pca.json"
+def quicklook_folder(output_dir: Path, year: int) -> Path:
+    """Where a year's quicklooks and their PCA basis (``pca.json``) are."""
+    return Path(output_dir) / QUICKLOOK_DIR / str(year)
 
 
 def write_quicklooks(tile_files: list[TileFiles], output_dir: Path, year: int, *, threads: int = 1) -> None:
     """Fit one PCA basis on all tiles of the year, save it, and write every tile's quicklook,
     ``threads`` tiles at a time (the work is in numpy and GDAL, which release the GIL)."""
     basis = fit_pca(tile_files)
-    basis.save(pca_basis_path(output_dir, year))
+    basis.save(quicklook_folder(output_dir, year) / "pca.json")
 
     def write(files: TileFiles) -> None:
         write_tile_quicklook(files, basis, *quicklook_paths(output_dir, files.tile.name, year))
@@ -57,7 +58,7 @@ def write_quicklooks(tile_files: list[TileFiles], output_dir: Path, year: int, *
 
 def quicklook_paths(output_dir: Path, tile_name: str, year: int) -> tuple[Path, Path]:
     """(PNG, RGB COG) of a tile's quicklook."""
-    folder = Path(output_dir) / QUICKLOOK_DIR / str(year)
+    folder = quicklook_folder(output_dir, year)
     return folder / f"{tile_name}_{year}.png", folder / f"{tile_name}_{year}.tif"
 
 

@@ -110,9 +110,12 @@ def _check_zip_crcs(name: str) -> None:
         with zipfile.ZipFile(name) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        damaged = f"({_first_line(error)})"
-    if damaged is not None:
-        raise UserError(f"checkpoint {name!r} is damaged (entry {damaged} fails its checksum): download it again")
+        problem = _first_line(error)
+    else:
+        if damaged is None:
+            return
+        problem = f"entry {damaged} fails its CRC-32"
+    raise UserError(f"checkpoint {name!r} is damaged ({problem}): download it again")
 
 
 def _first_line(error: BaseException) -> str:

@@ -76,6 +76,12 @@ def build_resample_indices(n_valid: int, length: int) -> np.ndarray:
     return np.concatenate([np.arange(n_valid), anchors])
 
 
+def _training_config(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint's training ``config``: a dict, or a Namespace as some training scripts save it."""
+    config = checkpoint.get("config") or {}
+    return config if isinstance(config, Mapping) else vars(config)
+
+
 class V1_1(BucketedFamily):
     name = "v1.1"
     description = "TESSERA v1.1 (MPC or AWS checkpoint; all observations, bucketed; 128 of 192 dims stored)"
@@ -96,9 +102,7 @@ class V1_1(BucketedFamily):
         }
 
     def arch_from_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-        config = checkpoint.get("config") or {}
-        if not isinstance(config, Mapping):
-            config = vars(config)
+        config = _training_config(checkpoint)
         if config.get("split_s1_modalities"):
             raise UserError("checkpoint config sets split_s1_modalities: only v1.1 checkpoints with one S1 backbone "
                             "(split_s1_modalities False, as published) are supported; use a published checkpoint")
@@ -114,9 +118,7 @@ class V1_1(BucketedFamily):
     def trained_on(self, checkpoint: Mapping[str, Any], path: str) -> str | None:
         """The training config's ``data_source``, else the published file name's
         (``tessera_v1_1_{mpc,aws}_encoder.pt``)."""
-        config = checkpoint.get("config") or {}
-        if not isinstance(config, Mapping):
-            config = vars(config)
+        config = _training_config(checkpoint)
         if config.get("data_source") in NORMALISATION_BY_SOURCE:
             return config["data_source"]
         named = [source for source in NORMALISATION_BY_SOURCE if f"_{source}_" in os.path.basename(path).lower()]
