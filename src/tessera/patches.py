@@ -34,7 +34,7 @@ def write_patch_embedding(path: Path, embedding: np.ndarray) -> None:
 
 
 def read_patch_embedding(path: Path) -> np.ndarray:
-    """A patch embedding written by ``write_patch_embedding``; damage is a UserError naming the file."""
+    """A patch embedding written by ``write_patch_embedding``; a damaged file is a DamagedIntermediate."""
     try:
         with np.load(path) as archive:
             return archive[_PATCH_ARRAY]
