@@ -6,6 +6,7 @@
 # All logic lives in the `tessera` Python package; rules only call its CLI. The tile and patch
 # lists are computed here from the ROI (geometry only: cheap and offline), so a dry-run lists every
 # job and every cluster job can re-read this file quickly.
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 min_version("9.20")
@@ -18,11 +19,21 @@ include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/fetch.smk"
 include: "rules/infer.smk"
-include: "rules/export.smk"
-include: "rules/outputs.smk"
+include: "rules/assemble.smk"
+include: "rules/publish.smk"
 
 
 rule all:
     input:
-        all_outputs(),
+        **PUBLISHED,
+        observations=expand_tiles(str(RESULTS.observations("{tile}", YEAR))),
     default_target: True
+
+
+# `tessera plan` counts each rule's jobs from its shape in tessera.plan.JOB_SHAPES: check here, where
+# both are known, that every rule has one and that its wildcards are that shape's.
+for _rule in workflow.rules:
+    _shape = JOB_SHAPES[_rule.name](CFG) if _rule.name in JOB_SHAPES else "undeclared"
+    if _shape is not None and set(_rule.wildcard_names) != SHAPE_WILDCARDS.get(_shape):
+        raise WorkflowError(f"rule {_rule.name}: wildcards {sorted(_rule.wildcard_names)} do not match its job shape "
+                            f"{_shape!r} in tessera.plan.JOB_SHAPES: declare it there")

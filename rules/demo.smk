@@ -5,8 +5,7 @@ rule demo_catalog:
     output:
         DEMO_CATALOG,
     params:
-        roi=CFG["roi"],
-        year=YEAR,
+        roi=shlex.quote(CFG["roi"]),
         revisits=f"--s2-revisit-days {CFG['demo']['s2_revisit_days']} --s1-revisit-days {CFG['demo']['s1_revisit_days']}",
     log:
         f"logs/demo_catalog/{YEAR}.log",
@@ -15,17 +14,17 @@ rule demo_catalog:
     conda:
         ENV
     shell:
-        "tessera demo-catalog --roi '{params.roi}' --year {params.year} {params.revisits} --out {output} 2> {log}"
+        f"tessera demo catalog --roi {{params.roi}} --year {YEAR} {{params.revisits}} --work-dir {shlex.quote(WORK_DIR)} 2> {{log}}"
 
 
 rule demo_checkpoint:
     output:
-        f"{CFG['work_dir']}/demo/checkpoint-{{family}}.pt",
+        str(layout.demo_checkpoint(WORK_DIR, FAMILY)),
     log:
-        "logs/demo_checkpoint/{family}.log",
+        f"logs/demo_checkpoint/{FAMILY}.log",
     benchmark:
-        "logs/benchmarks/demo_checkpoint/{family}.tsv"
+        f"logs/benchmarks/demo_checkpoint/{FAMILY}.tsv"
     conda:
         ENV
     shell:
-        "tessera demo-checkpoint --family {wildcards.family} --out {output} 2> {log}"
+        f"tessera demo checkpoint --family {FAMILY} --work-dir {shlex.quote(WORK_DIR)} 2> {{log}}"

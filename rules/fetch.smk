@@ -1,28 +1,26 @@
-# Per tile, one job: the ROI mask, the Sentinel-2 and Sentinel-1 fetch into Zarr stacks, and the
-# stack index. One job rather than four keeps the DAG small (Snakemake spends a few ms per job on
-# every dry-run and every cluster job's start: 1,000 tiles stay under 10 s, benchmarks/dag.py); the
-# price is that a tile whose S1 fetch fails fetches its S2 again on the rerun.
+# Per tile, one job (tessera fetch -> tessera.fetch.fetch_tile): the ROI mask, the Sentinel-2 and
+# Sentinel-1 stacks, the stack index and the observation counts. One job rather than four keeps the
+# DAG small (Snakemake spends a few ms per job on every dry-run and every cluster job's start:
+# benchmarks/dag.py); the price is that a tile whose S1 fetch fails fetches its S2 again.
 
 
 rule fetch:
     input:
-        unpack(fetch_inputs),
+        roi_input(),
+        DEMO_CATALOG if CFG["source"] == "demo" else [],
     output:
-        roi_mask=f"{WORK}/{{tile}}/roi.tif",
-        s2=directory(f"{WORK}/{{tile}}/s2.zarr"),
-        s1=directory(f"{WORK}/{{tile}}/s1.zarr"),
-        index=f"{WORK}/{{tile}}/stack.json",
-        observations=f"{OUT}/observations/{YEAR}/{{tile}}_{YEAR}.tif",
+        roi_mask=str(WORK_TILE.roi_mask),
+        s2=directory(str(WORK_TILE.s2)),
+        s1=directory(str(WORK_TILE.s1)),
+        index=str(WORK_TILE.stack_index),
+        observations=str(RESULTS.observations("{tile}", YEAR)),
     resources:
         mem_mb=grows_with_attempt(2000),
         runtime=grows_with_attempt(240),
     params:
-        roi=CFG["roi"],
-        window=tile_window,
-        source=CFG["source"],
-        s2_options=fetch_options("s2"),
-        s1_options=fetch_options("s1"),
-        year=YEAR,
+        source=f"--source {CFG['source']}"
+        + (f" --source-options {shlex.quote(json.dumps(CFG['stac']))}" if CFG["source"] == "stac" else ""),
+        options=FetchOptions.from_config(CFG).cli_args(),
     log:
         "logs/fetch/{tile}.log",
     benchmark:
@@ -30,10 +28,5 @@ rule fetch:
     conda:
         ENV
     shell:
-        "(tessera roi-mask --roi '{params.roi}' --tile {wildcards.tile} --out {output.roi_mask}"
-        " && tessera fetch s2 --tile {wildcards.tile} --year {params.year} --window {params.window}"
-        " --roi-mask {output.roi_mask} --source {params.source} {params.s2_options} --out {output.s2}"
-        " && tessera fetch s1 --tile {wildcards.tile} --year {params.year} --window {params.window}"
-        " --roi-mask {output.roi_mask} --source {params.source} {params.s1_options} --out {output.s1}"
-        " && tessera stack --s2 {output.s2} --s1 {output.s1} --out {output.index}"
-        " --observations {output.observations}) 2> {log}"
+        f"tessera fetch {TILE_ARGS} --output-dir {shlex.quote(OUTPUT_DIR)} --roi {shlex.quote(CFG['roi'])}"
+        " {params.source} {params.options} 2> {log}"

@@ -1,57 +1,35 @@
-# TESSERA inference on a tile's stack (GPU when present, else CPU threads): one job per tile, or
-# one per patch (config infer.per). Either way each patch is written as work/.../patches/r*_c*.npz.
+# TESSERA inference on a tile's stack (tessera infer -> tessera.infer.infer_patches; GPU when
+# present, else CPU threads): one job per tile, or one per patch (config infer.per). Either way each
+# patch is written as work/.../patches/r*_c*.npz.
+
+PER_PATCH = CFG["infer"]["per"] == "patch"
+# Inference holds a patch's whole time series (about 80 steps x P x P x 12 channels, as uint16 and
+# as float32 model inputs): about 8 GB for 512 px patches, less for smaller ones.
+INFER_MEM_MB = max(2000, int(8000 * (CFG["patch_size"] / 512) ** 2))
 
 
-if CFG["infer"]["per"] == "patch":
-
-    rule infer:
-        input:
-            stack=f"{WORK}/{{tile}}/stack.json",
-            roi_mask=f"{WORK}/{{tile}}/roi.tif",
-            checkpoint=checkpoint_path(),
-        output:
-            f"{WORK}/{{tile}}/patches/{{patch}}.npz",
-        params:
-            patches=patch_args,
-            out_dir=lambda wildcards, output: os.path.dirname(output[0]),
-            **INFER_PARAMS,
-        threads: 4
-        resources:
-            mem_mb=grows_with_attempt(INFER_MEM_MB),
-            runtime=grows_with_attempt(60),
-            gpu=INFER_GPUS,
-        log:
-            "logs/infer/{tile}/{patch}.log",
-        benchmark:
-            "logs/benchmarks/infer/{tile}/{patch}.tsv"
-        conda:
-            ENV
-        shell:
-            INFER_COMMAND
-
-else:
-
-    rule infer:
-        input:
-            stack=f"{WORK}/{{tile}}/stack.json",
-            roi_mask=f"{WORK}/{{tile}}/roi.tif",
-            checkpoint=checkpoint_path(),
-        output:
-            directory(f"{WORK}/{{tile}}/patches"),
-        params:
-            patches=patch_args,
-            out_dir=lambda wildcards, output: output[0],
-            **INFER_PARAMS,
-        threads: 4
-        resources:
-            mem_mb=grows_with_attempt(INFER_MEM_MB),
-            runtime=grows_with_attempt(60),
-            gpu=INFER_GPUS,
-        log:
-            "logs/infer/{tile}.log",
-        benchmark:
-            "logs/benchmarks/infer/{tile}.tsv"
-        conda:
-            ENV
-        shell:
-            INFER_COMMAND
+rule infer:
+    input:
+        index=str(WORK_TILE.stack_index),
+        roi_mask=str(WORK_TILE.roi_mask),
+        checkpoint=CHECKPOINT,
+    output:
+        str(WORK_TILE.patch("{patch}")) if PER_PATCH else directory(str(WORK_TILE.patches)),
+    params:
+        patches="--patch {patch}" if PER_PATCH else "",
+        family=FAMILY,
+        options=InferOptions.from_config(CFG).cli_args(),
+    threads: 4
+    resources:
+        mem_mb=grows_with_attempt(INFER_MEM_MB),
+        runtime=grows_with_attempt(60),
+        gpu=0 if CFG["device"] == "cpu" else 1,
+    log:
+        "logs/infer/{tile}/{patch}.log" if PER_PATCH else "logs/infer/{tile}.log",
+    benchmark:
+        "logs/benchmarks/infer/{tile}/{patch}.tsv" if PER_PATCH else "logs/benchmarks/infer/{tile}.tsv"
+    conda:
+        ENV
+    shell:
+        f"tessera infer {TILE_ARGS} {ROI_ARGS} {{params.patches}} --checkpoint {{input.checkpoint}}"
+        " --family {params.family} {params.options} --threads {threads} 2> {log}"

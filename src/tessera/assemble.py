@@ -1,4 +1,5 @@
-"""Patch embeddings -> one tile in geotessera's layout: int8 codes + per-pixel float32 scales.
+"""The assemble stage: patch embeddings -> one tile in geotessera's layout (int8 codes + per-pixel
+float32 scales, the landmask, SHA256) and the tile's float32 Cloud-Optimized GeoTIFF.
 
 Memory stays bounded by the patch size: codes go straight into a memory-mapped .npy and each patch
 is quantised on its own. Pixels without an embedding (outside the ROI, or no valid observation)
@@ -9,27 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import rasterio
+import rasterio.shutil
 
 from tessera.errors import UserError
 from tessera.grid import Tile
-from tessera.io import atomic_path, sha256_file
-from tessera.patches import PATCH_SUFFIX, read_patch_embedding
+from tessera.io import atomic_path, check_raster_complete, sha256_file
+from tessera.layout import Results, WorkTile, patch_origin, read_patch_embedding
+from tessera.models import get_family
+from tessera.models.family import Family
 
-_PATCH_NAME = re.compile(r"^r(\d+)_c(\d+)$")
 MATRYOSHKA_DIMS = (16, 32, 64, 128)
-
-
-def patch_origin(path: Path) -> tuple[int, int]:
-    """(row_off, col_off) of a patch file named r<row>_c<col>.npz."""
-    match = _PATCH_NAME.match(path.stem)
-    if not match or path.suffix != PATCH_SUFFIX:
-        raise UserError(f"patch file {str(path)!r} is not named r<row>_c<col>{PATCH_SUFFIX}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
@@ -41,7 +36,25 @@ def _reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
     return array
 
 
-def assemble_tile(
+def assemble_tile(tile: Tile, year: int, patch_paths: list[Path], *, family: str, work: WorkTile, results: Results,
+                  checkpoint: Path, source: str, dims: int | None = None, float32: bool = False,
+                  cog: bool = False) -> None:
+    """Everything the assemble rule makes for a tile-year: int8 codes, scales, landmask and SHA256
+    in geotessera's layout; the float32 embedding and the tile's COG on request."""
+    quantise_tile(
+        tile.name, patch_paths, family=family, roi_mask_path=work.roi_mask,
+        embedding_path=results.embedding(tile.name, year), scales_path=results.scales(tile.name, year),
+        checksums_path=results.checksums(tile.name, year), landmask_path=results.landmask(tile.name), dims=dims,
+        float32_path=results.float32(tile.name, year) if float32 else None,
+    )
+    if cog:
+        tags = {"TESSERA_MODEL": family, "TESSERA_SOURCE": source, "TESSERA_YEAR": str(year),
+                "TESSERA_CHECKPOINT_SHA256": sha256_file(checkpoint)}
+        write_tile_cog(results.embedding(tile.name, year), results.scales(tile.name, year),
+                       results.landmask(tile.name), results.cog(tile.name, year), tags=tags)
+
+
+def quantise_tile(
     tile_name: str,
     patch_paths: list[Path],
     *,
@@ -60,9 +73,6 @@ def assemble_tile(
     over that prefix as the reference does; ``float32_path`` also writes the unquantised (H, W, D)
     embedding (NaN = no embedding).
     """
-    from tessera.infer import quantize
-    from tessera.models import get_family
-
     tile = Tile.from_name(tile_name)
     quantiser = get_family(family)
     if not patch_paths:
@@ -114,3 +124,90 @@ def assemble_tile(
                         f"{sha256_file(tmp_embedding)}  {embedding_path.name}\n"
                         f"{sha256_file(tmp_scales)}  {scales_path.name}\n"
                     )
+
+
+def quantize(embedding: np.ndarray, family: str | Family) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel symmetric int8 codes (…, D) and float32 scales (…); NaN pixels → codes 0, scale NaN.
+
+    Dequantise with ``codes * scales[..., None]``. Rounding is half-to-even as in the reference.
+    """
+    spec = get_family(family).quantisation
+    values = np.asarray(embedding, np.float32)
+    absmax = np.abs(values).max(axis=-1)
+    if spec.floor_on_absmax:
+        scales = np.maximum(absmax, np.float32(spec.scale_floor)) / np.float32(127)
+    else:
+        scales = np.maximum(absmax / np.float32(127), np.float32(spec.scale_floor))
+    scales = scales.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        codes = np.clip(np.rint(values / scales[..., None]), spec.code_min, spec.code_max)
+    codes = np.nan_to_num(codes, nan=0.0).astype(np.int8)
+    return codes, scales
+
+
+# --- the tile's COG ----------------------------------------------------------------------
+
+_ROWS_PER_BLOCK = 256
+# GDAL's block cache defaults to 5 % of RAM; a tile's COG needs far less.
+_GDAL_CACHE_MB = 256
+
+
+def write_tile_cog(embedding_path: Path, scales_path: Path, landmask_path: Path, out: Path, *, tags: dict[str, str]) -> None:
+    """Write a tile's dequantised float32 embedding as a Cloud-Optimized GeoTIFF.
+
+    Pixel-interleaved (a pixel's vector is one read), NaN nodata, DEFLATE with the floating-point
+    predictor, overviews averaged from the dequantised values (averaging int8 codes would be
+    meaningless), band descriptions as geotessera's exports (Tessera_Band_i). The COG covers the
+    rows and columns of the tile grid that hold embeddings (on the tile grid, so it still mosaics
+    without resampling): compressing and averaging all-NaN bands of a mostly empty tile took minutes.
+    """
+    codes = np.load(embedding_path, mmap_mode="r")
+    scales = np.load(scales_path, mmap_mode="r")
+    with rasterio.open(landmask_path) as landmask:
+        crs, transform = landmask.crs, landmask.transform
+    window = data_window(scales)
+    codes = codes[window.toslices()]
+    scales = scales[window.toslices()]
+    transform = rasterio.windows.transform(window, transform)
+    with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB), atomic_path(out) as tmp:
+        # A tiled GeoTIFF first, written block by block (bounded memory); GDAL's COG driver then
+        # copies it with overviews. It is named after the temporary output, so that what a killed
+        # run leaves behind is removed by the next attempt (tessera.io.remove_stale_temporaries).
+        staging = tmp.with_name(tmp.name + ".staging.tif")
+        try:
+            _write_staging(staging, codes, scales, crs, transform, tags)
+            rasterio.shutil.copy(
+                staging, tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=256,
+                overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(os.cpu_count() or 1),
+            )
+            check_raster_complete(tmp)
+        finally:
+            staging.unlink(missing_ok=True)
+
+
+def data_window(scales: np.ndarray) -> rasterio.windows.Window:
+    """The smallest window holding every pixel with an embedding (the whole grid if there is none)."""
+    valid = np.isfinite(scales)
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    if rows.size == 0:
+        return rasterio.windows.Window(0, 0, scales.shape[1], scales.shape[0])
+    return rasterio.windows.Window(cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)
+
+
+def _write_staging(staging: Path, codes: np.ndarray, scales: np.ndarray, crs, transform, tags: dict[str, str]) -> None:
+    height, width, dims = codes.shape
+    profile = dict(
+        driver="GTiff", width=width, height=height, count=dims, dtype="float32", crs=crs, transform=transform,
+        nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256, interleave="pixel",
+        compress="deflate", predictor=3, sparse_ok=True, bigtiff="if_safer",
+    )
+    with rasterio.open(staging, "w", **profile) as dst:
+        for row in range(0, height, _ROWS_PER_BLOCK):
+            rows = slice(row, min(row + _ROWS_PER_BLOCK, height))
+            block = codes[rows].astype(np.float32) * scales[rows, :, None]
+            if np.isnan(block).all():
+                continue  # sparse: unwritten blocks read back as nodata
+            window = rasterio.windows.Window(0, row, width, rows.stop - row)
+            dst.write(np.moveaxis(block, -1, 0), window=window)
+        dst.descriptions = tuple(f"Tessera_Band_{i}" for i in range(dims))
+        dst.update_tags(AREA_OR_POINT="Area", **tags)

@@ -17,7 +17,12 @@ SCHEMA_PATH = resources.files("tessera") / "config.schema.yaml"
 
 
 def schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The config schema, with the model families the registry knows (named there only)."""
+    from tessera.models import family_names
+
+    the_schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    the_schema["properties"]["model"]["properties"]["family"]["enum"] = family_names()
+    return the_schema
 
 
 def merge(base: dict, override: dict) -> dict:

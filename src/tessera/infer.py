@@ -1,423 +1,89 @@
-"""Inference core: arrays in the reference per-patch layout → embeddings, devices, quantisation.
+"""The infer stage: embed patches of a tile's stack, one float32 ``.npz`` per patch.
 
-Time-step selection and normalisation belong to each model family (``model.family``); an
-:class:`Embedder` runs the batches they prepare on a device and puts every pixel's embedding in
-its place. Pixels that the caller marks invalid, or that have no valid observation in either
-sensor, are never computed and come out as NaN.
-
-Running a batch: its rows are padded with zero rows to a multiple of :data:`ROW_MULTIPLE`,
-because CPU matmul kernels over fewer rows round differently; with the padding a pixel's
-embedding is bit-identical whatever batch it lands in (patch layout, bucket sizes, batch size).
-On a GPU the patch's codes are copied there once and each batch's inputs are gathered, cast and
-standardised there (the CPU only chooses the time steps), one batch ahead in a background thread;
-on a CPU preparation takes well under 1 % of the forward time and would only compete with its
-threads, so it runs inline. When the device runs out of memory the rows per forward pass are
-halved for the rest of the run.
-
-Precision (``precision``): ``fp32``; ``bf16`` (autocast: matmuls in bfloat16, accumulation and
-outputs in float32); ``int8`` (CPU only: Linear layers dynamically quantised, an approximation on
-request); ``auto`` = bf16 on CUDA GPUs with bfloat16 support for families whose ``bf16_on_cuda``
-is set, fp32 otherwise.
-A family gets ``bf16_on_cuda`` when bf16 changes its embeddings by less than the int8 storage
-does anyway — for 99 % of pixels, the RMS difference to fp32 is below the RMS int8 rounding error
-(scale / √12) — measured at the published size with CPU autocast, which rounds matmul inputs to
-bfloat16 and accumulates in float32 as CUDA autocast does; recurrent pooling stays float32 under
-autocast on every device. ``benchmarks/infer.py`` prints the figures per family (all four pass:
-every pixel below the int8 error, cosine to fp32 > 0.9999, with seeded random weights; pass it a
-published checkpoint to check real weights).
+Also the reference per-patch layout both ways: embed a directory in that layout
+(``tessera embed-patch``), and write our stacks in it (``tessera export-patches``) for the
+reference tools. The engine that runs a model over arrays is ``tessera.models.engine``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import hashlib
 import logging
 import os
-import queue
-import threading
-import warnings
-from collections.abc import Iterator, Mapping
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
+from affine import Affine
+from rasterio.windows import Window
 
 from tessera.errors import UserError
+from tessera.grid import patches as work_window_patches
 from tessera.io import atomic_path
-from tessera.models import get_family, load_model
-from tessera.models.base import REFERENCE_ARRAY_NAMES, Batch, Family
+from tessera.layout import (
+    patch_name,
+    read_reference_patch,
+    read_reference_roi,
+    reference_patch_name,
+    write_patch_embedding,
+    write_reference_patch,
+)
+from tessera.options import InferOptions
+from tessera.roi import read_roi_mask
 
 log = logging.getLogger(__name__)
 
-_EMPTY_ALLOWED = ("sar_ascending", "sar_descending")
 
-# Rows of a forward pass are padded to a multiple of this (see the module docstring).
-ROW_MULTIPLE = 8
-
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; an explicit CUDA request without CUDA is refused."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} was requested but this machine has no usable CUDA GPU: use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device {device!r} is not a torch device: use auto, cpu or cuda") from None
+def tile_seed(seed: int, tile: str) -> int:
+    """The seed of one tile in a run: random time-step selection (v1.0 families) then depends on
+    (run seed, tile, tile pixel) only, so that overlapping runs and any patch layout agree."""
+    digest = hashlib.sha256(f"{seed}/{tile}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
-def resolve_precision(precision: str, family: Family, device: torch.device) -> str:
-    """``fp32``, ``bf16`` or ``int8`` for a requested precision on a device (see the module docstring)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}: pick one of those")
-    native_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and family.bf16_on_cuda and native_bf16 else "fp32"
-    if precision == "int8" and device.type != "cpu":
-        raise UserError(f"precision int8 (dynamic quantisation) runs on the CPU only, not on {device}: "
-                        "use precision auto, fp32 or bf16 on a GPU")
-    if precision == "bf16" and not native_bf16:
-        raise UserError(f"precision bf16 was requested but {torch.cuda.get_device_name(device)} has no bfloat16 "
-                        "support: use precision auto or fp32")
-    return precision
-
-
-def cpu_threads(threads: int | None = None) -> int:
-    """Threads for CPU inference: explicit value, else OMP_NUM_THREADS, else the cores this job may use."""
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"threads = {threads} must be at least 1: give a positive thread count")
-        return threads
-    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if from_env.isdigit() and int(from_env) > 0:
-        return int(from_env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def check_arrays(arrays: Mapping[str, np.ndarray], where: str = "input arrays") -> tuple[int, int]:
-    """(H, W) of arrays in the reference layout; inconsistent shapes raise a UserError naming the array."""
-    missing = [name for name in REFERENCE_ARRAY_NAMES if name not in arrays]
-    if missing:
-        raise UserError(f"{where} lack {', '.join(missing)}: provide all of {', '.join(REFERENCE_ARRAY_NAMES)}")
-    bands = arrays["bands"]
-    if bands.ndim != 4 or bands.shape[-1] != 10:
-        raise UserError(f"{where}: bands has shape {bands.shape}, expected (T, H, W, 10)")
-    steps, height, width = bands.shape[:3]
-    expected = {
-        "masks": (steps, height, width), "doys": (steps,),
-        "sar_ascending": (None, height, width, 2), "sar_ascending_doy": (None,),
-        "sar_descending": (None, height, width, 2), "sar_descending_doy": (None,),
-    }
-    for name, shape in expected.items():
-        actual = arrays[name].shape
-        if len(actual) != len(shape) or any(e is not None and a != e for a, e in zip(actual, shape)):
-            raise UserError(f"{where}: {name} has shape {actual}, expected {shape} (None = any)")
-    for orbit in _EMPTY_ALLOWED:
-        if arrays[orbit].shape[0] != arrays[f"{orbit}_doy"].shape[0]:
-            raise UserError(f"{where}: {orbit} has {arrays[orbit].shape[0]} time steps but {orbit}_doy has "
-                            f"{arrays[f'{orbit}_doy'].shape[0]}: re-export the patch")
-    return height, width
-
-
-_INPUTS = ("s2_bands", "s2_doys", "s1_bands", "s1_doys")
-
-
-def _padded(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The input tensors with zero rows appended up to a multiple of :data:`ROW_MULTIPLE` rows."""
-    missing = -inputs[0].shape[0] % ROW_MULTIPLE
-    if not missing:
-        return inputs
-    return [torch.cat([t, t.new_zeros(missing, *t.shape[1:])]) for t in inputs]
-
-
-def _quantised(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose Linear layers compute in int8 (weights per tensor, activations per batch).
-
-    The temporal pooling (``attn_pool``) stays float: its recurrent cells read their weights
-    directly, and rounding errors would compound over the time steps. Attention's output
-    projection (a Linear subclass the fused attention reads directly) stays float too.
-    """
-    layers = {name: torch.ao.quantization.default_dynamic_qconfig for name, module in model.named_modules()
-              if type(module) is nn.Linear and ".attn_pool." not in f".{name}."}
-    with warnings.catch_warnings():  # torch marks eager-mode quantisation as deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), layers, dtype=torch.qint8)
-    quantised.family, quantised.arch = model.family, model.arch
-    return quantised
-
-
-@contextlib.contextmanager
-def _fastpath_disabled() -> Iterator[None]:
-    """nn.TransformerEncoderLayer's fused path reads Linear weights directly, which quantised layers lack."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-_DONE = object()
-
-
-def _prepared_ahead(batches: Iterator[Batch], prepare) -> Iterator[Batch]:
-    """``prepare(batch)`` for each batch, computed one batch ahead in a background thread."""
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def hand_over(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                if not hand_over(prepare(batch)):
-                    return
-            hand_over(_DONE)
-        except BaseException as error:  # noqa: BLE001 - re-raised in the consuming thread
-            hand_over(error)
-
-    worker = threading.Thread(target=produce, name="tessera-prepare-batches", daemon=True)
-    worker.start()
-    try:
-        while (item := ready.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join()
-
-
-class Embedder:
-    """A model ready to embed patches on one device, at one precision.
-
-    Create it once per run and call :meth:`embed` per patch. ``batch_pixels`` pixels of up to 64
-    time steps make one batch (the families give longer series fewer pixels), so memory does not
-    grow with the observations; on a GPU out-of-memory error the rows per pass are halved.
-    """
-
-    def __init__(self, model: nn.Module, *, device: str = "auto", precision: str = "auto",
-                 threads: int | None = None, batch_pixels: int = 4096):
-        if batch_pixels < 1:
-            raise UserError(f"batch_pixels = {batch_pixels} must be at least 1: give a positive batch size")
-        self.family: Family = model.family
-        self.arch = model.arch
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.family, self.device)
-        self.batch_pixels = batch_pixels
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(threads))
-        model.to(self.device)
-        self.model = _quantised(model) if self.precision == "int8" else model
-        # Rows per forward pass, lowered after an out-of-memory error; None = a whole batch.
-        self.max_rows: int | None = None
-
-    def embed(self, arrays: Mapping[str, np.ndarray], *, valid: np.ndarray | None = None, data_source: str = "mpc",
-              seed: int = 0, origin: tuple[int, int] = (0, 0), repeat_times: int = 1,
-              progress: bool = False) -> np.ndarray:
-        """float32 (H, W, D) embeddings of a patch; NaN where ``valid`` is False or nothing was observed.
-
-        ``origin`` is the tile row and column of the patch's first pixel, ``seed`` the run's seed for
-        the tile: the v1.0 families' random draws follow (seed, tile pixel), whatever the patch
-        layout. ``repeat_times`` draws per pixel are averaged (v1.0 families).
-        """
-        height, width = check_arrays(arrays)
-        if valid is None:
-            pixels = np.arange(height * width, dtype=np.int64)
-        else:
-            if valid.shape != (height, width):
-                raise ValueError(f"valid mask has shape {valid.shape}, the arrays are {(height, width)}")
-            pixels = np.flatnonzero(valid)
-        embeddings = np.full((height * width, self.family.embedding_dim(self.arch)), np.nan, np.float32)
-        # On a GPU the inputs are gathered there; on a CPU numpy gathers faster than torch.
-        batches = self.family.prepare_batches(arrays, pixels, data_source=data_source, seed=seed,
-                                              batch_pixels=self.batch_pixels, repeat_times=repeat_times,
-                                              origin=origin, device=self.device if self.device.type == "cuda" else None)
-        if self.device.type == "cuda":
-            batches = _prepared_ahead(batches, self._staged)
-        else:
-            batches = map(self._staged, batches)
-        with torch.inference_mode(), tqdm(total=len(pixels), unit="px", disable=not progress) as bar:
-            for batch in batches:
-                embeddings[batch.pixels] = self.embed_batch(batch)
-                bar.update(len(batch.pixels))
-        return embeddings.reshape(height, width, -1)
-
-    def _staged(self, batch: Batch) -> Batch:
-        """The batch with padded rows; rows still on the CPU go to pinned memory when bound for a GPU."""
-        inputs = _padded([getattr(batch, name) for name in _INPUTS])
-        if self.device.type == "cuda":
-            inputs = [t.pin_memory() if t.device.type == "cpu" else t for t in inputs]
-        return Batch(batch.pixels, *inputs, repeats=batch.repeats)
-
-    def embed_batch(self, batch: Batch) -> np.ndarray:
-        """float32 (P, D) stored embeddings of a batch's pixels, repeats averaged."""
-        rows = len(batch.pixels) * batch.repeats
-        with torch.inference_mode():
-            output = self._outputs([getattr(batch, name) for name in _INPUTS], rows, batch.repeats)
-            output = output.view(len(batch.pixels), batch.repeats, -1).mean(dim=1)
-            return self.family.stored_embedding(output, self.arch).cpu().numpy()
-
-    def _outputs(self, inputs: list[torch.Tensor], rows: int, repeats: int) -> torch.Tensor:
-        """float32 (rows, out) model outputs of the first ``rows`` input rows, split after out-of-memory."""
-        if self.max_rows is None or rows <= self.max_rows:
-            try:
-                return self._forward(inputs)[:rows]
-            except torch.OutOfMemoryError:
-                if rows <= repeats:
-                    raise UserError(f"the {self.device} device ran out of memory for a single pixel of family "
-                                    f"{self.family.name}: use a device with more memory") from None
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.max_rows = max(repeats, rows // 2 // repeats * repeats)
-                log.warning("out of memory on %s with %d rows per pass: continuing with %d", self.device, rows,
-                            self.max_rows)
-        parts = []
-        for start in range(0, rows, self.max_rows):
-            stop = min(rows, start + self.max_rows)
-            parts.append(self._outputs(_padded([t[start:stop] for t in inputs]), stop - start, repeats))
-        return torch.cat(parts)
-
-    def _forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        inputs = [t.to(self.device, non_blocking=True) for t in inputs]
-        if self.precision == "bf16":
-            context = torch.autocast(self.device.type, dtype=torch.bfloat16)
-        elif self.precision == "int8":
-            context = _fastpath_disabled()
-        else:
-            context = contextlib.nullcontext()
-        with context:
-            return self.model.encode(*inputs).float()
-
-
-def embed_arrays(
-    model: nn.Module,
-    arrays: Mapping[str, np.ndarray],
+def infer_patches(
+    stack_index: Path,
+    patches: list[Window],
     *,
-    valid: np.ndarray | None = None,
-    data_source: str = "mpc",
-    seed: int = 0,
-    origin: tuple[int, int] = (0, 0),
-    repeat_times: int = 1,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_pixels: int = 4096,
-    progress: bool = False,
-    threads: int | None = None,
-) -> np.ndarray:
-    """float32 (H, W, D) embeddings of one patch: :meth:`Embedder.embed` with a one-off Embedder.
+    roi_mask_path: Path,
+    checkpoint: Path,
+    family: str | None,
+    options: InferOptions,
+    out_dir: Path,
+) -> list[Path]:
+    """Embed each patch (tile pixel windows) and write ``out_dir/r<row>_c<col>.npz``.
 
-    ``arrays`` holds the reference per-patch arrays (``bands`` ... ``sar_descending_doy``); ``model``
-    comes from :func:`tessera.models.load_model`.
+    float32 (h, w, D); NaN where the pixel is outside the ROI or had no valid observation.
     """
-    embedder = Embedder(model, device=device, precision=precision, threads=threads, batch_pixels=batch_pixels)
-    return embedder.embed(arrays, valid=valid, data_source=data_source, seed=seed, origin=origin,
-                          repeat_times=repeat_times, progress=progress)
+    from tessera.models import load_model
+    from tessera.models.engine import Embedder, data_kind_for
+    from tessera.stack import read_window, verify_stack_index
 
-
-def quantize(embedding: np.ndarray, family: str | Family) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel symmetric int8 codes (…, D) and float32 scales (…); NaN pixels → codes 0, scale NaN.
-
-    Dequantise with ``codes * scales[..., None]``. Rounding is half-to-even as in the reference.
-    """
-    spec = get_family(family).quantisation
-    values = np.asarray(embedding, np.float32)
-    absmax = np.abs(values).max(axis=-1)
-    if spec.floor_on_absmax:
-        scales = np.maximum(absmax, np.float32(spec.scale_floor)) / np.float32(127)
-    else:
-        scales = np.maximum(absmax / np.float32(127), np.float32(spec.scale_floor))
-    scales = scales.astype(np.float32)
-    with np.errstate(invalid="ignore"):
-        codes = np.clip(np.rint(values / scales[..., None]), spec.code_min, spec.code_max)
-    codes = np.nan_to_num(codes, nan=0.0).astype(np.int8)
-    return codes, scales
-
-
-def read_reference_patch(patch_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The seven arrays of a reference per-patch directory, memory-mapped.
-
-    ``bands.npy`` and ``doys.npy`` are required; a missing ``masks.npy`` means every step is valid
-    (as the reference reads it); missing SAR files mean no SAR observations.
-    """
-    directory = Path(patch_dir)
-    if not directory.is_dir():
-        raise UserError(f"patch directory {str(directory)!r} does not exist: give a directory holding bands.npy")
-
-    def load(name: str) -> np.ndarray | None:
-        path = directory / f"{name}.npy"
-        if not path.exists():
-            return None
-        try:
-            return np.load(path, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as error:
-            raise UserError(f"{path} is not a readable .npy file ({error}): re-export the patch") from None
-
-    arrays = {name: load(name) for name in REFERENCE_ARRAY_NAMES}
-    for required in ("bands", "doys"):
-        if arrays[required] is None:
-            raise UserError(f"patch directory {str(directory)!r} has no {required}.npy: it is not in the reference "
-                            "per-patch layout")
-    steps, height, width = arrays["bands"].shape[:3]
-    if arrays["masks"] is None:
-        arrays["masks"] = np.ones((steps, height, width), np.uint8)
-    for orbit in _EMPTY_ALLOWED:
-        if arrays[orbit] is None:
-            arrays[orbit] = np.zeros((0, height, width, 2), np.int16)
-        if arrays[f"{orbit}_doy"] is None:
-            arrays[f"{orbit}_doy"] = np.zeros((0,), np.int16)
-    check_arrays(arrays, where=f"patch directory {str(directory)!r}")
-    return arrays
-
-
-def read_patch_roi(patch_dir: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | None:
-    """The boolean ROI mask of a reference patch directory (its ``roi.tiff``, > 0 inside), or None without one."""
-    path = Path(patch_dir) / "roi.tiff"
-    if not path.exists():
-        return None
-    import rasterio
-
-    try:
-        with rasterio.open(path) as src:
-            mask = src.read(1) > 0
-    except rasterio.errors.RasterioError as error:
-        raise UserError(f"{path} is not a readable GeoTIFF ({error}): re-export the patch") from None
-    if mask.shape != shape:
-        raise UserError(f"{path} is {mask.shape[0]} x {mask.shape[1]} pixels but the patch arrays are "
-                        f"{shape[0]} x {shape[1]}: re-export the patch")
-    return mask
-
-
-def normalisation_for(model: nn.Module, data_source: str | None, *, allow_mismatch: bool = False, data: str) -> str:
-    """The normalisation table (``mpc`` or ``aws``) for ``data`` of kind ``data_source`` (None: not
-    known, as for a reference patch directory), checked against what the checkpoint was trained on.
-
-    v1.1 has one checkpoint per data source, each normalised with its own table; embedding data of
-    the other kind gives embeddings that are off without any error, so a mismatch is refused
-    unless ``allow_mismatch`` (then the data's table is used, as the reference would).
-    """
-    trained_on = getattr(model, "trained_on", None)
-    if data_source is None:
-        return trained_on or "mpc"  # the reference's default
-    if trained_on and trained_on != data_source:
-        if not allow_mismatch:
-            raise UserError(f"{data} holds {data_source}-kind data but the {model.family.name} checkpoint was trained "
-                            f"on {trained_on} data: use the {data_source} checkpoint, or allow it with "
-                            "--allow-source-mismatch (model.allow_source_mismatch)")
-        log.warning("%s: %s-kind data embedded with a checkpoint trained on %s data (allowed)", data, data_source, trained_on)
-    return data_source
+    # Structure only: re-hashing the whole tile stack per patch would cost more than inference on a
+    # GPU; chunk contents carry zstd checksums that every read verifies.
+    stack = verify_stack_index(stack_index, checksums=False)
+    tile, (col_off, row_off) = stack.index["tile"], stack.index["window"][:2]
+    model = load_model(checkpoint, family, trust_checkpoint=options.trust_checkpoint)
+    data_kind = data_kind_for(model, stack.index["data_kind"], allow_mismatch=options.allow_source_mismatch,
+                              data=f"stack {stack_index}")
+    embedder = Embedder(model, options)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for patch in patches:
+        out = out_dir / f"{patch_name(patch)}.npz"
+        started = time.perf_counter()
+        in_stack = Window(patch.col_off - col_off, patch.row_off - row_off, patch.width, patch.height)
+        arrays = read_window(stack.s2_path, stack.s1_path, in_stack)
+        valid = read_roi_mask(roi_mask_path, window=patch)
+        embedding = embedder.embed(arrays, valid=valid, data_kind=data_kind, seed=tile_seed(options.seed, tile),
+                                   origin=(patch.row_off, patch.col_off), progress=True)
+        write_patch_embedding(out, embedding)
+        seconds = time.perf_counter() - started
+        log.info("%s %s: %d ROI pixels in %.1f s (%.0f px/s), %d of them never observed (no-data)", tile,
+                 patch_name(patch), valid.sum(), seconds, valid.sum() / max(seconds, 1e-9),
+                 int(np.isnan(embedding[valid][:, 0]).sum()))
+        written.append(out)
+    return written
 
 
 def embed_reference_patch(
@@ -425,29 +91,72 @@ def embed_reference_patch(
     checkpoint: str | os.PathLike,
     family: str | None,
     out_npy: str | os.PathLike,
-    data_source: str | None = None,
-    *,
-    trust_checkpoint: bool = False,
-    allow_source_mismatch: bool = False,
-    device: str = "auto",
-    precision: str = "auto",
-    seed: int = 0,
-    repeat_times: int = 1,
+    data_kind: str | None = None,
+    options: InferOptions = InferOptions(),
 ) -> np.ndarray:
     """Embed one reference per-patch directory into float32 (H, W, D) ``out_npy`` (NaN = no data).
 
-    Pixels outside the directory's ``roi.tiff`` (when it has one) are no-data. ``data_source``
-    (mpc or aws) picks the normalisation of families that have one per source; by default the
+    Pixels outside the directory's ``roi.tiff`` (when it has one) are no-data. ``data_kind``
+    (mpc or aws) picks the normalisation of families that have one per kind of data; by default the
     one the checkpoint was trained on, else mpc (the reference's default).
     """
+    from tessera.models import load_model
+    from tessera.models.engine import Embedder, data_kind_for
+
     arrays = read_reference_patch(patch_dir)
-    valid = read_patch_roi(patch_dir, arrays["bands"].shape[1:3])
-    model = load_model(checkpoint, family, trust_checkpoint=trust_checkpoint)
-    data_source = normalisation_for(model, data_source, allow_mismatch=allow_source_mismatch, data=f"patch {patch_dir}")
-    embedding = embed_arrays(model, arrays, valid=valid, data_source=data_source, seed=seed,
-                             repeat_times=repeat_times, device=device, precision=precision)
+    valid = read_reference_roi(patch_dir, arrays["bands"].shape[1:3])
+    model = load_model(checkpoint, family, trust_checkpoint=options.trust_checkpoint)
+    data_kind = data_kind_for(model, data_kind, allow_mismatch=options.allow_source_mismatch, data=f"patch {patch_dir}")
+    embedding = Embedder(model, options).embed(arrays, valid=valid, data_kind=data_kind)
     with atomic_path(out_npy) as tmp:
         np.save(tmp, embedding)
     log.info("embedded %s with %s: %d of %d pixels have an embedding", patch_dir, model.family.name,
              int((~np.isnan(embedding[..., 0])).sum()), embedding.shape[0] * embedding.shape[1])
     return embedding
+
+
+def export_patches(
+    stack_index: Path,
+    patches: list[Window] | None,
+    out_dir: Path,
+    *,
+    roi_mask_path: Path,
+    patch_size: int,
+) -> list[Path]:
+    """Write patches of a tile's stack in the reference per-patch layout, for the reference tools.
+
+    ``patches`` are windows in tile pixels inside the work window (as ``tessera.grid.patches``
+    cuts it; None: all of them, cut at ``patch_size``). Each becomes
+    ``out_dir/<x_min>_<y_min>_<x_max>_<y_max>/`` in the coordinates of the work window (the
+    reference's ROI grid): the seven ``.npy`` arrays zero-padded to ``patch_size`` square, as the
+    retiler pads edge patches, and ``roi.tiff`` with the window's CRS and transform shifted to the
+    patch. Patches without an ROI pixel are skipped, as the reference does.
+    """
+    from tessera.stack import read_window, verify_stack_index
+
+    stack = verify_stack_index(stack_index, checksums=False)
+    col_off, row_off, width, height = stack.index["window"]
+    transform = Affine(*stack.index["transform"][:6])
+    if patches is None:
+        patches = work_window_patches(Window(col_off, row_off, width, height), patch_size)
+    written = []
+    for patch in patches:
+        if max(patch.width, patch.height) > patch_size:
+            raise UserError(f"patch {patch_name(patch)} is {patch.width} x {patch.height} pixels, larger than "
+                            f"patch_size {patch_size}: cut the windows with the same patch size")
+        if not (col_off <= patch.col_off and patch.col_off + patch.width <= col_off + width
+                and row_off <= patch.row_off and patch.row_off + patch.height <= row_off + height):
+            raise UserError(f"patch {patch_name(patch)} ({patch.width} x {patch.height}) reaches outside the work "
+                            f"window {stack.index['window']} of {stack.index['tile']}: give patches inside it")
+        roi = read_roi_mask(roi_mask_path, window=patch)
+        if not roi.any():
+            continue
+        col, row = patch.col_off - col_off, patch.row_off - row_off
+        padded_roi = np.zeros((patch_size, patch_size), np.uint8)
+        padded_roi[:roi.shape[0], :roi.shape[1]] = roi
+        arrays = read_window(stack.s2_path, stack.s1_path, Window(col, row, patch_size, patch_size))
+        final = out_dir / reference_patch_name(col, row, width, height, patch_size)
+        written.append(write_reference_patch(final, arrays, padded_roi, crs=stack.index["crs"],
+                                             transform=transform @ Affine.translation(col, row)))
+    log.info("exported %d of %d patches of %s to %s", len(written), len(patches), stack.index["tile"], out_dir)
+    return written

@@ -17,7 +17,9 @@ from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
 from tessera.errors import UserError
-from tessera.grid import Tile, patch_name, patches, roi_in_tile, tiles_for_geometry, work_window
+from tessera.grid import Tile, patches, roi_in_tile, tiles_for_geometry, work_window
+from tessera.layout import WorkTile, patch_name
+from tessera.models import family_entry
 from tessera.roi import read_roi
 
 
@@ -49,21 +51,30 @@ class Plan:
         return {t.name: t for t in self.tiles}
 
     def job_counts(self) -> Counter:
-        """Jobs per rule, as `snakemake -n` will list them."""
-        per_tile = ["fetch", "assemble"]
-        counts = Counter({rule: len(self.tiles) for rule in per_tile})
-        per_patch = self.config["infer"]["per"] == "patch"
-        counts["infer"] = sum(len(t.patches) for t in self.tiles) if per_patch else len(self.tiles)
-        for rule in ["catalog", "quicklook", "stac", "report"]:
-            counts[rule] = 1
-        if self.config["export"]["cog"]:
-            counts["mosaic"] = 1
-        counts["all"] = 1
-        if self.config["source"] == "demo":
-            counts["demo_catalog"] = 1
-        if self.config["model"]["checkpoint"] == "demo":
-            counts["demo_checkpoint"] = 1
+        """Jobs per rule, as `snakemake -n` will list them, from the rules' shapes (``JOB_SHAPES``)."""
+        per = {"run": 1, "tile": len(self.tiles), "patch": sum(len(t.patches) for t in self.tiles)}
+        counts = Counter()
+        for rule, shape in JOB_SHAPES.items():
+            keyed_by = shape(self.config)
+            if keyed_by:
+                counts[rule] = per[keyed_by]
         return counts
+
+
+# What the jobs of each rule are keyed by, given the config ("run": one job; None: no job). The rule
+# files (rules/*.smk) declare their outputs with these wildcards, and the Snakefile checks, when it
+# is read, that every rule is here with the wildcards its shape says.
+JOB_SHAPES = {
+    "demo_catalog": lambda config: "run" if config["source"] == "demo" else None,
+    "demo_checkpoint": lambda config: "run" if config["model"]["checkpoint"] == "demo" else None,
+    "fetch": lambda config: "tile",
+    "infer": lambda config: config["infer"]["per"],
+    "assemble": lambda config: "tile",
+    "publish": lambda config: "run",
+    "all": lambda config: "run",
+}
+# The wildcards of each shape's outputs.
+SHAPE_WILDCARDS = {"run": set(), "tile": {"tile"}, "patch": {"tile", "patch"}}
 
 
 # Sizing assumptions of `tessera plan`, per tile-year, used where no cached search says better.
@@ -83,9 +94,6 @@ STACK_S1_BYTES = 2 * 2
 # the demo's two tiles (DEFLATE + float predictor; random-weight embeddings, which compress worse
 # than real ones, so an upper bound).
 COG_BYTES_PER_VALUE = 4 * 0.82
-# Multiply-accumulates per pixel at typical sequence lengths (UPSTREAM.md §9): v1.0 and v1.0-QAT
-# always 40 + 40 steps; v1.1 and v2 (small) bucketed, about 64 + 64 for a year of observations.
-MACS_PER_PIXEL = {"v1.0": 3.53e9, "v1.0-qat": 1.84e9, "v1.1": 3.40e9, "v2": 0.43e9}
 
 
 def _cached_item_count(path: Path) -> int | None:
@@ -97,17 +105,18 @@ def _cached_item_count(path: Path) -> int | None:
     return len(items)
 
 
+def plan_tile(roi: BaseGeometry, tile: Tile, patch_size: int) -> TilePlan | None:
+    """A tile's work window and the patches that hold ROI pixels; None if the ROI touches none."""
+    projected = roi_in_tile(tile, roi)
+    window = work_window(tile, projected)
+    if window is None:
+        return None
+    kept = tuple(p for p in patches(window, patch_size) if tile.pixel_box(p).intersection(projected).area > 0)
+    return TilePlan(tile, window, kept) if kept else None
+
+
 def plan_tiles(roi: BaseGeometry, patch_size: int) -> list[TilePlan]:
-    plans = []
-    for tile, _ in tiles_for_geometry(roi):
-        projected = roi_in_tile(tile, roi)
-        window = work_window(tile, projected)
-        if window is None:
-            continue
-        kept = tuple(p for p in patches(window, patch_size) if tile.pixel_box(p).intersection(projected).area > 0)
-        if kept:
-            plans.append(TilePlan(tile, window, kept))
-    return plans
+    return [plan for tile, _ in tiles_for_geometry(roi) if (plan := plan_tile(roi, tile, patch_size))]
 
 
 def make_plan(config: dict) -> Plan:
@@ -134,12 +143,12 @@ def make_plan(config: dict) -> Plan:
 def estimates(plan: Plan) -> dict[str, float]:
     """What a run will cost: scenes, bytes downloaded, stack bytes on disk, compute."""
     cfg = plan.config
-    work = Path(cfg["work_dir"]) / str(cfg["year"])
     totals = Counter()
     for t in plan.tiles:
         pixels = t.window.width * t.window.height
-        s2_items = _cached_item_count(work / t.name / "search_s2.json")
-        s1_items = _cached_item_count(work / t.name / "search_s1.json")
+        work = WorkTile.at(cfg["work_dir"], cfg["year"], t.name)
+        s2_items = _cached_item_count(work.search("s2"))
+        s1_items = _cached_item_count(work.search("s1"))
         totals["cached_searches"] += (s2_items is not None) + (s1_items is not None)
         s2_items = TYPICAL_S2_ITEMS if s2_items is None else s2_items
         s1_items = TYPICAL_S1_ITEMS if s1_items is None else s1_items
@@ -148,7 +157,7 @@ def estimates(plan: Plan) -> dict[str, float]:
         totals["download_bytes"] += pixels * (s2_items * S2_BYTES_PER_PIXEL + s1_items * S1_BYTES_PER_PIXEL)
         totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
         totals["pixels"] += sum(p.width * p.height for p in t.patches)
-    totals["macs"] = totals["pixels"] * MACS_PER_PIXEL[cfg["model"]["family"]]
+    totals["macs"] = totals["pixels"] * family_entry(cfg["model"]["family"]).macs_per_pixel
     # int8 codes + a float32 scale per pixel of every tile; COGs of the embedded pixels; the
     # optional float32 .npy.
     dims = cfg["export"]["dims"] or 128

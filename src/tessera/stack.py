@@ -1,4 +1,4 @@
-"""The per-tile stacks (Zarr v3, docs/INTERNALS.md "Stack format") and the reference per-patch layout.
+"""The per-tile stacks: the Zarr v3 format (docs/INTERNALS.md "Stack format"), writing, reading, the index.
 
 ``s2.zarr`` holds S2 ``bands``/``masks``/``doys``; ``s1.zarr`` holds ``sar``/``doys`` in sub-groups
 ``ascending`` and ``descending``. Both cover the tile's work window only, grow one time step at a
@@ -43,15 +43,6 @@ _S2_DOY_DTYPE = "uint16"
 _S1_ARRAYS = {"sar": ("int16", S1_CHANNELS)}
 _S1_DOY_DTYPE = "int16"
 
-REFERENCE_FILES = {
-    "bands": ("bands.npy", np.uint16),
-    "masks": ("masks.npy", np.uint8),
-    "doys": ("doys.npy", np.uint16),
-    "sar_ascending": ("sar_ascending.npy", np.int16),
-    "sar_ascending_doy": ("sar_ascending_doy.npy", np.int16),
-    "sar_descending": ("sar_descending.npy", np.int16),
-    "sar_descending_doy": ("sar_descending_doy.npy", np.int16),
-}
 
 
 @dataclass(frozen=True)
@@ -64,7 +55,7 @@ class StackGrid:
     crs: str  # "EPSG:326zz"
     transform: Affine  # of the window
     source: str
-    normalisation: str  # the data's kind for per-source normalisation tables (Source.normalisation)
+    data_kind: str  # mpc or aws: picks a family's normalisation table where it has one per kind (Source.data_kind)
 
     def attrs(self) -> dict:
         return {
@@ -74,18 +65,18 @@ class StackGrid:
             "crs": self.crs,
             "transform": list(self.transform)[:6],
             "source": self.source,
-            "normalisation": self.normalisation,
+            "data_kind": self.data_kind,
         }
 
     @classmethod
     def from_attrs(cls, attrs: Mapping, store: Path) -> StackGrid:
-        missing = [key for key in ("tile", "year", "window", "crs", "transform", "source", "normalisation")
+        missing = [key for key in ("tile", "year", "window", "crs", "transform", "source", "data_kind")
                    if key not in attrs]
         if missing:
             raise UserError(f"stack {store} lacks {', '.join(missing)} (written by an older tessera-workflow?): "
                             "delete it and rerun the fetch of this tile")
         return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]),
-                   attrs["source"], attrs["normalisation"])
+                   attrs["source"], attrs["data_kind"])
 
 
 def chunk_edge(patch_size: int) -> int:
@@ -279,7 +270,7 @@ def _read_boundless(array: zarr.Array, window: Window) -> np.ndarray:
 
 
 def read_window(s2_path: str | os.PathLike, s1_path: str | os.PathLike, window: Window) -> dict[str, np.ndarray]:
-    """A window of both stacks in the reference per-patch layout (keys as REFERENCE_FILES).
+    """A window of both stacks in the reference per-patch layout (keys as ``layout.REFERENCE_ARRAYS``).
 
     ``window`` is in work-window pixel coordinates (0, 0 = the stacks' top-left pixel). Parts of
     the window outside the stacks read as 0 (missing), as the reference pads edge patches.
@@ -403,44 +394,3 @@ def verify_stack_index(index_json: str | os.PathLike, *, checksums: bool = True)
             f"stack index {index_json} no longer matches its stores (differs in {', '.join(differing)}): rerun the fetch of this tile"
         )
     return VerifiedStack(index, s2_path, s1_path)
-
-
-# --- the reference per-patch layout ------------------------------------------------------------
-
-
-def export_reference_patch(s2_path: str | os.PathLike, s1_path: str | os.PathLike, window: Window, out_dir: str | os.PathLike) -> Path:
-    """Write a window of the stacks as the reference's per-patch ``.npy`` files into ``out_dir``."""
-    arrays = read_window(s2_path, s1_path, window)
-    with atomic_path(out_dir, directory=True) as tmp:
-        for key, (filename, _) in REFERENCE_FILES.items():
-            np.save(tmp / filename, arrays[key])
-    return Path(out_dir)
-
-
-def read_reference_patch(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The reference per-patch ``.npy`` files of a directory (ours or the reference's), checked for dtype and shape."""
-    directory = Path(directory)
-    arrays = {}
-    for key, (filename, dtype) in REFERENCE_FILES.items():
-        path = directory / filename
-        if not path.exists():
-            raise UserError(f"reference patch {directory} has no {filename}: export all of {', '.join(f for f, _ in REFERENCE_FILES.values())}")
-        array = np.load(path, allow_pickle=False)
-        if array.dtype != dtype:
-            raise UserError(f"{path} is {array.dtype}, the reference layout needs {np.dtype(dtype).name}: re-export it")
-        arrays[key] = array
-    _check_reference_shapes(directory, arrays)
-    return arrays
-
-
-def _check_reference_shapes(directory: Path, arrays: dict[str, np.ndarray]) -> None:
-    bands, masks = arrays["bands"], arrays["masks"]
-    expected = {
-        "bands": (len(arrays["doys"]), *masks.shape[1:], S2_CHANNELS),
-        "masks": (len(arrays["doys"]), *bands.shape[1:3]),
-    }
-    for orbit in S1_ORBITS:
-        expected[f"sar_{orbit}"] = (len(arrays[f"sar_{orbit}_doy"]), *bands.shape[1:3], S1_CHANNELS)
-    for key, shape in expected.items():
-        if arrays[key].shape != shape:
-            raise UserError(f"{directory / REFERENCE_FILES[key][0]} has shape {arrays[key].shape}, expected {shape}: re-export the patch")

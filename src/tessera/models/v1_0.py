@@ -17,7 +17,7 @@ that are not valid at that pixel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,19 +25,10 @@ import torch
 from torch import nn
 
 from tessera.errors import UserError
-from tessera.models.base import (
-    AttentionPooling,
-    Batch,
-    ConcatFusionModel,
-    Family,
-    Normalisation,
-    Quantisation,
-    S1Source,
-    S2Source,
-    SensorSource,
-    TemporalBackbone,
-    nth_set_steps,
-)
+from tessera.models.family import Batch, Family, Normalisation, Quantisation
+from tessera.models.inputs import S1Series, S2Series, SensorSeries
+from tessera.models.layers import AttentionPooling, ConcatFusionModel, TemporalBackbone
+from tessera.models.sampling import counter_words, draw_steps, pixel_keys, stream_key
 
 STEPS_PER_SENSOR = 40
 
@@ -85,105 +76,6 @@ class GRUAttentionPooling(AttentionPooling):
         return self.query(context)
 
 
-# ---------------------------------------------------------------------------------------------
-# Counter-based random words: a pure function of (key, pixel, counter), computed for whole arrays
-# at once. A sequential generator would tie a pixel's draws to its position in the run. The words
-# are 32-bit, which halves the cost of hashing and selecting; each pixel's 64-bit key enters them.
-
-_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_GOLDEN_GAMMA_32 = np.uint32(0x9E3779B9)
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
-_MIX32_1 = np.uint32(0x85EBCA6B)
-_MIX32_2 = np.uint32(0xC2B2AE35)
-_U64 = (1 << 64) - 1
-_NOT_A_CANDIDATE = np.uint32(0xFFFFFFFF)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection of uint64 whose outputs look independent."""
-    x = (x ^ (x >> np.uint64(30))) * _MIX_1
-    x = (x ^ (x >> np.uint64(27))) * _MIX_2
-    return x ^ (x >> np.uint64(31))
-
-
-def _mix32(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finaliser, in place: a bijection of uint32."""
-    x ^= x >> np.uint32(16)
-    x *= _MIX32_1
-    x ^= x >> np.uint32(13)
-    x *= _MIX32_2
-    x ^= x >> np.uint32(16)
-    return x
-
-
-def stream_key(seed: int, stream: int) -> np.uint64:
-    """The key of one random stream of a run (``stream`` numbers the sensor, purpose and repeat)."""
-    with np.errstate(over="ignore"):
-        return _mix64(np.uint64(seed & _U64) * _GOLDEN_GAMMA + _mix64(np.uint64(stream & _U64)))
-
-
-def counter_words(key: np.uint64, pixel_keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
-    """uint32 (P, K): one word per (pixel, counter), fixed by (key, pixel key, counter).
-
-    For one pixel, distinct counters (below 2³²) give distinct words: the counter enters through
-    ``low + counter · γ`` (γ odd), then a XOR and ``_mix32``, all bijections of uint32.
-    """
-    with np.errstate(over="ignore"):
-        per_pixel = _mix64(_mix64(pixel_keys.astype(np.uint64) ^ key))
-        low = per_pixel.astype(np.uint32)  # the low 32 bits
-        high = (per_pixel >> np.uint64(32)).astype(np.uint32)
-        words = low[:, None] + counters.astype(np.uint32) * _GOLDEN_GAMMA_32
-        words ^= high[:, None]
-        return _mix32(words)
-
-
-def pixel_keys(pixels: np.ndarray, width: int, origin: tuple[int, int]) -> np.ndarray:
-    """uint64 ``row << 32 | col`` of flat patch pixels, in tile coordinates (patch at ``origin``)."""
-    rows, cols = np.divmod(np.asarray(pixels, np.int64), width)
-    return ((rows + origin[0]).astype(np.uint64) << np.uint64(32)) | (cols + origin[1]).astype(np.uint64)
-
-
-def draw_steps(valid: np.ndarray, counts: np.ndarray, subset_words: np.ndarray,
-               pick_words: Callable[[np.ndarray], np.ndarray], count: int = STEPS_PER_SENSOR) -> np.ndarray:
-    """(P, count) chronological time indices per pixel, drawn as the reference does.
-
-    ``valid`` (P, T), with ``counts`` valid steps per row: candidates are a pixel's valid steps, or
-    all steps when it has none. With at
-    least ``count`` candidates, the ``count`` with the smallest ``subset_words`` (P, T; distinct
-    within a row) — a uniform subset, i.e. without replacement — which a mask keeps in time order.
-    With fewer, ranks ``word · n / 2³²`` into the candidates (uniform, with replacement), put in
-    order by counting; ``pick_words(rows)`` gives the (len(rows), count) words of those pixels
-    (indices into ``valid``), so that only they pay for them.
-    """
-    candidates = valid
-    if not counts.all():
-        candidates = valid.copy()
-        candidates[counts == 0] = True
-        counts = np.where(counts == 0, valid.shape[1], counts)
-    steps = np.empty((len(valid), count), np.int64)
-    many = np.flatnonzero(counts >= count)
-    if len(many):
-        everything = len(many) == len(valid)  # the usual case: no row copies
-        words = np.minimum(subset_words if everything else subset_words[many], _NOT_A_CANDIDATE - np.uint32(1))
-        words |= (~(candidates if everything else candidates[many])).astype(np.uint32) * _NOT_A_CANDIDATE
-        kth = np.partition(words, count - 1, axis=1)[:, count - 1:count]
-        # Exactly ``count`` words per row are at most the row's count-th smallest: their positions.
-        drawn = np.flatnonzero(words <= kth).reshape(-1, count) - np.arange(len(many))[:, None] * valid.shape[1]
-        if everything:
-            return drawn
-        steps[many] = drawn
-    few = np.flatnonzero(counts < count)
-    n_few = counts[few]
-    ranks = (pick_words(few).astype(np.uint64) * n_few[:, None].astype(np.uint64)) >> np.uint64(32)
-    # Sorting by counting: how often each rank was drawn, then each rank repeated that often.
-    histogram = np.bincount((np.arange(len(few))[:, None] * count + ranks.astype(np.int64)).ravel(),
-                            minlength=len(few) * count)
-    sorted_ranks = np.repeat(np.tile(np.arange(count), len(few)), histogram).reshape(len(few), count)
-    steps[few] = nth_set_steps(candidates[few], n_few, sorted_ranks)
-    return steps
-
-
 class SampledFamily(Family):
     """v1.0 and v1.0-QAT: 40 + 40 randomly drawn steps per pixel, optionally several draws averaged."""
 
@@ -192,7 +84,7 @@ class SampledFamily(Family):
     demo_sizes = V1_DEMO_SIZES
     bf16_on_cuda = True  # meets tessera.infer's criterion at the published size (benchmarks/infer.py)
 
-    def normalisation(self, data_source: str) -> Normalisation:
+    def normalisation(self, data_kind: str) -> Normalisation:
         """v1.0 and v1.0-QAT have one table, whatever the data source."""
         return V1_0_NORMALISATION
 
@@ -247,7 +139,7 @@ class SampledFamily(Family):
         return arrays
 
     def prepare_batches(
-        self, arrays: Mapping[str, np.ndarray], pixels: np.ndarray, *, data_source: str, seed: int,
+        self, arrays: Mapping[str, np.ndarray], pixels: np.ndarray, *, data_kind: str, seed: int,
         batch_pixels: int, repeat_times: int = 1, origin: tuple[int, int] = (0, 0),
         device: torch.device | None = None,
     ) -> Iterator[Batch]:
@@ -261,8 +153,8 @@ class SampledFamily(Family):
             raise UserError("the patch has no Sentinel-2 time step: the v1.0 families need Sentinel-2 input; "
                             "check the tile's S2 stack or use v1.1 / v2")
         arrays = self._with_placeholders(arrays)
-        norm = self.normalisation(data_source)
-        s2, s1 = S2Source(arrays, norm, device), S1Source(arrays, norm, device)
+        norm = self.normalisation(data_kind)
+        s2, s1 = S2Series(arrays, norm, device), S1Series(arrays, norm, device)
         pixels = np.asarray(pixels, np.int64)
         pixels = pixels[(s2.valid_counts[pixels] > 0) | (s1.valid_counts[pixels] > 0)]
         keys = pixel_keys(pixels, arrays["bands"].shape[2], origin)
@@ -275,7 +167,7 @@ class SampledFamily(Family):
             yield Batch(group, s2_bands, s2_doys, s1_bands, s1_doys, repeats=repeat_times)
 
     @staticmethod
-    def _draws(source: SensorSource, group: np.ndarray, group_keys: np.ndarray, seed: int, repeats: int,
+    def _draws(source: SensorSeries, group: np.ndarray, group_keys: np.ndarray, seed: int, repeats: int,
                first_stream: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bands (G · R, 40, C) and DOYs (G · R, 40): R draws per pixel, a pixel's draws adjacent."""
         valid, counts = source.valid_rows(group), source.valid_counts[group]
@@ -285,7 +177,8 @@ class SampledFamily(Family):
             subset_words = counter_words(stream_key(seed, stream), group_keys, source.step_keys)
             pick_key = stream_key(seed, stream + 1)
             draws.append(draw_steps(valid, counts, subset_words,
-                                    lambda rows: counter_words(pick_key, group_keys[rows], np.arange(STEPS_PER_SENSOR))))
+                                    lambda rows: counter_words(pick_key, group_keys[rows], np.arange(STEPS_PER_SENSOR)),
+                                    STEPS_PER_SENSOR))
         steps = draws[0] if repeats == 1 else np.stack(draws, axis=1).reshape(-1, STEPS_PER_SENSOR)
         return source.inputs(np.repeat(group, repeats), steps)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.models.base import AttentionPooling
+from tessera.models.layers import AttentionPooling
 from tessera.models.v1_0 import SampledFamily
 
 

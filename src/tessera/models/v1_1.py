@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from tessera.errors import UserError
-from tessera.models.base import BucketedFamily, ConcatFusionModel, Normalisation, TemporalBackbone
+from tessera.models.family import Normalisation
+from tessera.models.layers import ConcatFusionModel, TemporalBackbone
+from tessera.models.sampling import BucketedFamily
 from tessera.models.v1_0 import V1_QUANTISATION, transformer_stack
 from tessera.models.v1_0_qat import NormalisedGRUAttentionPooling
 
@@ -52,8 +54,8 @@ AWS_NORMALISATION = Normalisation(
     s1_desc_std=(1583.2858, 1747.8390),
 )
 
-# The demo source serves MPC-shaped scenes harmonised by the MPC rule.
-NORMALISATION_BY_SOURCE = {"mpc": MPC_NORMALISATION, "aws": AWS_NORMALISATION, "demo": MPC_NORMALISATION}
+# By kind of data (``Source.data_kind``): S2 harmonised by the MPC rule, or as stored (Earth Search, OPERA).
+NORMALISATION_BY_KIND = {"mpc": MPC_NORMALISATION, "aws": AWS_NORMALISATION}
 
 
 def build_resample_indices(n_valid: int, length: int) -> np.ndarray:
@@ -119,9 +121,9 @@ class V1_1(BucketedFamily):
         """The training config's ``data_source``, else the published file name's
         (``tessera_v1_1_{mpc,aws}_encoder.pt``)."""
         config = _training_config(checkpoint)
-        if config.get("data_source") in NORMALISATION_BY_SOURCE:
+        if config.get("data_source") in NORMALISATION_BY_KIND:
             return config["data_source"]
-        named = [source for source in NORMALISATION_BY_SOURCE if f"_{source}_" in os.path.basename(path).lower()]
+        named = [source for source in NORMALISATION_BY_KIND if f"_{source}_" in os.path.basename(path).lower()]
         return named[0] if len(named) == 1 else None
 
     def matches_keys(self, keys: set[str]) -> bool:
@@ -166,11 +168,11 @@ class V1_1(BucketedFamily):
     def pattern(self, n_valid: int, length: int) -> np.ndarray:
         return build_resample_indices(n_valid, length)
 
-    def normalisation(self, data_source: str) -> Normalisation:
+    def normalisation(self, data_kind: str) -> Normalisation:
         try:
-            return NORMALISATION_BY_SOURCE[data_source]
+            return NORMALISATION_BY_KIND[data_kind]
         except KeyError:
-            raise UserError(f"data source {data_source!r} has no v1.1 normalisation table: use mpc or aws, the source "
+            raise UserError(f"data kind {data_kind!r} has no v1.1 normalisation table: use mpc or aws, the kind "
                             "the checkpoint was trained on") from None
 
 

@@ -17,14 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.models.base import (
-    AttentionPooling,
-    BucketedFamily,
-    ConcatFusionModel,
-    Normalisation,
-    Quantisation,
-    TemporalBackbone,
-)
+from tessera.models.family import Normalisation, Quantisation
+from tessera.models.layers import AttentionPooling, ConcatFusionModel, TemporalBackbone
+from tessera.models.sampling import BucketedFamily
 
 BIN_WIDTH = 8
 MAX_BIN = 256
@@ -157,7 +152,7 @@ class V2Student(BucketedFamily):
     def pattern(self, n_valid: int, length: int) -> np.ndarray:
         return pad_pattern(n_valid, length)
 
-    def normalisation(self, data_source: str) -> Normalisation:
+    def normalisation(self, data_kind: str) -> Normalisation:
         return STUDENT_NORMALISATION
 
 

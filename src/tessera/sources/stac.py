@@ -291,8 +291,9 @@ class Source:
                 raise ValueError(f"source {self.name}: no {sensor} asset key for bands {sorted(missing)}")
 
     @property
-    def normalisation(self) -> str:
-        """Which per-source normalisation table (v1.1) fits these data: ``mpc`` for S2 brought to
+    def data_kind(self) -> str:
+        """The kind of these data, which picks a family's normalisation table where it has one per
+        kind (v1.1): ``mpc`` for S2 brought to
         the old baseline by the MPC rule, ``aws`` for S2 as stored (Earth Search's, OPERA's S1)."""
         return "mpc" if self.harmonisation == "mpc" else "aws"
 

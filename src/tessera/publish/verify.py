@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import rasterio
 
-from tessera.export.geotessera import EMBEDDINGS_DIR, TileFiles, find_tiles
+from tessera.layout import EMBEDDINGS_DIR, Results, TileFiles, find_tiles
 from tessera.grid import Tile
 from tessera.io import sha256_file
 
@@ -56,10 +56,11 @@ def _check_tile(files: TileFiles) -> list[str]:
 
 def verify_output(output_dir: Path) -> list[str]:
     """Every problem found, one line each; empty when the directory is sound."""
+    results = Results(output_dir)
     problems = []
     if not (output_dir / EMBEDDINGS_DIR).is_dir():
         return [f"{output_dir}: no {EMBEDDINGS_DIR}/ folder: not a tessera-workflow output directory"]
-    metadata = output_dir / "tessera_metadata.json"
+    metadata = results.metadata
     try:
         sidecar = json.loads(metadata.read_text())
         for key in ("dataset_version", "dataset_variant", "checkpoint_sha256"):
@@ -67,10 +68,10 @@ def verify_output(output_dir: Path) -> list[str]:
                 problems.append(f"{metadata}: key {key!r} is missing")
     except (OSError, json.JSONDecodeError) as error:
         problems.append(f"{metadata}: unreadable ({error})")
-    tiles = find_tiles(output_dir)
+    tiles = find_tiles(results)
     for files in tiles:
         problems += _check_tile(files)
-    manifest = output_dir / "manifest.parquet"
+    manifest = results.manifest
     if not manifest.exists():
         problems.append(f"{manifest}: missing")
         return problems
@@ -79,9 +80,9 @@ def verify_output(output_dir: Path) -> list[str]:
     for row in rows:
         tile = Tile.from_name(f"grid_{row['lon']:.2f}_{row['lat']:.2f}")
         listed.add((row["year"], tile.name))
-        if not TileFiles.locate(output_dir, tile, row["year"]).present:
+        if not TileFiles.locate(results, tile, row["year"]).present:
             problems.append(f"manifest.parquet lists {row['year']}/{tile.name} but its files are not all present")
     for files in tiles:
         if files.present and (files.year, files.tile.name) not in listed:
-            problems.append(f"{files.year}/{files.tile.name}: present but not in manifest.parquet (rerun the catalog rule)")
+            problems.append(f"{files.year}/{files.tile.name}: present but not in manifest.parquet (rerun the publish rule)")
     return problems

@@ -28,38 +28,26 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from tessera.errors import UserError
-from tessera.export.geotessera import TileFiles
+from tessera.layout import Results, TileFiles
 from tessera.io import atomic_path, check_raster_complete
 
-QUICKLOOK_DIR = "quicklook"
 _ROWS_PER_BLOCK = 256
 # Percentiles of the sampled components mapped to 0 and 255: a robust stretch that ignores outliers.
 STRETCH_PERCENTILES = (2.0, 98.0)
 
 
-def quicklook_folder(output_dir: Path, year: int) -> Path:
-    """Where a year's quicklooks and their PCA basis (``pca.json``) are."""
-    return Path(output_dir) / QUICKLOOK_DIR / str(year)
-
-
-def write_quicklooks(tile_files: list[TileFiles], output_dir: Path, year: int, *, threads: int = 1) -> None:
+def write_quicklooks(tile_files: list[TileFiles], results: Results, year: int, *, threads: int = 1) -> None:
     """Fit one PCA basis on all tiles of the year, save it, and write every tile's quicklook,
     ``threads`` tiles at a time (the work is in numpy and GDAL, which release the GIL)."""
     basis = fit_pca(tile_files)
-    basis.save(quicklook_folder(output_dir, year) / "pca.json")
+    basis.save(results.quicklooks(year) / "pca.json")
 
     def write(files: TileFiles) -> None:
-        write_tile_quicklook(files, basis, *quicklook_paths(output_dir, files.tile.name, year))
+        write_tile_quicklook(files, basis, *results.quicklook(files.tile.name, year))
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for _ in tqdm(pool.map(write, tile_files), total=len(tile_files), desc="quicklooks", unit="tile", file=sys.stderr):
             pass
-
-
-def quicklook_paths(output_dir: Path, tile_name: str, year: int) -> tuple[Path, Path]:
-    """(PNG, RGB COG) of a tile's quicklook."""
-    folder = quicklook_folder(output_dir, year)
-    return folder / f"{tile_name}_{year}.png", folder / f"{tile_name}_{year}.tif"
 
 
 @dataclass(frozen=True)

@@ -24,235 +24,33 @@ skipped and recorded in the stack's ``skipped``, with any credential cut out of 
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import re
 import sys
-import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pystac
-import rasterio
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
-from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from shapely.geometry import shape
 from tqdm import tqdm
 
 from tessera.errors import UserError
+from tessera.fetch.encode import encode_s1, encode_s2, valid_scl
+from tessera.fetch.reader import PARALLEL_READS, SceneUnreadable, WindowReader
 from tessera.grid import Tile
-from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, UnusableAsset, cached_search, redact
-from tessera.sources.stac import Feed, RedactingFilter
+from tessera.layout import WorkTile
+from tessera.options import FetchOptions
+from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search
 from tessera.stack import MAX_CHUNK, S1_CHANNELS, StackGrid, chunk_edge, write_s1, write_s2
 
-# GDAL over HTTP: no directory listing on open (a COG is one file), consecutive ranges merged into
-# one request, timeouts that curl enforces on every request (the reference's SIGALRM timeouts do
-# nothing in worker threads, UPSTREAM.md §10.2), and GDAL's own retries of transient errors (429,
-# 5xx, dropped connections) with exponentially growing, jittered delays.
-GDAL_HTTP_OPTIONS = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    # Ranges are rounded to this granularity (default 16 KB): on small COGs that fetches overviews
-    # and neighbouring blocks for nothing (demo tiles: 1.47x the intersecting blocks' bytes at
-    # 16 KB, 1.12x at 1 KB, benchmarks/fetch.py); on a 5490 px COG with 512 px blocks a tile
-    # window took 3 requests and 1.008x at either size.
-    "CPL_VSIL_CURL_CHUNK_SIZE": "1024",
-    "GDAL_HTTP_CONNECTTIMEOUT": "10",
-    "GDAL_HTTP_TIMEOUT": "60",
-    "GDAL_HTTP_MAX_RETRY": "5",
-    "GDAL_HTTP_RETRY_DELAY": "1",
-}
-# Attempts of a read that fails for a reason GDAL does not retry (see _WindowReader.read).
-READ_ATTEMPTS = 4
-_HTTP_STATUS = re.compile(r"HTTP response code: (\d+)")
-# GDAL errors and libtiff warnings that mean a read got fewer or other bytes than the file holds.
-_HIDDEN_READ_FAILURE = re.compile(r"GDAL signalled an error: err_no=(?!11\b)|IO error during reading")
-# Band reads in flight per tile: reads wait on the network, not the CPU, and a date needs up to
-# 11 assets of each of its granules.
-PARALLEL_READS = 4
-# rasterio's loggers that pass on GDAL's messages (its retry warnings name the full, signed URL).
-_GDAL_LOGGERS = ("rasterio._env", "rasterio._err", "rasterio._base", "rasterio._io", "rasterio._warp", "rasterio.vrt")
-
-INVALID_SCL = (0, 1, 2, 3, 8, 9)  # no data, saturated/defective, dark area, cloud shadow, cloud medium/high
 # The reference searches S2 with eo:cloud_cover < 100 (its S2_MAX_CLOUD default).
 S2_MAX_CLOUD_PCT = 100.0
-S1_CODE_MAX = 32767
 ORBIT_STATES = ("ascending", "descending")
 RESAMPLING = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 
-
-class SceneUnreadable(Exception):
-    """Items that could not be read, with why; the fetch records them and goes on without them."""
-
-    def __init__(self, failures: dict[str, str]):
-        super().__init__("; ".join(f"{item_id}: {reason}" for item_id, reason in failures.items()))
-        self.failures = failures
-
-
-# --- encodings (exactly the reference's) ---------------------------------------------------------
-
-
-def encode_s2(values: np.ndarray, acquired: dt.date, source: Source) -> np.ndarray:
-    """Float reflectance DN (NaN = no data) -> the reference's uint16: harmonise, NaN -> 0, truncate."""
-    harmonised = source.harmonise_s2(values, acquired)
-    return np.nan_to_num(harmonised, nan=0.0).astype(np.uint16)
-
-
-def encode_s1(gamma0: np.ndarray) -> np.ndarray:
-    """Linear γ0 -> int16 code trunc(clip((20·log10 γ0 + 50)·200, 0, 32767)); non-finite or <= 0 -> 0.
-
-    20·log10 of a power quantity is twice its dB value: the reference's encoding, kept because the
-    checkpoints' normalisation was computed on it.
-    """
-    usable = np.isfinite(gamma0) & (gamma0 > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        code = (20.0 * np.log10(np.where(usable, gamma0, 1.0)) + 50.0) * 200.0
-    return np.where(usable, np.clip(code, 0, S1_CODE_MAX), 0).astype(np.int16)
-
-
-def valid_scl(scl: np.ndarray) -> np.ndarray:
-    """True where an SCL class is usable (4 vegetation, 5 bare, 6 water, 7 unclassified, 10 thin cirrus, 11 snow)."""
-    return ~np.isin(scl, INVALID_SCL)
-
-
-# --- window reads --------------------------------------------------------------------------------
-
-
-class _WindowReader:
-    """Reads bands of items onto the work-window grid, a few at a time."""
-
-    def __init__(self, tile: Tile, window: Window, feed: Feed, parallel_reads: int):
-        self.crs = f"EPSG:{tile.epsg}"
-        self.transform = tile.window_transform(window)
-        self.height, self.width = int(window.height), int(window.width)
-        self.feed = feed
-        # Credentials are looked up once, up front: a missing one is the user's to fix, not a scene failure.
-        self.options = {**GDAL_HTTP_OPTIONS, **feed.read_options()}
-        self.parallel_reads = parallel_reads
-        self.gdal_messages = _GdalMessages()
-
-    def read(self, item: pystac.Item, band: str, resampling: Resampling) -> np.ndarray:
-        """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata).
-
-        GDAL retries HTTP errors and timeouts itself. A read that fails otherwise (a reset
-        connection, a body cut short, hence a block that does not decode) is tried again, up to
-        ``READ_ATTEMPTS`` in all, bypassing GDAL's cache, which would repeat the failure without a
-        request. A signed href is signed anew first: an expired SAS token shows as HTTP 403, or,
-        when it expires between the requests of one open, as a file GDAL cannot recognise.
-        """
-        for attempt in range(1, READ_ATTEMPTS + 1):
-            try:
-                href = self.feed.href(item, band)
-            except UnusableAsset as exc:
-                raise SceneUnreadable({item.id: str(exc)}) from None
-            try:
-                return self._warped(href, resampling, cached=attempt == 1)
-            except RasterioError as exc:
-                reason = _one_line(exc)
-                status = _HTTP_STATUS.search(reason)
-                signed_anew = (status is None or status.group(1) == "403") and self.feed.forget(href)
-                not_retried_by_gdal = status is None and "timed out" not in reason.lower()
-                if attempt == READ_ATTEMPTS or not (signed_anew or not_retried_by_gdal):
-                    raise SceneUnreadable({item.id: f"{band}: {redact(reason)}"}) from None
-
-    def _warped(self, href: str, resampling: Resampling, *, cached: bool) -> np.ndarray:
-        options = self.options
-        if not cached:
-            # GDAL splits this option's list of path prefixes on ":", so a URL cannot be named:
-            # "/vsicurl/https" leaves every https file of this read uncached.
-            options = {**options, "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/" + href.split(":", 1)[0]}
-        self.gdal_messages.take()  # left by an earlier read of this thread that raised
-        with rasterio.Env(**options), rasterio.open(href) as src, WarpedVRT(
-            src,
-            crs=self.crs,
-            transform=self.transform,
-            width=self.width,
-            height=self.height,
-            resampling=resampling,
-            # Without a nodata value, an alpha band is what marks pixels outside the scene.
-            add_alpha=src.nodata is None,
-        ) as vrt:
-            # The warp runs in the source's data type, as the reference's (stackstac) does: an
-            # integer band is interpolated and rounded by GDAL before we see floats.
-            data = vrt.read(1, masked=True)
-        hidden = self.gdal_messages.take()
-        if hidden:
-            raise RasterioError(f"the read returned data but GDAL reported: {hidden[0]}")
-        return data.astype(np.float64).filled(np.nan)
-
-    def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]) -> Iterator[tuple[tuple, np.ndarray]]:
-        """``((item, band, resampling), array)`` for each read as it completes. Then, if any read
-        failed, SceneUnreadable naming every failed item with its own reason (reads of the batch
-        still running are waited for rather than dropped: a later open of a failed URL would only
-        say that the file does not exist)."""
-        failures: dict[str, str] = {}
-        with ThreadPoolExecutor(self.parallel_reads, thread_name_prefix="read") as pool:
-            futures = {pool.submit(self.read, *read): read for read in reads}
-            for future in as_completed(futures):
-                try:
-                    data = future.result()
-                except SceneUnreadable as failure:
-                    for item_id, reason in failure.failures.items():
-                        failures.setdefault(item_id, reason)
-                    continue
-                if not failures:  # the batch is rebuilt without the failed items anyway
-                    yield futures[future], data
-        if failures:
-            raise SceneUnreadable(failures)
-
-
-def _one_line(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    text = f"{exc} ({cause})" if cause is not None and "previous exception" in str(exc) else str(exc)
-    return " ".join(text.split()) or type(exc).__name__
-
-
-class _GdalMessages(RedactingFilter):
-    """Watches GDAL's messages during a fetch: keeps credentials out of them and records, per
-    thread, the failures that a read which returns data hides.
-
-    GDAL's warper does not always pass on a failed source block: a range response cut short can
-    leave a TIFF tile undecodable ("TIFFReadEncodedTile() failed") or a header tag unread ("IO error
-    during reading of GeoKeyDirectory; tag ignored") while the read returns zeros. rasterio logs
-    such errors (at INFO, as "GDAL signalled an error") rather than raising when the call as a whole
-    succeeds, from the thread that made the call. HTTP errors (err_no 11) are left out: GDAL retries
-    those itself and a read that still fails raises.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._failures: dict[int, list[str]] = defaultdict(list)
-        self._loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        super().filter(record)
-        if _HIDDEN_READ_FAILURE.search(record.getMessage()):
-            self._failures[record.thread].append(record.getMessage())
-        # INFO records are made only for this watch; show them where they would have been shown.
-        return record.levelno >= self._shown_level
-
-    def take(self) -> list[str]:
-        """The failures recorded in this thread since the last call."""
-        return self._failures.pop(threading.get_ident(), [])
-
-    def __enter__(self) -> _GdalMessages:
-        self._shown_level = logging.getLogger("rasterio").getEffectiveLevel()
-        self._levels = [logger.level for logger in self._loggers]
-        for logger in self._loggers:
-            logger.addFilter(self)
-            logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for logger, level in zip(self._loggers, self._levels):
-            logger.removeFilter(self)
-            logger.setLevel(level)
 
 
 def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float, float]:
@@ -333,7 +131,7 @@ def _store_bytes(path: Path) -> int:
 
 def _grid(tile: Tile, window: Window, year: int, source: Source) -> StackGrid:
     return StackGrid(tile.name, year, window, f"EPSG:{tile.epsg}", tile.window_transform(window), source.name,
-                     source.normalisation)
+                     source.data_kind)
 
 
 # --- Sentinel-2 ----------------------------------------------------------------------------------
@@ -359,7 +157,7 @@ def fetch_s2(
     ``roi_mask`` (H, W) marks the ROI pixels coverage is measured on (default: the whole window).
     Raises UserError naming the tile and the failed scenes if fewer than ``min_scenes`` dates are usable.
     """
-    reader = _WindowReader(tile, window, source.s2, parallel_reads)
+    reader = WindowReader(tile, window, source.s2, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     band_resampling = RESAMPLING[resampling]
     found = cached_search(source, source.s2, window_bbox_lonlat(tile, window), year, search_cache)
@@ -430,7 +228,7 @@ def fetch_s1(
     and recorded. Where the feed has a mask layer (OPERA), masked pixels count as no data.
     ``resampling`` defaults to the source's (the reference's for it). Otherwise as ``fetch_s2``.
     """
-    reader = _WindowReader(tile, window, source.s1, parallel_reads)
+    reader = WindowReader(tile, window, source.s1, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     gamma0_resampling = RESAMPLING[resampling or source.s1_resampling]
     found = cached_search(source, source.s1, window_bbox_lonlat(tile, window), year, search_cache)
@@ -489,18 +287,18 @@ def fetch_s1(
 # --- what a fetch would read ---------------------------------------------------------------------
 
 
-def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, cache_dir: Path | None = None, file=None) -> None:
+def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, work: WorkTile | None = None, file=None) -> None:
     """Print the scenes a fetch of this work window would consider, reading no pixels.
 
     One line per scene: UTC date, platform, orbit direction and relative orbit, cloud cover (S2),
     percentage of the work window inside the scene's footprint, and its id. The searches are the
-    fetch's own: with ``cache_dir`` (the tile's work folder) they are cached there and reused by it.
+    fetch's own: with ``work`` (the tile's work folder) they are cached there and reused by it.
     """
     file = sys.stdout if file is None else file
     bbox = window_bbox_lonlat(tile, window)
     window_area = tile.pixel_box(window)
     for sensor, feed in (("s2", source.s2), ("s1", source.s1)):
-        cache = None if cache_dir is None else Path(cache_dir) / f"search_{sensor}.json"
+        cache = None if work is None else work.search(sensor)
         items = _in_datetime_order(cached_search(source, feed, bbox, year, cache))
         print(f"{tile.name} {year} {sensor.upper()} from {source.name}: {len(items)} scenes", file=file)
         print(f"  {'date':<10}  {'platform':<12} {'orbit':<15} {'cloud %':>7} {'coverage %':>10}  id", file=file)
@@ -516,3 +314,27 @@ def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, cache
                 coverage_text = f"{100.0 * footprint.intersection(window_area).area / window_area.area:.1f}"
             print(f"  {_utc_date(item).isoformat():<10}  {str(properties.get('platform') or '-'):<12} {orbit:<15} "
                   f"{cloud_text:>7} {coverage_text:>10}  {item.id}", file=file)
+
+
+# --- the fetch stage of one tile -----------------------------------------------------------------
+
+
+def fetch_tile(tile: Tile, window: Window, year: int, roi: str, source_config: Mapping | str, work: WorkTile,
+               observations: Path, *, options: FetchOptions, demo_catalog: Path | None = None) -> None:
+    """Everything the fetch rule makes for a tile-year: the ROI mask, the S2 and S1 stacks, the
+    stack index and the per-pixel observation counts."""
+    from tessera.fetch.observations import write_observation_counts
+    from tessera.roi import read_roi, read_roi_mask, write_roi_mask
+    from tessera.sources import open_source
+    from tessera.stack import write_stack_index
+
+    write_roi_mask(read_roi(roi), tile, work.roi_mask)
+    roi_mask = read_roi_mask(work.roi_mask, window=window)
+    common = dict(roi_mask=roi_mask, min_coverage_pct=options.min_coverage_pct, min_scenes=options.min_scenes,
+                  patch_size=options.patch_size)
+    with open_source(source_config, demo_catalog=demo_catalog) as source:
+        fetch_s2(tile, window, year, source, work.s2, search_cache=work.search("s2"),
+                 resampling=options.s2_resampling, **common)
+        fetch_s1(tile, window, year, source, work.s1, search_cache=work.search("s1"), **common)
+    write_stack_index(work.s2, work.s1, work.stack_index)
+    write_observation_counts(work.stack_index, observations)

@@ -30,13 +30,10 @@ from shapely.geometry import mapping
 
 from tessera import __version__
 from tessera.errors import UserError
-from tessera.export.cog import tile_cog_path
-from tessera.export.geotessera import TileFiles, find_tiles
-from tessera.export.quicklook import quicklook_paths
 from tessera.grid import PIXEL_METRES
 from tessera.io import atomic_path, sha256_file
+from tessera.layout import Results, TileFiles
 
-STAC_DIR = "stac"
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 # Names of the source collections in the scene-id mapping, as Planetary Computer names them.
 S2_COLLECTION = "sentinel-2-l2a"
@@ -62,7 +59,7 @@ def _embedding_bands(dims: int) -> list[dict]:
     return [{"name": f"Tessera_Band_{i}"} for i in range(dims)]
 
 
-def _tile_assets(files: TileFiles, output_dir: Path) -> dict[str, pystac.Asset]:
+def _tile_assets(files: TileFiles, results: Results) -> dict[str, pystac.Asset]:
     codes = np.load(files.embedding, mmap_mode="r")
     dims = codes.shape[-1]
     assets = {
@@ -81,13 +78,13 @@ def _tile_assets(files: TileFiles, output_dir: Path) -> dict[str, pystac.Asset]:
             media_type=pystac.MediaType.GEOTIFF, roles=["data-mask"], extra_fields={"data_type": "uint8"},
         ),
     }
-    cog = tile_cog_path(output_dir, files.tile.name, files.year)
+    cog = results.cog(files.tile.name, files.year)
     if cog.exists():
         assets["cog"] = pystac.Asset(
             str(cog), title="Dequantised float32 embeddings", media_type=pystac.MediaType.COG, roles=["data"],
             extra_fields={"data_type": "float32", "nodata": "nan", "bands": _embedding_bands(dims)},
         )
-    png, rgb_cog = quicklook_paths(output_dir, files.tile.name, files.year)
+    png, rgb_cog = results.quicklook(files.tile.name, files.year)
     if png.exists():
         assets["thumbnail"] = pystac.Asset(str(png), title="PCA quicklook", media_type=pystac.MediaType.PNG,
                                            roles=["thumbnail"])
@@ -101,7 +98,7 @@ def _tile_assets(files: TileFiles, output_dir: Path) -> dict[str, pystac.Asset]:
     return assets
 
 
-def _tile_item(files: TileFiles, output_dir: Path, provenance: dict, start: dt.datetime, end: dt.datetime) -> pystac.Item:
+def _tile_item(files: TileFiles, results: Results, provenance: dict, start: dt.datetime, end: dt.datetime) -> pystac.Item:
     tile = files.tile
     cell = box(*tile.bounds_lonlat)
     item = pystac.Item(
@@ -116,13 +113,14 @@ def _tile_item(files: TileFiles, output_dir: Path, provenance: dict, start: dt.d
     )
     FileExtension.add_to(item)
     item.stac_extensions.append(PROCESSING_SCHEMA)
-    for key, asset in _tile_assets(files, output_dir).items():
+    for key, asset in _tile_assets(files, results).items():
         item.add_asset(key, asset)
     return item
 
 
 def write_stac(
-    output_dir: Path,
+    results: Results,
+    tiles: list[TileFiles],
     *,
     year: int,
     family: str,
@@ -133,15 +131,15 @@ def write_stac(
     software_version: str = __version__,
     license: str = "other",
 ) -> Path:
-    """Write ``output_dir/stac/`` for the year's present tiles and return the path of collection.json.
+    """Write ``stac/`` of an output directory for ``tiles`` and return the path of collection.json.
 
     ``scene_ids`` maps each tile name to {source collection: [scene ids]} (see
     ``scene_ids_from_stack_index``). The previous ``stac/`` folder is replaced atomically.
     """
-    output_dir = Path(output_dir).absolute()  # asset hrefs start absolute, then are made relative
-    tiles = [files for files in find_tiles(output_dir) if files.year == year and files.present]
+    results = Results(results.root.absolute())  # asset hrefs start absolute, then are made relative
+    tiles = [TileFiles.locate(results, files.tile, files.year) for files in tiles if files.present]
     if not tiles:
-        raise UserError(f"{output_dir}: no complete tile for {year} (embedding, scales and landmask): run the workflow first")
+        raise UserError(f"{results.root}: no complete tile for {year} (embedding, scales and landmask): run the workflow first")
     missing = sorted(files.tile.name for files in tiles if files.tile.name not in scene_ids)
     if missing:
         raise UserError(f"no scene ids for tile(s) {', '.join(missing)}: pass the stack.json of every tile of {year}")
@@ -171,9 +169,9 @@ def write_stac(
     )
     for files in tiles:
         provenance = {**common, "tessera:scenes": scene_ids[files.tile.name]}
-        collection.add_item(_tile_item(files, output_dir, provenance, start, end))
+        collection.add_item(_tile_item(files, results, provenance, start, end))
 
-    final = output_dir / STAC_DIR
+    final = results.stac
     collection.normalize_hrefs(str(final.absolute()))
     collection.make_all_asset_hrefs_relative()
     with atomic_path(final, directory=True) as tmp:

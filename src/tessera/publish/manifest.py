@@ -1,69 +1,33 @@
-"""geotessera's local dataset layout: tile files, the sidecar and the GeoParquet manifests.
+"""geotessera's registry of an output directory: the sidecar and the GeoParquet manifests.
 
 ```
 {out}/tessera_metadata.json
 {out}/manifest.parquet, {out}/registry.parquet      one row per tile-year (both names: geotessera
 {out}/landmasks.parquet                             0.9+ reads manifest.parquet, 0.6–0.8 registry.parquet)
-{out}/global_0.1_degree_representation/{year}/grid_X_Y/{grid_X_Y.npy, grid_X_Y_scales.npy, SHA256}
-{out}/global_0.1_degree_tiff_all/grid_X_Y.tiff       landmask (flat)
 ```
-A tile counts as present only when its embedding, scales and landmask all exist.
+The tile files themselves: ``tessera.layout.Results``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-
 from tessera import __version__
-from tessera.grid import Tile
 from tessera.io import atomic_path, sha256_file
-
-# geotessera's dataset versions by model family (tessera_metadata.json "dataset_version").
-DATASET_VERSIONS = {"v1.0": "1.0", "v1.0-qat": "1.0", "v1.1": "1.1", "v2": "2.0"}
-EMBEDDINGS_DIR = "global_0.1_degree_representation"
-LANDMASKS_DIR = "global_0.1_degree_tiff_all"
-
-
-@dataclass(frozen=True)
-class TileFiles:
-    tile: Tile
-    year: int
-    embedding: Path
-    scales: Path
-    landmask: Path
-    checksums: Path
-
-    @classmethod
-    def locate(cls, output_dir: Path, tile: Tile, year: int) -> "TileFiles":
-        folder = output_dir / EMBEDDINGS_DIR / str(year) / tile.name
-        return cls(tile, year, folder / f"{tile.name}.npy", folder / f"{tile.name}_scales.npy",
-                   output_dir / LANDMASKS_DIR / f"{tile.name}.tiff", folder / "SHA256")
-
-    @property
-    def present(self) -> bool:
-        return self.embedding.exists() and self.scales.exists() and self.landmask.exists()
-
-
-def find_tiles(output_dir: Path) -> list[TileFiles]:
-    """Every tile-year folder under the embeddings directory (present or not)."""
-    found = []
-    for folder in sorted((output_dir / EMBEDDINGS_DIR).glob("[0-9][0-9][0-9][0-9]/grid_*")):
-        found.append(TileFiles.locate(output_dir, Tile.from_name(folder.name), int(folder.parent.name)))
-    return found
+from tessera.layout import Results, TileFiles
+from tessera.models import family_entry
 
 
 def write_metadata(
-    out: Path, *, family: str, variant: str, checkpoint: Path, source: str, year: int, embeddings: list[Path]
+    results: Results, *, family: str, variant: str, checkpoint: Path, source: str, year: int, tiles: list[TileFiles]
 ) -> None:
     """geotessera's dataset sidecar, plus what made the embeddings (provenance)."""
-    version = DATASET_VERSIONS[family]
+    version = family_entry(family).dataset_version
     sidecar = {
         "dataset_version": version,
         "dataset_version_path": f"v{version}",
@@ -75,9 +39,9 @@ def write_metadata(
         "checkpoint_sha256": sha256_file(checkpoint),
         "data_source": source,
         "years": [year],
-        "tiles": sorted(p.stem for p in embeddings),
+        "tiles": sorted(t.tile.name for t in tiles),
     }
-    with atomic_path(out) as tmp:
+    with atomic_path(results.metadata) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
@@ -98,9 +62,8 @@ def _read_checksums(path: Path) -> dict[str, str]:
     return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())}
 
 
-def write_manifests(output_dir: Path) -> list[TileFiles]:
-    """manifest.parquet + registry.parquet (tiles) and landmasks.parquet for the present tiles."""
-    tiles = [t for t in find_tiles(output_dir) if t.present]
+def write_manifests(results: Results, tiles: list[TileFiles]) -> None:
+    """manifest.parquet + registry.parquet (tile-years) and landmasks.parquet (tiles) of ``tiles``."""
     rows: dict[str, list] = {k: [] for k in ["year", "lon", "lat", "lon_i", "lat_i", "grid_size", "scales_size",
                                               "file_size", "hash", "scales_hash"]}
     for t in tiles:
@@ -118,8 +81,8 @@ def write_manifests(output_dir: Path) -> list[TileFiles]:
     types = {"year": pa.int32(), "lon_i": pa.int32(), "lat_i": pa.int32()}
     columns = {k: pa.array(v, types.get(k)) for k, v in rows.items()}
     table = _geoparquet(columns, [shapely.Point(t.tile.lon, t.tile.lat) for t in tiles])
-    for name in ("manifest.parquet", "registry.parquet"):
-        with atomic_path(output_dir / name) as tmp:
+    for path in (results.manifest, results.registry):
+        with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
 
     landmasks = {t.tile.name: t for t in tiles}.values()
@@ -130,6 +93,5 @@ def write_manifests(output_dir: Path) -> list[TileFiles]:
         "file_size": pa.array([t.landmask.stat().st_size for t in landmasks]),
         "hash": pa.array([sha256_file(t.landmask) for t in landmasks]),
     }
-    with atomic_path(output_dir / "landmasks.parquet") as tmp:
+    with atomic_path(results.landmasks_manifest) as tmp:
         pq.write_table(_geoparquet(mask_columns, [shapely.Point(t.tile.lon, t.tile.lat) for t in landmasks]), tmp)
-    return tiles

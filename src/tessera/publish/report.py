@@ -27,9 +27,8 @@ from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
 from tessera import __version__
-from tessera.export.geotessera import TileFiles, find_tiles
-from tessera.export.quicklook import quicklook_paths
 from tessera.io import atomic_path
+from tessera.layout import Results, TileFiles
 
 THUMBNAIL_PIXELS = 240  # longest side of an embedded thumbnail
 # Tiles where more than a tenth of the ROI has no embedding are highlighted: worth a look at the scenes.
@@ -146,21 +145,20 @@ def _seconds(value: float) -> str:
 
 
 def write_report(
-    output_dir: Path,
+    results: Results,
+    tiles: list[TileFiles],
     year: int,
-    out: Path,
     *,
     scene_ids: dict[str, dict[str, list[str]]] | None = None,
     benchmarks_dir: Path | None = None,
 ) -> Path:
-    """Write the HTML report of the year's tiles in ``output_dir`` to ``out``.
+    """Write the HTML report of ``tiles`` (of one year) to the output directory's ``report_{year}.html``.
 
     ``scene_ids``: tile name -> {source collection: [scene ids]} (as for the STAC Items), for the scene
     counts; ``benchmarks_dir``: Snakemake's ``logs/benchmarks`` folder, for the timings.
     """
-    output_dir, out = Path(output_dir), Path(out)
-    tiles = [files for files in find_tiles(output_dir) if files.year == year]
-    metadata_path = output_dir / "tessera_metadata.json"
+    out = results.report(year)
+    metadata_path = results.metadata
     metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
     benchmarks = read_benchmarks(benchmarks_dir) if benchmarks_dir and Path(benchmarks_dir).is_dir() else []
     collections = sorted({name for ids in (scene_ids or {}).values() for name in ids})
@@ -177,7 +175,7 @@ def write_report(
         coverage = tile_coverage(files) if files.present else None
         if coverage:
             total = TileCoverage(total.roi_pixels + coverage.roi_pixels, total.embedded_pixels + coverage.embedded_pixels)
-        png, rgb_cog = quicklook_paths(output_dir, name, year)
+        png, rgb_cog = results.quicklook(name, year)
         picture = ""
         window = _data_window(files.scales) if files.scales.exists() else None
         if rgb_cog.exists() and window is not None:

@@ -40,13 +40,10 @@ import rasterio.shutil
 from affine import Affine
 
 from tessera.errors import UserError
-from tessera.export.geotessera import find_tiles
-from tessera.export.quicklook import quicklook_paths
-from tessera.export.cog import tile_cog_path
 from tessera.grid import PIXEL_METRES, Tile
 from tessera.io import atomic_path, check_raster_complete
+from tessera.layout import Results
 
-MOSAIC_DIR = "mosaic"
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "int16": "Int16", "uint16": "UInt16", "float32": "Float32"}
 
 
@@ -127,13 +124,12 @@ def write_vrt(sources: list[tuple[Tile, Path]], out: Path) -> Path:
     return out
 
 
-def write_zone_mosaics(output_dir: Path, year: int) -> list[Path]:
-    """VRTs of the year's tile COGs and quicklook COGs, one per UTM zone (EPSG); the paths written."""
-    output_dir = Path(output_dir)
-    tiles = sorted((f.tile for f in find_tiles(output_dir) if f.year == year), key=lambda t: (t.epsg, t.name))
+def write_zone_mosaics(results: Results, tiles: list[Tile], year: int) -> list[Path]:
+    """VRTs of the tiles' COGs and quicklook COGs of a year, one per UTM zone (EPSG); the paths written."""
+    tiles = sorted(tiles, key=lambda t: (t.epsg, t.name))
     layers = {
-        "tessera": lambda tile: tile_cog_path(output_dir, tile.name, year),
-        "quicklook": lambda tile: quicklook_paths(output_dir, tile.name, year)[1],
+        "tessera": lambda tile: results.cog(tile.name, year),
+        "quicklook": lambda tile: results.quicklook(tile.name, year)[1],
     }
     written = []
     for epsg, zone_tiles in groupby(tiles, key=lambda t: t.epsg):
@@ -141,9 +137,9 @@ def write_zone_mosaics(output_dir: Path, year: int) -> list[Path]:
         for layer, path_of in layers.items():
             sources = [(tile, path_of(tile)) for tile in zone_tiles if path_of(tile).exists()]
             if sources:
-                written.append(write_vrt(sources, output_dir / MOSAIC_DIR / str(year) / f"{layer}_{year}_epsg{epsg}.vrt"))
+                written.append(write_vrt(sources, results.mosaic(layer, year, epsg)))
     if not written:
-        raise UserError(f"{output_dir}: no tile COG or quicklook for {year} to mosaic: run the assemble rule first")
+        raise UserError(f"{results.root}: no tile COG or quicklook for {year} to mosaic: run the assemble rule first")
     return written
 
 

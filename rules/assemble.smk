@@ -1,0 +1,43 @@
+# Per tile (tessera assemble -> tessera.assemble.assemble_tile): int8 + scales in geotessera's
+# layout, the landmask and SHA256, and the tile's float32 COG.
+
+
+def patch_embeddings(wildcards):
+    """What assemble reads: the tile's patch folder (inference per tile), or its patch files."""
+    if not PER_PATCH:
+        return [str(layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile).patches)]
+    work = layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile)
+    return [str(work.patch(layout.patch_name(p))) for p in PLAN.by_name[wildcards.tile].patches]
+
+
+rule assemble:
+    input:
+        patches=patch_embeddings,
+        roi_mask=str(WORK_TILE.roi_mask),
+        checkpoint=CHECKPOINT,
+    output:
+        embedding=EMBEDDING,
+        scales=SCALES,
+        checksums=str(RESULTS.checksums("{tile}", YEAR)),
+        landmask=LANDMASK,
+        cog=[COG] if CFG["export"]["cog"] else [],
+        float32=[str(RESULTS.float32("{tile}", YEAR))] if CFG["export"]["float32"] else [],
+    params:
+        options=" ".join(
+            [f"--family {FAMILY} --source {CFG['source']}"]
+            + (["--cog"] if CFG["export"]["cog"] else [])
+            + (["--float32"] if CFG["export"]["float32"] else [])
+            + ([f"--dims {CFG['export']['dims']}"] if CFG["export"]["dims"] else [])
+        ),
+    resources:
+        mem_mb=grows_with_attempt(2000),
+        runtime=grows_with_attempt(30),
+    log:
+        "logs/assemble/{tile}.log",
+    benchmark:
+        "logs/benchmarks/assemble/{tile}.tsv"
+    conda:
+        ENV
+    shell:
+        f"tessera assemble {TILE_ARGS} --output-dir {shlex.quote(OUTPUT_DIR)}"
+        " {params.options} --checkpoint {input.checkpoint} {input.patches} 2> {log}"

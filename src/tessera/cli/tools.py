@@ -1,0 +1,157 @@
+"""Tools around the stages: plan, search, verify, embed-patch, export-patches, install-profile."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tessera import layout
+from tessera.cli.stages import window_arg
+from tessera.errors import UserError
+from tessera.options import InferOptions
+
+log = logging.getLogger("tessera")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from tessera import config
+    from tessera.plan import estimates, make_plan
+
+    plan = make_plan(config.load(args.config))
+    cfg = plan.config
+    print(f"ROI {cfg['roi']}  year {cfg['year']}  source {cfg['source']}  model {cfg['model']['family']}")
+    print(f"{'tile':<20} {'EPSG':>6} {'tile px':>11} {'work window (col,row,w,h)':>28} {'patches':>8}")
+    for t in plan.tiles:
+        w = t.window
+        print(f"{t.name:<20} {t.tile.epsg:>6} {t.tile.width:>5}x{t.tile.height:<5} "
+              f"{f'{w.col_off},{w.row_off},{w.width},{w.height}':>28} {len(t.patches):>8}")
+    pixels = sum(t.window.width * t.window.height for t in plan.tiles)
+    print(f"{len(plan.tiles)} tiles, {sum(len(t.patches) for t in plan.tiles)} patches, {pixels:,} pixels in work windows")
+    counts = plan.job_counts()
+    print("jobs: " + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items())) + f"; total {sum(counts.values())}")
+    est = estimates(plan)
+    searched = f"{est['cached_searches']} cached searches" if est["cached_searches"] else "typical revisits, no cached search yet"
+    print(f"estimates ({searched}):")
+    print(f"  scenes to read      S2 {est['s2_scenes']:,}, S1 {est['s1_scenes']:,}")
+    print(f"  download            {est['download_bytes'] / 1e9:,.2f} GB at most (window reads, before COG compression)")
+    print(f"  stacks on disk      {est['stack_bytes'] / 1e9:,.2f} GB uncompressed (Zarr + zstd stores less)")
+    print(f"  compute             {est['macs'] / 1e12:,.1f} TMAC for {est['pixels']:,} work-window pixels "
+          f"({cfg['model']['family']}; a GPU doing 10 TMAC/s takes {est['macs'] / 1e13 / 60:,.1f} min)")
+    print(f"  outputs             {est['output_bytes'] / 1e9:,.2f} GB int8 + scales, {est['cog_bytes'] / 1e9:,.2f} GB "
+          f"COGs, {est['float32_bytes'] / 1e9:,.2f} GB float32 .npy")
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="print the tiles, patches and job counts a config will produce")
+    p.add_argument("--config", action="append", required=True, metavar="FILE",
+                   help="config YAML; repeat to merge several in order, like snakemake --configfile")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from tessera import config
+    from tessera.fetch import print_scenes
+    from tessera.plan import make_plan
+    from tessera.sources import open_source
+
+    plan = make_plan(config.load(args.config))
+    cfg = plan.config
+    if args.tile not in plan.by_name:
+        raise UserError(f"tile {args.tile} is not in this config's plan: pick one of {', '.join(sorted(plan.by_name))}")
+    tile_plan = plan.by_name[args.tile]
+    catalog = layout.demo_catalog(cfg["work_dir"], cfg["year"])
+    if cfg["source"] == "demo" and not catalog.exists():
+        raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
+    with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
+        print_scenes(source, tile_plan.tile, tile_plan.window, cfg["year"],
+                     work=layout.WorkTile.at(cfg["work_dir"], cfg["year"], args.tile))
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser("search", help="print the scenes a tile would use (date, platform, orbit, cloud, coverage)")
+    p.add_argument("--config", action="append", required=True, metavar="FILE")
+    p.add_argument("--tile", required=True)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tessera.publish.verify import verify_output
+
+    problems = verify_output(Path(args.output_dir))
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.output_dir}", file=sys.stderr)
+        return 1
+    print(f"{args.output_dir}: OK")
+    return 0
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
+    p.add_argument("output_dir")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_embed_patch(args: argparse.Namespace) -> None:
+    from tessera.infer import embed_reference_patch
+
+    embed_reference_patch(Path(args.patch_dir), Path(args.checkpoint), args.family, Path(args.out),
+                          data_kind=args.data_source, options=InferOptions.from_args(args))
+
+
+def add_embed_patch(sub) -> None:
+    p = sub.add_parser("embed-patch", help="embed one directory in the reference per-patch layout")
+    p.add_argument("patch_dir")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--family")
+    p.add_argument("--data-source", choices=["mpc", "aws"],
+                   help="the patch's kind of data, for per-kind normalisation (v1.1); default: the checkpoint's")
+    InferOptions.add_arguments(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_embed_patch)
+
+
+def cmd_export_patches(args: argparse.Namespace) -> None:
+    from tessera.infer import export_patches
+
+    for path in export_patches(Path(args.stack), args.patch, Path(args.out_dir), roi_mask_path=Path(args.roi_mask),
+                               patch_size=args.patch_size):
+        log.info("wrote %s", path)
+
+
+def add_export_patches(sub) -> None:
+    p = sub.add_parser("export-patches", help="write a tile's stack in the reference per-patch .npy layout")
+    p.add_argument("--stack", required=True, help="the tile's stack.json")
+    p.add_argument("--roi-mask", required=True, help="the tile's roi.tif")
+    p.add_argument("--patch", type=window_arg, action="append",
+                   help="patch window col_off,row_off,width,height in tile pixels (default: all, cut at --patch-size)")
+    p.add_argument("--patch-size", type=int, default=500, help="the reference retiler's patch size (default 500)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_export_patches)
+
+
+def cmd_install_profile(args: argparse.Namespace) -> None:
+    from tessera.profiles import install_profile
+
+    target = install_profile(args.name, cpu_partition=args.cpu_partition, gpu_partition=args.gpu_partition,
+                             account=args.account, qos=args.qos, dest=Path(args.dest) if args.dest else None,
+                             force=args.force)
+    print(f"installed {target}; run: snakemake --profile {args.name} --configfile <your config>")
+
+
+def add_install_profile(sub) -> None:
+    p = sub.add_parser("install-profile", help="install a shipped Snakemake profile for `snakemake --profile NAME`")
+    p.add_argument("name", choices=["slurm"])
+    p.add_argument("--cpu-partition", help="default: $TESSERA_CPU_PARTITION")
+    p.add_argument("--gpu-partition", help="default: $TESSERA_GPU_PARTITION")
+    p.add_argument("--account", help="SLURM account (default: $TESSERA_SLURM_ACCOUNT, else SLURM's default)")
+    p.add_argument("--qos", help="SLURM QoS (default: $TESSERA_SLURM_QOS)")
+    p.add_argument("--dest", help="profile root (default: $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")
+    p.add_argument("--force", action="store_true", help="replace an existing profile of that name")
+    p.set_defaults(func=cmd_install_profile)
+
+
+PARSERS = (add_plan, add_search, add_verify, add_embed_patch, add_export_patches, add_install_profile)

@@ -1,1 +1,0 @@
-"""Exports: geotessera's layout and manifests, COGs, STAC, quicklooks."""

@@ -1,0 +1,37 @@
+"""The reference's encodings of Sentinel-2 and Sentinel-1 values (UPSTREAM.md §0–1), exactly."""
+
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+
+from tessera.sources import Source
+
+INVALID_SCL = (0, 1, 2, 3, 8, 9)  # no data, saturated/defective, dark area, cloud shadow, cloud medium/high
+S1_CODE_MAX = 32767
+
+
+def encode_s2(values: np.ndarray, acquired: dt.date, source: Source) -> np.ndarray:
+    """Float reflectance DN (NaN = no data) -> the reference's uint16: harmonise, NaN -> 0, truncate."""
+    harmonised = source.harmonise_s2(values, acquired)
+    return np.nan_to_num(harmonised, nan=0.0).astype(np.uint16)
+
+
+def encode_s1(gamma0: np.ndarray) -> np.ndarray:
+    """Linear γ0 -> int16 code trunc(clip((20·log10 γ0 + 50)·200, 0, 32767)); non-finite or <= 0 -> 0.
+
+    20·log10 of a power quantity is twice its dB value: the reference's encoding, kept because the
+    checkpoints' normalisation was computed on it.
+    """
+    usable = np.isfinite(gamma0) & (gamma0 > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        code = (20.0 * np.log10(np.where(usable, gamma0, 1.0)) + 50.0) * 200.0
+    return np.where(usable, np.clip(code, 0, S1_CODE_MAX), 0).astype(np.int16)
+
+
+def valid_scl(scl: np.ndarray) -> np.ndarray:
+    """True where an SCL class is usable (4 vegetation, 5 bare, 6 water, 7 unclassified, 10 thin cirrus, 11 snow)."""
+    return ~np.isin(scl, INVALID_SCL)
+
