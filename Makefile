@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 # pip takes the CPU build of torch (pinned exactly in pyproject.toml) where one is offered.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e ".[test,interop]"
+	$(BIN)/pip install --quiet -e ".[demo,test,interop]"
 	touch $@
 
 demo: install

@@ -65,8 +65,7 @@ def main() -> None:
 
     print(f"demo end to end: {wall:.1f} s wall on {args.cores} cores ({workdir})")
     print(f"{'stage':<16} {'jobs':>5} {'sum s':>9} {'max s':>8} {'peak MiB':>9}")
-    for rule in ["demo_catalog", "demo_checkpoint", "fetch", "infer", "assemble", "catalog", "quicklook", "mosaic",
-                 "stac", "report"]:
+    for rule in ["demo_catalog", "demo_checkpoint", "fetch", "infer", "assemble", "publish"]:
         runs = per_rule.get(rule)
         if not runs:
             continue

@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import tessera.fetch  # noqa: E402
+import tessera.fetch.reader  # noqa: E402
 import tessera.sources.stac  # noqa: E402
 from faults import FAULT_KINDS, FaultPlan, FaultyProxy, proxied  # noqa: E402
 from shapely import box  # noqa: E402
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="reset,truncate", help=f"comma-separated, of {','.join(FAULT_KINDS)}")
     parser.add_argument("--share", type=float, default=0.1, help="share of requests that fail")
     args = parser.parse_args()
-    tessera.fetch.GDAL_HTTP_OPTIONS.update(GDAL_HTTP_TIMEOUT="1", GDAL_HTTP_RETRY_DELAY="0.1")
+    tessera.fetch.reader.GDAL_HTTP_OPTIONS.update(GDAL_HTTP_TIMEOUT="1", GDAL_HTTP_RETRY_DELAY="0.1")
     tessera.sources.stac._SEARCH_TIMEOUT_S = (2, 2)
     tile = next(t for t, _ in tiles_for_geometry(box(*BBOX)) if t.epsg == 32632)
     window = work_window(tile, roi_in_tile(tile, box(*BBOX)))

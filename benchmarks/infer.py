@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.infer import Embedder, cpu_threads, quantize, resolve_device
+from tessera.assemble import quantize
+from tessera.models.engine import Embedder, cpu_threads, resolve_device
+from tessera.options import InferOptions
 from tessera.models import get_family, load_model
 
 # name: (family, architecture overrides of the family's published default, steps per sensor)
@@ -164,7 +166,7 @@ def build(name: str, device: torch.device, checkpoint: str | None = None) -> tor
 
 
 def forward_inputs(model, arrays: dict, pixels: int) -> list[torch.Tensor]:
-    batch = next(model.family.prepare_batches(arrays, np.arange(pixels), data_source="mpc", seed=0,
+    batch = next(model.family.prepare_batches(arrays, np.arange(pixels), data_kind="mpc", seed=0,
                                               batch_pixels=pixels))
     return [batch.s2_bands, batch.s2_doys, batch.s1_bands, batch.s1_doys]
 
@@ -176,7 +178,7 @@ def preparation_rate(model, arrays: dict, repeats: int) -> float:
     torch.set_num_threads(1)
     try:
         seconds = timed(lambda: sum(len(b.pixels) for b in model.family.prepare_batches(
-            arrays, np.arange(pixels), data_source="mpc", seed=0, batch_pixels=4096)), repeats, time.process_time)
+            arrays, np.arange(pixels), data_kind="mpc", seed=0, batch_pixels=4096)), repeats, time.process_time)
     finally:
         torch.set_num_threads(threads)
     return pixels / seconds
@@ -229,7 +231,7 @@ def main() -> None:
         arrays = synthetic_patch(8, width)
         pixels = 8 * width
         inputs = [t.to(device) for t in forward_inputs(model, arrays, pixels)]
-        embedder = Embedder(model, device=str(device), precision="fp32", threads=threads, batch_pixels=4096)
+        embedder = Embedder(model, InferOptions(device=str(device), precision="fp32", threads=threads, batch_pixels=4096))
         embedder.model = timed_model = TimedEncode(model)
         shares = []  # of each end-to-end run, the part spent in the forward pass
 
@@ -257,7 +259,7 @@ def main() -> None:
             for precision in ("bf16", "int8"):
                 if precision == "int8" and device.type != "cpu":
                     continue
-                other_embedder = Embedder(model, device=str(device), precision=precision, threads=threads)
+                other_embedder = Embedder(model, InferOptions(device=str(device), precision=precision, threads=threads))
                 other = other_embedder.embed(arrays, seed=1).reshape(pixels, -1)
                 fp32_times, other_times = alternating(
                     [lambda: embedder.embed(arrays, seed=1), lambda: other_embedder.embed(arrays, seed=1)],

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 from shapely import box
 
-from tessera.assemble import assemble_tile
+from tessera.assemble import quantise_tile, quantize
 from tessera.errors import UserError
 from tessera.grid import tile_at
-from tessera.infer import quantize
-from tessera.patches import write_patch_embedding
+from tessera.layout import write_patch_embedding
 from tessera.roi import write_roi_mask
 
 
@@ -28,7 +27,7 @@ def _assemble(tmp_path, tile, roi_mask, patch, **options):
     out = tmp_path / "out"
     paths = dict(embedding_path=out / "t.npy", scales_path=out / "t_scales.npy", checksums_path=out / "SHA256",
                  landmask_path=out / "t.tiff")
-    assemble_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, **paths, **options)
+    quantise_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, **paths, **options)
     return np.load(paths["embedding_path"]), np.load(paths["scales_path"])
 
 
@@ -59,7 +58,7 @@ def test_matryoshka_prefix_is_quantised_over_the_prefix_and_float32_is_kept(tmp_
 def test_bad_prefix_requests(tmp_path, one_patch, family, dims, message):
     tile, roi_mask, patch, _ = one_patch
     with pytest.raises(UserError, match=message):
-        assemble_tile(tile.name, [patch], family=family, roi_mask_path=roi_mask, embedding_path=tmp_path / "e.npy",
+        quantise_tile(tile.name, [patch], family=family, roi_mask_path=roi_mask, embedding_path=tmp_path / "e.npy",
                       scales_path=tmp_path / "s.npy", checksums_path=tmp_path / "S", landmask_path=tmp_path / "l.tiff",
                       dims=dims)
     assert not (tmp_path / "e.npy").exists()

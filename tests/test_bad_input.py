@@ -16,7 +16,6 @@ import pytest
 import rasterio
 import shapely
 import torch
-import yaml
 from affine import Affine
 from rasterio.windows import Window
 from shapely import box
@@ -27,7 +26,8 @@ from tessera.cli import main
 from tessera.demo import generate_catalog
 from tessera.grid import Tile
 from tessera.models import make_demo_checkpoint
-from tessera.patches import read_patch_embedding
+from tessera import layout
+from tessera.layout import WorkTile, read_patch_embedding
 from tessera.plan import plan_tiles
 from tessera.roi import read_roi, write_roi_mask
 from tessera.stack import StackGrid, write_s1, write_s2, write_stack_index
@@ -180,12 +180,14 @@ def test_snakemake_dry_run_stops_with_the_same_line_and_creates_nothing(tmp_path
 
 TILE = Tile.from_name("grid_6.05_52.05")
 STACK_WINDOW = Window(100, 100, 16, 16)
+STACK_ROI = "6.0,52.0,6.1,52.1"
 
 
 @pytest.fixture(scope="module")
 def small_stack(tmp_path_factory) -> dict[str, Path]:
     """A tile's stack.json over a 16 px window (synthetic values), its ROI mask and a demo checkpoint."""
-    root = tmp_path_factory.mktemp("stack")
+    work_dir = tmp_path_factory.mktemp("work")
+    root = WorkTile.at(work_dir, 2024, TILE.name).root
     grid = StackGrid(TILE.name, 2024, STACK_WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(STACK_WINDOW), "demo", "mpc")
     rng = np.random.default_rng(0)
     shape = (16, 16)
@@ -199,23 +201,26 @@ def small_stack(tmp_path_factory) -> dict[str, Path]:
                 s1.append(orbit, dt.date(2024, 1, 1) + dt.timedelta(days=day), [f"s1-{orbit}-{day}"],
                           rng.integers(5000, 12000, (*shape, 2), dtype=np.int16))
     write_stack_index(root / "s2.zarr", root / "s1.zarr", root / "stack.json")
-    write_roi_mask(read_roi("6.0,52.0,6.1,52.1"), TILE, root / "roi.tif")
+    write_roi_mask(read_roi(STACK_ROI), TILE, root / "roi.tif")
     make_demo_checkpoint(root / "v2.pt", family="v2")
-    return {"stack": root / "stack.json", "roi": root / "roi.tif", "v2": root / "v2.pt", "root": root}
+    return {"work_dir": work_dir, "v2": root / "v2.pt", "patches": WorkTile.at(work_dir, 2024, TILE.name).patches}
 
 
-def infer_args(small_stack, checkpoint: Path, out_dir: Path, family: str = "v2") -> list[str]:
-    window = f"{STACK_WINDOW.col_off},{STACK_WINDOW.row_off},{STACK_WINDOW.width},{STACK_WINDOW.height}"
-    return ["infer", "--stack", str(small_stack["stack"]), "--patch", window, "--roi-mask", str(small_stack["roi"]),
-            "--checkpoint", str(checkpoint), "--family", family, "--device", "cpu", "--out-dir", str(out_dir)]
+def infer_args(small_stack, checkpoint: Path, family: str = "v2") -> list[str]:
+    """`tessera infer` of the stack's one patch: at patch size 20 the whole-tile ROI has a patch at (100, 100)."""
+    return ["infer", "--tile", TILE.name, "--year", "2024", "--work-dir", str(small_stack["work_dir"]),
+            "--roi", STACK_ROI, "--patch-size", "20", "--patch", "r100_c100",
+            "--checkpoint", str(checkpoint), "--family", family, "--device", "cpu"]
 
 
 def test_infer_fixture_embeds_with_a_good_checkpoint(small_stack, tmp_path, capsys):
     """The control: with the demo checkpoint the same command writes the patch."""
-    code = main(["-q", *infer_args(small_stack, small_stack["v2"], tmp_path / "out")])
+    code = main(["-q", *infer_args(small_stack, small_stack["v2"])])
     capsys.readouterr()
     assert code == 0
-    assert read_patch_embedding(tmp_path / "out" / "r100_c100.npz").shape == (16, 16, 128)
+    embedding = read_patch_embedding(small_stack["patches"] / "r100_c100.npz")
+    assert embedding.shape == (20, 20, 128) and np.isfinite(embedding[:16, :16]).all()  # the stack is 16 px wide
+    shutil.rmtree(small_stack["patches"])
 
 
 def _wrong_family(small_stack, directory: Path) -> Path:
@@ -262,9 +267,9 @@ CHECKPOINT_CASES = [
 @pytest.mark.parametrize("make, fragments", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
 def test_bad_checkpoint_stops_inference_with_one_line(small_stack, tmp_path, capsys, make, fragments):
     checkpoint = make(small_stack, tmp_path)
-    out_dir = tmp_path / "out"
-    code, lines = run_cli(capsys, *infer_args(small_stack, checkpoint, out_dir))
+    code, lines = run_cli(capsys, *infer_args(small_stack, checkpoint))
     assert_one_error_line(code, lines, *fragments)
+    out_dir = small_stack["patches"]
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
 
 
@@ -281,15 +286,15 @@ def demo_catalog(tmp_path_factory) -> Path:
 
 
 def _fetch(capsys, tmp_path: Path, catalog: Path, roi: str) -> tuple[int, list[str], Path]:
+    """`tessera fetch` of the ROI's zone-32 tile from ``catalog`` (linked where the layout expects it)."""
     (tile_plan,) = [t for t in plan_tiles(read_roi(roi), 16) if t.tile.epsg == 32632]
-    mask = write_roi_mask(read_roi(roi), tile_plan.tile, tmp_path / "roi.tif")
-    window = tile_plan.window
-    out = tmp_path / "tile" / "s2.zarr"
-    code, lines = run_cli(capsys, "fetch", "s2", "--tile", tile_plan.name, "--year", "2024",
-                          "--window", f"{window.col_off},{window.row_off},{window.width},{window.height}",
-                          "--roi-mask", str(mask), "--source", "demo", "--demo-catalog", str(catalog),
-                          "--patch-size", "16", "--out", str(out))
-    return code, lines, out
+    work_dir = tmp_path / "work"
+    layout.demo_catalog(work_dir, 2024).parent.parent.mkdir(parents=True)
+    layout.demo_catalog(work_dir, 2024).parent.symlink_to(catalog.parent)
+    code, lines = run_cli(capsys, "fetch", "--tile", tile_plan.name, "--year", "2024", "--work-dir", str(work_dir),
+                          "--output-dir", str(tmp_path / "results"), "--roi", roi, "--source", "demo",
+                          "--patch-size", "16")
+    return code, lines, WorkTile.at(work_dir, 2024, tile_plan.name).s2
 
 
 def _copy_catalog(catalog: Path, directory: Path) -> Path:

@@ -289,12 +289,12 @@ def test_another_seed_gives_another_world(tmp_path):
 
 
 def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
-    import tessera.demo.catalog as demo_catalog
+    import tessera.demo.sentinel1 as demo_sentinel1
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(demo_catalog, "_s1_items", fail)
+    monkeypatch.setattr(demo_sentinel1, "s1_items", fail)
     with pytest.raises(OSError):
         generate_catalog(tmp_path / "c", 2024, BBOX, s2_revisit_days=100)
     assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from rasterio.windows import Window
 from shapely import box
 
 import tessera.fetch
+import tessera.fetch.reader
 import tessera.sources.stac
 from conftest import TINY_ROI
 from faults import FaultPlan, FaultyProxy, corrupt_checkpoint_tensor, corrupt_cog, corrupt_stack_chunk, flip_byte, proxied, truncate
@@ -26,11 +27,11 @@ from tessera.demo import generate_catalog, serve_catalog
 from tessera.errors import UserError
 from tessera.fetch import fetch_s2
 from tessera.grid import Tile, roi_in_tile, tiles_for_geometry, work_window
-from tessera.io import atomic_path
+from tessera.layout import WorkTile
 from tessera.models import load_model, make_demo_checkpoint
 from tessera.roi import read_roi, write_roi_mask
 from tessera.sources.mpc import mpc_shaped_source
-from tessera.patches import read_patch_embedding, write_patch_embedding
+from tessera.layout import read_patch_embedding, write_patch_embedding
 from tessera.stack import StackGrid, open_s2, write_s1, write_s2, write_stack_index
 
 BBOX = (5.998, 52.040, 6.002, 52.042)
@@ -52,8 +53,8 @@ def tile_window():
 def quick_timeouts():
     """Stalls time out after 1 s (not 60) and retries wait 0.1 s (not 1 s, doubling): same retries, less waiting."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tessera.fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
-        patch.setitem(tessera.fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.1")
+        patch.setitem(tessera.fetch.reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
+        patch.setitem(tessera.fetch.reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.1")
         patch.setattr(tessera.sources.stac, "_SEARCH_TIMEOUT_S", (2, 2))
         yield
 
@@ -184,12 +185,14 @@ def test_a_corrupted_cog_is_skipped_and_recorded_not_read_as_data(catalog, tile_
 
 TILE = Tile.from_name("grid_6.05_52.05")
 WINDOW = Window(100, 100, 16, 16)
-PATCH_ARG = "100,100,16,16"
+WHOLE_TILE_ROI = "6.0,52.0,6.1,52.1"  # at patch size 20 it has a patch r100_c100 over WINDOW
 
 
 @pytest.fixture
 def small_stack(tmp_path) -> Path:
-    """stack.json over a 16 px window of synthetic values, with the tile's ROI mask next to it."""
+    """stack.json over a 16 px window of synthetic values, with the tile's ROI mask next to it, in a
+    work directory's layout (work/2024/<tile>/)."""
+    tmp_path = WorkTile.at(tmp_path / "work", 2024, TILE.name).root
     grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc")
     rng = np.random.default_rng(1)
     with write_s2(tmp_path / "s2.zarr", grid, chunk=16) as s2:
@@ -202,7 +205,7 @@ def small_stack(tmp_path) -> Path:
                 s1.append(orbit, dt.date(2024, 1, 1) + dt.timedelta(days=day), [f"s1-{day}"],
                           rng.integers(5000, 12000, (16, 16, 2), dtype=np.int16))
     write_stack_index(tmp_path / "s2.zarr", tmp_path / "s1.zarr", tmp_path / "stack.json")
-    write_roi_mask(read_roi("6.0,52.0,6.1,52.1"), TILE, tmp_path / "roi.tif")
+    write_roi_mask(read_roi(WHOLE_TILE_ROI), TILE, tmp_path / "roi.tif")
     return tmp_path / "stack.json"
 
 
@@ -215,9 +218,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def _infer(stack: Path, checkpoint: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(Path(os.sys.executable).parent / "tessera"), "-q", "infer", "--stack", str(stack), "--patch", PATCH_ARG,
-         "--roi-mask", str(stack.parent / "roi.tif"), "--checkpoint", str(checkpoint), "--family", "v2",
-         "--device", "cpu", "--out-dir", str(stack.parent / "patches")],
+        [str(Path(os.sys.executable).parent / "tessera"), "-q", "infer", "--tile", TILE.name, "--year", "2024",
+         "--work-dir", str(stack.parents[2]), "--roi", WHOLE_TILE_ROI, "--patch-size", "20", "--patch", "r100_c100",
+         "--checkpoint", str(checkpoint), "--family", "v2", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,
     )
 
@@ -239,19 +242,18 @@ def test_a_corrupted_stack_chunk_is_one_clear_line(small_stack, checkpoint):
 
 
 def _assemble(tmp_path: Path, patch: Path) -> subprocess.CompletedProcess:
-    out = tmp_path / "out"
     return subprocess.run(
-        [str(Path(os.sys.executable).parent / "tessera"), "-q", "assemble", "--tile", TILE.name, "--family", "v2",
-         "--roi-mask", str(tmp_path / "roi.tif"), "--embedding", str(out / "e.npy"), "--scales", str(out / "s.npy"),
-         "--checksums", str(out / "SHA256"), "--landmask", str(out / "landmask.tif"), str(patch)],
+        [str(Path(os.sys.executable).parent / "tessera"), "-q", "assemble", "--tile", TILE.name, "--year", "2024",
+         "--work-dir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "out"), "--family", "v2", str(patch)],
         capture_output=True, text=True, timeout=300,
     )
 
 
 @pytest.mark.parametrize("damage", [lambda path: truncate(path, 0.9), flip_byte], ids=["truncated", "flipped byte"])
 def test_a_damaged_patch_is_never_assembled(tmp_path, damage):
-    write_roi_mask(read_roi("6.0,52.0,6.1,52.1"), TILE, tmp_path / "roi.tif")
-    patch = tmp_path / "r100_c100.npz"
+    work = WorkTile.at(tmp_path / "work", 2024, TILE.name)
+    write_roi_mask(read_roi(WHOLE_TILE_ROI), TILE, work.roi_mask)
+    patch = work.patch("r100_c100")
     write_patch_embedding(patch, np.random.default_rng(0).normal(size=(16, 16, 128)).astype(np.float32))
     assert _assemble(tmp_path, patch).returncode == 0  # the control: the whole patch assembles
     shutil.rmtree(tmp_path / "out")
@@ -350,19 +352,20 @@ def test_patch_embedding_on_a_full_disk_keeps_the_previous_file(tiny_disk):
     assert only_finals(tiny_disk) == ["r0_c0.npz"]
 
 
-def test_roi_mask_command_on_a_full_disk_fails_without_replacing_the_mask(tiny_disk, capsys):
-    out = tiny_disk / "roi.tif"
-    write_roi_mask(read_roi(TINY_ROI), TILE, out)
+def test_fetch_on_a_full_disk_fails_without_replacing_the_roi_mask(tiny_disk, tmp_path, capsys):
+    work = WorkTile.at(tiny_disk, 2024, TILE.name)
+    out = write_roi_mask(read_roi(TINY_ROI), TILE, work.roi_mask)
     previous = out.read_bytes()
     fill(tiny_disk, 0)
-    assert main(["-q", "roi-mask", "--roi", "6.0,52.0,6.1,52.1", "--tile", TILE.name, "--out", str(out)]) == 1
+    assert main(["-q", "fetch", "--tile", TILE.name, "--year", "2024", "--work-dir", str(tiny_disk), "--output-dir",
+                 str(tmp_path / "results"), "--roi", WHOLE_TILE_ROI, "--source", "demo"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("tessera: error: ") and "check the free space" in error[0]
-    assert out.read_bytes() == previous and only_finals(tiny_disk) == ["roi.tif"]
+    assert out.read_bytes() == previous and only_finals(work.root) == ["roi.tif"]
 
 
 def test_cog_on_a_nearly_full_disk_never_replaces_the_previous_cog_with_a_broken_one(tiny_disk, tmp_path):
-    from tessera.export.cog import write_tile_cog
+    from tessera.assemble import write_tile_cog
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()

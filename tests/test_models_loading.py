@@ -3,16 +3,18 @@
 import argparse
 import hashlib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from tessera import config as cfg
 from tessera import models
 from tessera.errors import UserError
 from tessera.models import checkpoint_sha256, family_names, get_family, load_model, make_demo_checkpoint
-from tessera.models.base import Family
+from tessera.models.family import Family
 
 from conftest import VECTORS, needs_shared
 
@@ -29,8 +31,17 @@ def _demo_payload(demo: Path) -> dict:
 
 
 def test_registry_holds_the_families_the_config_accepts():
-    schema = yaml.safe_load((Path(models.__file__).parents[1] / "config.schema.yaml").read_text())
-    assert family_names() == schema["properties"]["model"]["properties"]["family"]["enum"]
+    assert family_names() == cfg.schema()["properties"]["model"]["properties"]["family"]["enum"]
+    assert all(get_family(name).name == name for name in family_names())
+    with pytest.raises(UserError, match="config key 'model.family': 'v9' is not one of v2, v1.0"):
+        cfg.validate({"roi": "6.0,52.0,6.1,52.1", "year": 2024, "model": {"family": "v9"}})
+
+
+def test_the_registry_imports_no_model_code():
+    """The Snakefile asks the registry for names when it is read: that must not import torch."""
+    code = "import sys, tessera.models, tessera.config; tessera.config.schema(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_registry_refuses_unknown_names():
@@ -147,7 +158,9 @@ class _GruFamily(Family):
 
 @needs_shared
 def test_ambiguous_detection_asks_for_the_family(monkeypatch):
-    monkeypatch.setitem(models.FAMILIES, _GruFamily.name, _GruFamily())
+    import tessera.models.checkpoint
+
+    monkeypatch.setattr(tessera.models.checkpoint, "all_families", lambda: [*models.all_families(), _GruFamily()])
     with pytest.raises(UserError, match="could be any of v1.1, gru-standin: set the model family"):
         load_model(VECTORS / "v1.1" / "checkpoint.pt")
 

@@ -10,9 +10,13 @@ import pytest
 import torch
 
 from tessera.errors import UserError
-from tessera.infer import Embedder, embed_arrays, embed_reference_patch, quantize, read_reference_patch
+from tessera.assemble import quantize
+from tessera.infer import embed_reference_patch
+from tessera.layout import read_reference_patch
+from tessera.models.engine import Embedder, embed_arrays
+from tessera.options import InferOptions
 from tessera.models import get_family, load_model, make_demo_checkpoint
-from tessera.models.v1_0 import counter_words, draw_steps, stream_key
+from tessera.models.sampling import counter_words, draw_steps, stream_key
 from tessera.models.v1_0_qat import HandWrittenGRU, NormalisedGRUAttentionPooling
 from tessera.models.v1_1 import build_resample_indices
 
@@ -199,7 +203,7 @@ def test_v1_quantisation_floors_the_scale():
 def _draw(valid: np.ndarray, seed: int = 0) -> np.ndarray:
     pixels = np.arange(len(valid))
     return draw_steps(valid, valid.sum(axis=1), counter_words(stream_key(seed, 0), pixels, np.arange(valid.shape[1])),
-                      lambda rows: counter_words(stream_key(seed, 1), pixels[rows], np.arange(40)))
+                      lambda rows: counter_words(stream_key(seed, 1), pixels[rows], np.arange(40)), 40)
 
 
 def test_draws_follow_the_replacement_rule():
@@ -256,7 +260,7 @@ def _synthetic_patch(*, asc_steps: int = 6, desc_steps: int = 5) -> dict[str, np
 
 
 def _batch(family: str, arrays, **options):
-    batches = list(get_family(family).prepare_batches(arrays, np.arange(6), data_source="mpc", seed=5,
+    batches = list(get_family(family).prepare_batches(arrays, np.arange(6), data_kind="mpc", seed=5,
                                                       batch_pixels=64, **options))
     assert len(batches) == 1
     return batches[0]
@@ -315,7 +319,7 @@ def test_repeat_times_averages_independent_draws():
     assert torch.equal(inputs(repeated, "s1")[::3], inputs(single, "s1"))
     assert not torch.equal(repeated.s2_doys[1::3], repeated.s2_doys[::3])
     model = vector_model("v1.0")
-    averaged = Embedder(model, device="cpu").embed_batch(repeated)
+    averaged = Embedder(model, InferOptions(device="cpu")).embed_batch(repeated)
     with torch.inference_mode():
         draws = model(inputs(repeated, "s2"), inputs(repeated, "s1")).view(5, 3, -1)
     np.testing.assert_allclose(averaged, draws.mean(dim=1).numpy(), atol=1e-6, rtol=1e-6)
@@ -386,7 +390,7 @@ def test_v1_1_bins():
 def test_v1_1_reproduces_the_tile_level_reference(tmp_path):
     expected = np.load(VECTORS / "tile-level" / "expected.npz")["v1_1"]
     stored = embed_reference_patch(PATCH, VECTORS / "v1.1" / "checkpoint.pt", "v1.1", tmp_path / "out.npy",
-                                   data_source="mpc", device="cpu")
+                                   data_kind="mpc", options=InferOptions(device="cpu"))
     assert stored.shape == (6, 6, 16)
     assert np.array_equal(np.isnan(stored), np.isnan(expected[..., :16]))
     np.testing.assert_allclose(stored, expected[..., :16], atol=1e-4, rtol=1e-4)
@@ -394,7 +398,7 @@ def test_v1_1_reproduces_the_tile_level_reference(tmp_path):
     # The full representation as well, through the family's own batches.
     model = vector_model("v1.1")
     full = np.full((36, 24), np.nan, np.float32)
-    batches = model.family.prepare_batches(read_reference_patch(PATCH), np.arange(36), data_source="mpc",
+    batches = model.family.prepare_batches(read_reference_patch(PATCH), np.arange(36), data_kind="mpc",
                                            seed=0, batch_pixels=7)
     with torch.inference_mode():
         for batch in batches:
@@ -457,7 +461,7 @@ def test_embed_patch_takes_the_seed_and_repeat_times_of_v1_0_draws(tmp_path):
 
 def test_v1_1_no_valid_sensor_gets_eight_zero_rows():
     arrays = _synthetic_patch()
-    batches = list(get_family("v1.1").prepare_batches(arrays, np.arange(6), data_source="mpc", seed=0,
+    batches = list(get_family("v1.1").prepare_batches(arrays, np.arange(6), data_kind="mpc", seed=0,
                                                       batch_pixels=64))
     by_pixel = {int(p): (inputs(b, "s2")[i], inputs(b, "s1")[i]) for b in batches for i, p in enumerate(b.pixels)}
     assert sorted(by_pixel) == [0, 1, 2, 4, 5]
@@ -471,13 +475,13 @@ def test_v1_1_no_valid_sensor_gets_eight_zero_rows():
                                                ("aws", V1_1_AWS_S2_MEAN_B04, V1_1_AWS_S2_STD_B04)])
 def test_v1_1_normalisation_follows_the_data_source(source, mean, std):
     arrays = _synthetic_patch()
-    batch = next(get_family("v1.1").prepare_batches(arrays, np.array([0]), data_source=source, seed=0,
+    batch = next(get_family("v1.1").prepare_batches(arrays, np.array([0]), data_kind=source, seed=0,
                                                     batch_pixels=8))
     np.testing.assert_allclose(batch.s2_bands[0, :, 0].numpy(), _z(1000 + 10 * np.arange(50), mean, std)[
         build_resample_indices(50, 56)], rtol=1e-6)
 
 
 def test_v1_1_unknown_data_source_is_refused():
-    with pytest.raises(UserError, match="data source 'stac' has no v1.1 normalisation table"):
-        next(get_family("v1.1").prepare_batches(_synthetic_patch(), np.arange(6), data_source="stac", seed=0,
+    with pytest.raises(UserError, match="data kind 'stac' has no v1.1 normalisation table"):
+        next(get_family("v1.1").prepare_batches(_synthetic_patch(), np.arange(6), data_kind="stac", seed=0,
                                                 batch_pixels=8))

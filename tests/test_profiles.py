@@ -29,7 +29,7 @@ def test_slurm_workflow_profile_maps_inference_to_gpu(tmp_path, monkeypatch):
     for rule, res in jobs:
         by_rule.setdefault(rule, []).append(res)
     assert all(r["slurm_partition"] == "gpuq" and r["gpu"] == "1" for r in by_rule["infer"])
-    for rule in ["fetch", "assemble", "quicklook", "catalog", "report"]:
+    for rule in ["fetch", "assemble", "publish"]:
         assert all(r["slurm_partition"] == "cpuq" and "gpu" not in r for r in by_rule[rule]), rule
     assert "$" not in result.stdout
 

@@ -19,7 +19,7 @@ from shapely import box
 from conftest import BIN, REPO, job_stats, run_snakemake, write_tiny_config
 from faults import flip_byte
 from tessera.config import validate
-from tessera.patches import PATCH_SUFFIX
+from tessera.layout import PATCH_SUFFIX
 from tessera.plan import make_plan
 
 pytestmark = pytest.mark.slow
@@ -143,7 +143,7 @@ def test_a_failing_tile_does_not_stop_the_others_and_only_it_reruns(tmp_path):
     # The planned patches of the repaired tile, one inference job each (the tiny config's infer.per).
     plan = make_plan(validate(yaml.safe_load(config.read_text())))
     east_patches = len(plan.by_name["grid_6.05_52.05"].patches)
-    assert east_patches > 1 and stats["fetch"] == 1 and stats["infer"] == east_patches and stats["assemble"] == 1 and stats["quicklook"] == 1
+    assert east_patches > 1 and stats["fetch"] == 1 and stats["infer"] == east_patches and stats["assemble"] == 1 and stats["publish"] == 1
     assert "demo_catalog" not in stats and "demo_checkpoint" not in stats
     assert west.stat().st_mtime_ns == west_mtime
 

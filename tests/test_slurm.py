@@ -64,7 +64,7 @@ def test_demo_on_slurm_uses_gpu_partition_for_inference_only(slurm, tmp_path, ti
         assert state == "COMPLETED", (rule, job, state)
         rules_by_partition.setdefault(partition, set()).add(rule)
     assert rules_by_partition["gpu"] == {"infer"}
-    assert "infer" not in rules_by_partition["cpu"] and {"fetch", "assemble", "quicklook", "report"} <= rules_by_partition["cpu"]
+    assert "infer" not in rules_by_partition["cpu"] and {"fetch", "assemble", "publish"} <= rules_by_partition["cpu"]
 
     local_dir, _, _ = tiny_demo_run
     tiles = sorted((local_dir / "results/global_0.1_degree_representation/2024").iterdir())

@@ -10,10 +10,8 @@ from rasterio.windows import Window
 from tessera.errors import UserError
 from tessera.stack import (
     StackGrid,
-    export_reference_patch,
     open_s1,
     open_s2,
-    read_reference_patch,
     read_window,
     verify_stack_index,
     write_s1,
@@ -24,7 +22,7 @@ from tessera.stack import (
 H, W = 20, 30
 GRID = StackGrid(
     tile="grid_6.05_52.05", year=2024, window=Window(100, 200, W, H), crs="EPSG:32632",
-    transform=Affine(10, 0, 301000, 0, -10, 5770000), source="demo", normalisation="mpc",
+    transform=Affine(10, 0, 301000, 0, -10, 5770000), source="demo", data_kind="mpc",
 )
 
 
@@ -89,13 +87,13 @@ def test_incomplete_store_is_refused(tmp_path, stacks):
 
 
 def test_a_store_without_its_data_kind_is_one_clear_error(stacks):
-    """Stores written before the normalisation kind was recorded: refetch, no KeyError."""
+    """Stores written before the kind of data was recorded: refetch, no KeyError."""
     s2_path, _ = stacks
     group = zarr.open_group(s2_path, mode="r+")
     attrs = group.attrs.asdict()
-    del attrs["normalisation"]
+    del attrs["data_kind"]
     group.attrs.put(attrs)
-    with pytest.raises(UserError, match=r"s2.zarr lacks normalisation .*rerun the fetch of this tile"):
+    with pytest.raises(UserError, match=r"s2.zarr lacks data_kind .*rerun the fetch of this tile"):
         open_s2(s2_path)
 
 
@@ -144,28 +142,6 @@ def test_stack_index_refuses_stacks_on_different_grids(tmp_path, stacks):
     with pytest.raises(UserError, match="disagree"):
         write_stack_index(s2_path, other, tmp_path / "stack.json")
     assert not (tmp_path / "stack.json").exists()
-
-
-def test_reference_patch_round_trip(tmp_path, stacks):
-    window = Window(5, 2, 16, 16)
-    export_reference_patch(*stacks, window, tmp_path / "patch")
-    assert sorted(p.name for p in (tmp_path / "patch").iterdir()) == sorted([
-        "bands.npy", "masks.npy", "doys.npy", "sar_ascending.npy", "sar_ascending_doy.npy",
-        "sar_descending.npy", "sar_descending_doy.npy",
-    ])
-    back = read_reference_patch(tmp_path / "patch")
-    expected = read_window(*stacks, window)
-    assert back.keys() == expected.keys()
-    for key in expected:
-        assert back[key].dtype == expected[key].dtype
-        np.testing.assert_array_equal(back[key], expected[key])
-
-
-def test_reference_patch_with_wrong_dtype_is_refused(tmp_path, stacks):
-    export_reference_patch(*stacks, Window(0, 0, 4, 4), tmp_path / "patch")
-    np.save(tmp_path / "patch" / "doys.npy", np.array([5, 366], dtype=np.int64))
-    with pytest.raises(UserError, match="doys.npy is int64"):
-        read_reference_patch(tmp_path / "patch")
 
 
 def test_corrupted_chunk_fails_to_read_instead_of_returning_garbage(tmp_path):

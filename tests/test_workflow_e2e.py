@@ -8,7 +8,7 @@ import rasterio
 
 from conftest import TINY_ROI, job_stats, run_snakemake
 from tessera.grid import Tile
-from tessera.patches import PATCH_SUFFIX, read_patch_embedding
+from tessera.layout import PATCH_SUFFIX, read_patch_embedding
 from tessera.roi import rasterize_roi, read_roi
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_all_stages_ran(tiny_demo_run):
     _, _, result = tiny_demo_run
     stats = job_stats(result.stdout + result.stderr)
-    for rule in ["demo_catalog", "demo_checkpoint", "fetch", "infer", "assemble", "quicklook", "stac", "report"]:
+    for rule in ["demo_catalog", "demo_checkpoint", "fetch", "infer", "assemble", "publish"]:
         assert stats[rule] >= 1, rule
     assert stats["fetch"] == 2 and stats["infer"] >= 4
 
@@ -76,7 +76,7 @@ def test_people_can_see_and_catalogue_the_run(tiny_demo_run):
     """Quicklooks, observation counts, zone mosaics, STAC and the report come out of the run."""
     import pystac
 
-    from tessera.export.verify import verify_output
+    from tessera.publish.verify import verify_output
 
     workdir, _, _ = tiny_demo_run
     results = workdir / "results"

@@ -37,10 +37,11 @@ def _reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
 
 
 def assemble_tile(tile: Tile, year: int, patch_paths: list[Path], *, family: str, work: WorkTile, results: Results,
-                  checkpoint: Path, source: str, dims: int | None = None, float32: bool = False,
-                  cog: bool = False) -> None:
+                  dims: int | None = None, float32: bool = False, cog: bool = False, checkpoint: Path | None = None,
+                  source: str | None = None) -> None:
     """Everything the assemble rule makes for a tile-year: int8 codes, scales, landmask and SHA256
-    in geotessera's layout; the float32 embedding and the tile's COG on request."""
+    in geotessera's layout; the float32 embedding and the tile's COG (tagged with the ``checkpoint``'s
+    sha256 and the data ``source``) on request."""
     quantise_tile(
         tile.name, patch_paths, family=family, roi_mask_path=work.roi_mask,
         embedding_path=results.embedding(tile.name, year), scales_path=results.scales(tile.name, year),

@@ -99,10 +99,13 @@ def cmd_assemble(args: argparse.Namespace) -> None:
     from tessera.assemble import assemble_tile
     from tessera.grid import Tile
 
+    if args.cog and not (args.checkpoint and args.source):
+        raise UserError("assemble --cog records the checkpoint and data source in the COG: give --checkpoint and --source")
     assemble_tile(
         Tile.from_name(args.tile), args.year, layout.patch_files(args.patches), family=args.family,
         work=layout.WorkTile.at(args.work_dir, args.year, args.tile), results=layout.Results(args.output_dir),
-        dims=args.dims, float32=args.float32, cog=args.cog, checkpoint=Path(args.checkpoint), source=args.source,
+        dims=args.dims, float32=args.float32, cog=args.cog, checkpoint=args.checkpoint and Path(args.checkpoint),
+        source=args.source,
     )
 
 
@@ -111,8 +114,8 @@ def add_assemble(sub) -> None:
                        "and the tile's COG")
     _tile_year(p)
     p.add_argument("--family", required=True)
-    p.add_argument("--checkpoint", required=True, help="the checkpoint, for the COG's provenance tags")
-    p.add_argument("--source", required=True, help="the data source, for the COG's provenance tags")
+    p.add_argument("--checkpoint", help="the checkpoint, for the COG's provenance tags (with --cog)")
+    p.add_argument("--source", help="the data source, for the COG's provenance tags (with --cog)")
     p.add_argument("--cog", action="store_true", help="also write the tile's float32 Cloud-Optimized GeoTIFF")
     p.add_argument("--dims", type=int, help="keep the first N numbers (Matryoshka prefix of v2 embeddings)")
     p.add_argument("--float32", action="store_true", help="also write the unquantised float32 (H, W, D) .npy")

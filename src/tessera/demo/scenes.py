@@ -54,7 +54,6 @@ from tessera.grid import reproject, utm_epsg
 from tessera.io import atomic_path, check_raster_complete
 
 S2_COLLECTION = "sentinel-2-l2a"
-S1_COLLECTION = "sentinel-1-rtc"
 # Enough for any resampling kernel at the bbox edge, small enough to keep the files small.
 MARGIN_METRES = 200.0
 # Larger areas would make the "small" demo granules large; real sources are for real areas.
@@ -81,12 +80,6 @@ _S2_EXTENSIONS = [
     "https://stac-extensions.github.io/sat/v1.0.0/schema.json",
     "https://stac-extensions.github.io/projection/v1.0.0/schema.json",
 ]
-_S1_EXTENSIONS = [
-    "https://stac-extensions.github.io/sar/v1.0.0/schema.json",
-    "https://stac-extensions.github.io/sat/v1.0.0/schema.json",
-    "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
-]
 
 # Processing baseline 04.00, first used for acquisitions after 2022-01-25, adds BOA_ADD_OFFSET:
 # DN = reflectance * 10000 + 1000. Earlier products (and their reprocessing on MPC) have no offset.
@@ -99,22 +92,9 @@ _S2_RELATIVE_ORBIT = 8
 _S2_OVERPASS = time(10, 46, 19, 24000)
 _S2_PROCESSING_DELAY = timedelta(hours=1, minutes=52, seconds=41)
 
-# Sentinel-1A over the area: relative orbit, time of day (UTC) and first day offset in the year.
-_S1_PASSES = {"ascending": (88, time(17, 25, 10), 4), "descending": (37, time(5, 50, 30), 8)}
-_S1_SLICE_SECONDS = 18.0
-_S1_EQUIVALENT_LOOKS = 4.4
-_S1_NODATA = -32768.0
-# Every fourth pass comes as two slices overlapping across this band around a tilted boundary.
-_S1_SPLIT_EVERY = 4
-_S1_SLICE_OVERLAP_METRES = 200.0
-_S1_SLICE_TILT_DEGREES = 10.0
-# S1A orbit numbering: a 175-orbit, 12-day repeat cycle; relative = (absolute - 73) mod 175 + 1.
-# Anchor from MPC item S1A_IW_GRDH_1SDV_20250311T044231_..._058252_073302 (datatake 0x073302).
-_S1A_ANCHOR = (datetime(2025, 3, 11, 4, 42, 40, tzinfo=UTC), 58252, 471810)
 
 _GEOMETRY_DECIMALS = 7  # ~1 cm, as on MPC items
 _S2_GRID_SNAP_METRES = 60.0  # a multiple of both pixel sizes, as MGRS tile origins are
-_S1_GRID_SNAP_METRES = 20.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +153,8 @@ def generate_catalog(
     appears only once complete. The revisit keywords thin out the dates (tests use longer ones).
     Returns the path of ``out_dir/catalog.json``; asset hrefs in it are relative to each item.
     """
+    from tessera.demo import sentinel1  # it builds on this module's granules and assets
+
     _check_inputs(year, bbox, s2_revisit_days, s1_revisit_days)
     world = World(seed)
     out_dir = Path(out_dir)
@@ -188,7 +170,7 @@ def generate_catalog(
         )
         for collection in (
             _collection(S2_COLLECTION, "Sentinel-2 Level-2A (synthetic demo)", _s2_items(world, year, bbox, s2_revisit_days, staging)),
-            _collection(S1_COLLECTION, "Sentinel 1 Radiometrically Terrain Corrected (RTC) (synthetic demo)", _s1_items(world, year, bbox, s1_revisit_days, staging)),
+            _collection(sentinel1.S1_COLLECTION, "Sentinel 1 Radiometrically Terrain Corrected (RTC) (synthetic demo)", sentinel1.s1_items(world, year, bbox, s1_revisit_days, staging)),
         ):
             catalog.add_child(collection)
         # A root given as a directory whose name has a suffix (".tmp") would be taken for a file.
@@ -336,149 +318,6 @@ def _s2_item(world: World, granule: Granule, tile: str, places: dict[int, Place]
 
 def _percentage(scl: np.ndarray, classes: tuple[int, ...]) -> float:
     return round(100.0 * float(np.isin(scl, classes).mean()), 6)
-
-
-def _s1_items(world: World, year: int, bbox, revisit_days: int, staging: Path) -> Iterator[pystac.Item]:
-    margin_lon, margin_lat = _margin_degrees(bbox)
-    west, south, east, north = bbox
-    granule = Granule.covering(
-        (max(west - margin_lon, -180.0), south - margin_lat, min(east + margin_lon, 180.0), north + margin_lat),
-        utm_epsg((west + east) / 2, (south + north) / 2),
-        _S1_GRID_SNAP_METRES,
-    )
-    place = granule.place(world, 10)
-    passes = [
-        (datetime.combine(day, overpass, tzinfo=UTC), orbit_state, relative_orbit, number % _S1_SPLIT_EVERY == 1)
-        for orbit_state, (relative_orbit, overpass, first_offset) in _S1_PASSES.items()
-        for number, day in enumerate(_days(year, first_offset, revisit_days))
-    ]
-    for when, orbit_state, relative_orbit, split in sorted(passes):
-        yield from _s1_pass_items(world, granule, place, when, orbit_state, relative_orbit, split, staging)
-
-
-def _s1_absolute_orbit(when: datetime, relative_orbit: int) -> int:
-    """The S1A absolute orbit near ``when`` whose relative orbit is ``relative_orbit``."""
-    anchor_time, anchor_orbit, _ = _S1A_ANCHOR
-    approximate = anchor_orbit + round((when - anchor_time).total_seconds() / (12 * 86400 / 175))
-    shift = (relative_orbit - ((approximate - 73) % 175 + 1)) % 175
-    return approximate + (shift if shift <= 87 else shift - 175)
-
-
-def _s1_pass_items(world: World, granule: Granule, place: Place, when: datetime, orbit_state: str,
-                   relative_orbit: int, split: bool, staging: Path) -> Iterator[pystac.Item]:
-    day = when.date()
-    vv, vh = world.backscatter(place, day, orbit_state)
-    speckle = world.rng("speckle", day.toordinal(), relative_orbit)
-    # Multi-looked intensity speckle: gamma distributed with mean 1 and ENL shape.
-    vv = vv * speckle.gamma(_S1_EQUIVALENT_LOOKS, 1 / _S1_EQUIVALENT_LOOKS, vv.shape)
-    vh = vh * speckle.gamma(_S1_EQUIVALENT_LOOKS, 1 / _S1_EQUIVALENT_LOOKS, vh.shape)
-    absolute_orbit = _s1_absolute_orbit(when, relative_orbit)
-    # Datatakes are numbered about 8.1 per orbit (see the anchor); only the item ids show it.
-    datatake = round(_S1A_ANCHOR[2] + (absolute_orbit - _S1A_ANCHOR[1]) * 8.1)
-    half = timedelta(seconds=_S1_SLICE_SECONDS / 2)
-    full_extent = box(*granule.bounds)
-    if not split:
-        slices = [(full_extent, when - half, when + half, 12)]
-    else:
-        # Descending passes fly south, so their northern slice comes first.
-        northern, southern = _slice_extents(granule)
-        first, second = (northern, southern) if orbit_state == "descending" else (southern, northern)
-        overlap = timedelta(seconds=2)
-        slices = [
-            (first, when - 2 * half + overlap, when + overlap, 12),
-            (second, when - overlap, when + 2 * half - overlap, 13),
-        ]
-    transform, width, height = granule.grid(10)
-    for extent, start, end, slice_number in slices:
-        item_id = f"S1A_IW_GRDH_1SDV_{start:%Y%m%dT%H%M%S}_{end:%Y%m%dT%H%M%S}_{absolute_orbit:06d}_{datatake:06X}_rtc"
-        item_dir = staging / S1_COLLECTION / item_id
-        item_dir.mkdir(parents=True)
-        rows = _rows_touching(extent, transform, height)
-        slice_transform = transform @ Affine.translation(0, rows.start)
-        inside = _inside(extent, slice_transform, width, rows.stop - rows.start)
-        slice_granule = Granule(granule.epsg, _bounds_of(slice_transform, width, rows.stop - rows.start))
-        assets = {}
-        for key, gamma0, description in (("vh", vh, "horizontal receive"), ("vv", vv, "vertical receive")):
-            values = np.where(inside, gamma0[rows], _S1_NODATA).astype(np.float32)
-            polarisation = key.upper()
-            assets[key] = _cog_asset(
-                item_dir / f"{key}.tif", values, slice_granule, 10, nodata=_S1_NODATA, resampling="average",
-                title=f"{polarisation}: vertical transmit, {description}",
-                extra={
-                    "description": (
-                        f"Terrain-corrected gamma naught values of signal transmitted with vertical polarization and received "
-                        f"with {description.split()[0]} polarization with radiometric terrain correction applied."
-                    ),
-                    "raster:bands": [{"nodata": _S1_NODATA, "data_type": "float32", "spatial_resolution": 10.0}],
-                },
-                with_projection=False,
-            )
-        properties = {
-            "platform": "SENTINEL-1A",
-            "s1:shape": [width, rows.stop - rows.start],
-            "proj:bbox": list(slice_granule.bounds),
-            "proj:epsg": granule.epsg,
-            "proj:shape": [rows.stop - rows.start, width],
-            "end_datetime": pystac.utils.datetime_to_str(end),
-            "constellation": "Sentinel-1",
-            "s1:resolution": "high",
-            "proj:transform": list(slice_transform),  # all 9 coefficients, as on MPC
-            "s1:datatake_id": str(datatake),
-            "start_datetime": pystac.utils.datetime_to_str(start),
-            "s1:slice_number": str(slice_number),
-            "s1:total_slices": "24",
-            "sar:looks_range": 5,
-            "sat:orbit_state": orbit_state,
-            "sar:product_type": "GRD",
-            "sar:looks_azimuth": 1,
-            "sar:polarizations": ["VV", "VH"],
-            "sar:frequency_band": "C",
-            "sat:absolute_orbit": absolute_orbit,
-            "sat:relative_orbit": relative_orbit,
-            "sar:instrument_mode": "IW",
-            "sar:center_frequency": 5.405,
-            "sar:observation_direction": "right",
-            "sar:looks_equivalent_number": _S1_EQUIVALENT_LOOKS,
-        }
-        midpoint = start + (end - start) / 2
-        yield _item(item_id, extent, granule.epsg, midpoint, properties, _S1_EXTENSIONS, assets)
-
-
-def _slice_extents(granule: Granule) -> tuple[BaseGeometry, BaseGeometry]:
-    """Northern and southern slice footprints: split along a tilted line, overlapping across it."""
-    west, south, east, north = granule.bounds
-    centre_x, centre_y = (west + east) / 2, (south + north) / 2
-    slope = math.tan(math.radians(_S1_SLICE_TILT_DEGREES))
-    reach = (east - west) + (north - south)
-
-    def below(offset: float) -> BaseGeometry:
-        def line(x: float) -> float:
-            return centre_y + offset + slope * (x - centre_x)
-        x0, x1 = west - reach, east + reach
-        return shapely.Polygon([(x0, line(x0)), (x1, line(x1)), (x1, south - reach), (x0, south - reach)])
-
-    extent = box(*granule.bounds)
-    half_overlap = _S1_SLICE_OVERLAP_METRES / 2
-    return extent.difference(below(-half_overlap)), extent.intersection(below(half_overlap))
-
-
-def _rows_touching(extent: BaseGeometry, transform: Affine, height: int) -> slice:
-    _, south, _, north = extent.bounds
-    top = max(0, math.floor((transform.f - north) / -transform.e))
-    bottom = min(height, math.ceil((transform.f - south) / -transform.e))
-    return slice(top, bottom)
-
-
-def _inside(extent: BaseGeometry, transform: Affine, width: int, height: int) -> np.ndarray:
-    cols, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-    x, y = transform @ (cols, rows)
-    return shapely.contains_xy(extent, x, y)
-
-
-def _bounds_of(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
-    west, north = transform @ (0, 0)
-    east, south = transform @ (width, height)
-    return west, south, east, north
 
 
 def _cog_asset(path: Path, values: np.ndarray, granule: Granule, gsd: int, *, nodata: float, resampling: str,

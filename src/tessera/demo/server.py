@@ -11,6 +11,7 @@ needs relative asset hrefs in the catalog, which ``generate_catalog`` writes.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ctypes
 import os
 import signal
@@ -53,6 +54,9 @@ def serve_catalog(catalog_json: Path) -> Iterator[str]:
     catalog_json = Path(catalog_json).resolve()
     if not catalog_json.is_file():
         raise UserError(f"demo catalog {catalog_json} does not exist: generate it first (tessera.demo.generate_catalog)")
+    if importlib.util.find_spec("stac_fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UserError("source demo needs the demo extra (a local STAC API): pip install 'tessera-workflow[demo]', "
+                        "or use a real source (mpc, aws, stac)")
     # Bind the port here and hand the socket to uvicorn (--fd): no window in which another
     # process could take a port we picked.
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

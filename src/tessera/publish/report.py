@@ -168,44 +168,8 @@ def write_report(
         tile_name = bench.job.split("/")[0]
         if tile_name.startswith("grid_") and not math.isnan(bench.seconds):
             seconds_per_tile[tile_name] += bench.seconds
-
-    rows, total = [], TileCoverage(0, 0)
-    for files in tiles:
-        name = files.tile.name
-        coverage = tile_coverage(files) if files.present else None
-        if coverage:
-            total = TileCoverage(total.roi_pixels + coverage.roi_pixels, total.embedded_pixels + coverage.embedded_pixels)
-        png, rgb_cog = results.quicklook(name, year)
-        picture = ""
-        window = _data_window(files.scales) if files.scales.exists() else None
-        if rgb_cog.exists() and window is not None:
-            encoded = base64.b64encode(_thumbnail_png(rgb_cog, window)).decode()
-            image = f'<img alt="PCA quicklook of {name}" src="data:image/png;base64,{encoded}">'
-            picture = f'<a href="{html.escape(os.path.relpath(png, out.parent))}">{image}</a>' if png.exists() else image
-        percent = coverage.percent if coverage else math.nan
-        rows.append([
-            html.escape(name),
-            f"EPSG:{files.tile.epsg}",
-            f"{files.tile.width} × {files.tile.height}",
-            f"{coverage.roi_pixels:,}" if coverage else "incomplete",
-            f"{coverage.embedded_pixels:,}" if coverage else "–",
-            f'<span class="{"low" if percent < LOW_COVERAGE_PERCENT else ""}">{percent:.1f} %</span>' if coverage and coverage.roi_pixels else "–",
-            *[str(len((scene_ids or {}).get(name, {}).get(c, []))) for c in collections],
-            _seconds(seconds_per_tile[name]) if name in seconds_per_tile else "–",
-            picture,
-        ])
-
-    per_rule: dict[str, list[Benchmark]] = defaultdict(list)
-    for bench in benchmarks:
-        per_rule[bench.rule].append(bench)
-    rule_rows = []
-    for rule, jobs in sorted(per_rule.items()):
-        max_rss = _largest([j.max_rss_mb for j in jobs])
-        rule_rows.append([
-            html.escape(rule), str(len(jobs)), _seconds(_total([j.seconds for j in jobs])),
-            _seconds(_largest([j.seconds for j in jobs])), _seconds(_total([j.cpu_seconds for j in jobs])),
-            "–" if math.isnan(max_rss) else f"{max_rss:,.0f}",
-        ])
+    rows, total = _tile_rows(results, tiles, year, scene_ids or {}, collections, seconds_per_tile)
+    rule_rows = _timing_rows(benchmarks)
 
     provenance = [
         ["model family", metadata.get("model_family", "–")],
@@ -237,3 +201,51 @@ def write_report(
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(parts))
     return out
+
+
+def _tile_rows(results: Results, tiles: list[TileFiles], year: int, scene_ids: dict, collections: list[str],
+               seconds_per_tile: dict[str, float]) -> tuple[list[list[str]], TileCoverage]:
+    """One table row per tile (name, grid, coverage, scenes, job time, thumbnail) and the run's coverage."""
+    out = results.report(year)
+    rows, total = [], TileCoverage(0, 0)
+    for files in tiles:
+        name = files.tile.name
+        coverage = tile_coverage(files) if files.present else None
+        if coverage:
+            total = TileCoverage(total.roi_pixels + coverage.roi_pixels, total.embedded_pixels + coverage.embedded_pixels)
+        png, rgb_cog = results.quicklook(name, year)
+        picture = ""
+        window = _data_window(files.scales) if files.scales.exists() else None
+        if rgb_cog.exists() and window is not None:
+            encoded = base64.b64encode(_thumbnail_png(rgb_cog, window)).decode()
+            image = f'<img alt="PCA quicklook of {name}" src="data:image/png;base64,{encoded}">'
+            picture = f'<a href="{html.escape(os.path.relpath(png, out.parent))}">{image}</a>' if png.exists() else image
+        percent = coverage.percent if coverage else math.nan
+        rows.append([
+            html.escape(name),
+            f"EPSG:{files.tile.epsg}",
+            f"{files.tile.width} × {files.tile.height}",
+            f"{coverage.roi_pixels:,}" if coverage else "incomplete",
+            f"{coverage.embedded_pixels:,}" if coverage else "–",
+            f'<span class="{"low" if percent < LOW_COVERAGE_PERCENT else ""}">{percent:.1f} %</span>' if coverage and coverage.roi_pixels else "–",
+            *[str(len(scene_ids.get(name, {}).get(c, []))) for c in collections],
+            _seconds(seconds_per_tile[name]) if name in seconds_per_tile else "–",
+            picture,
+        ])
+    return rows, total
+
+
+def _timing_rows(benchmarks: list[Benchmark]) -> list[list[str]]:
+    """One table row per rule: jobs, summed and longest wall time, CPU time, peak memory."""
+    per_rule: dict[str, list[Benchmark]] = defaultdict(list)
+    for bench in benchmarks:
+        per_rule[bench.rule].append(bench)
+    rows = []
+    for rule, jobs in sorted(per_rule.items()):
+        max_rss = _largest([j.max_rss_mb for j in jobs])
+        rows.append([
+            html.escape(rule), str(len(jobs)), _seconds(_total([j.seconds for j in jobs])),
+            _seconds(_largest([j.seconds for j in jobs])), _seconds(_total([j.cpu_seconds for j in jobs])),
+            "–" if math.isnan(max_rss) else f"{max_rss:,.0f}",
+        ])
+    return rows

@@ -1,4 +1,4 @@
-"""tessera.export.verify on a sound synthetic output directory and on each kind of damage.
+"""tessera.publish.verify on a sound synthetic output directory and on each kind of damage.
 
 ``build_output_dir`` (also used by the other test_export_* files) makes a small but real output
 directory with our own export code: ROI masks on the tile grid, patch embeddings, assemble_tile,
@@ -15,13 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from shapely import box
 
-from tessera.assemble import assemble_tile
-from tessera.export.cog import write_tile_cog
-from tessera.export.geotessera import TileFiles, write_manifests, write_metadata
-from tessera.export.cog import tile_cog_path
-from tessera.export.verify import verify_output
+from tessera.assemble import quantise_tile, write_tile_cog
+from tessera.layout import Results, TileFiles, find_tiles
+from tessera.publish.manifest import write_manifests, write_metadata
+from tessera.publish.verify import verify_output
 from tessera.grid import Tile, patch_name, tiles_for_geometry
-from tessera.patches import write_patch_embedding
+from tessera.layout import write_patch_embedding
 from tessera.plan import plan_tiles
 from tessera.roi import read_roi_mask, write_roi_mask
 
@@ -60,16 +59,17 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
         roi_mask = write_roi_mask(roi, tile, work / tile.name / "roi.tif")
         patch = work / tile.name / "patches" / f"{patch_name(window)}.npz"
         write_patch_embedding(patch, synthetic_embedding(tile, window, read_roi_mask(roi_mask, window), dims))
-        files = TileFiles.locate(out, tile, year)
-        assemble_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, embedding_path=files.embedding,
+        files = TileFiles.locate(Results(out), tile, year)
+        quantise_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, embedding_path=files.embedding,
                       scales_path=files.scales, checksums_path=files.checksums, landmask_path=files.landmask)
         if cogs:
-            write_tile_cog(files.embedding, files.scales, files.landmask, tile_cog_path(out, tile.name, year),
+            write_tile_cog(files.embedding, files.scales, files.landmask, Results(out).cog(tile.name, year),
                            tags={"TESSERA_YEAR": str(year)})
         embeddings.append(files.embedding)
-    write_manifests(out)
-    write_metadata(out / "tessera_metadata.json", family="v2", variant="local", checkpoint=checkpoint,
-                   source="demo", year=year, embeddings=embeddings)
+    tiles = find_tiles(Results(out))
+    write_manifests(Results(out), tiles)
+    write_metadata(Results(out), family="v2", variant="local", checkpoint=checkpoint, source="demo", year=year,
+                   tiles=tiles)
     return out
 
 
@@ -100,7 +100,7 @@ def damaged_dir(sound_dir, tmp_path) -> Path:
 
 
 def _tile(output_dir: Path, name: str = "grid_5.95_52.05") -> TileFiles:
-    return TileFiles.locate(output_dir, Tile.from_name(name), YEAR)
+    return TileFiles.locate(Results(output_dir), Tile.from_name(name), YEAR)
 
 
 def test_sound_directory_passes(sound_dir):
@@ -159,5 +159,5 @@ def test_tile_missing_from_manifest_is_named(damaged_dir):
     table = pq.read_table(damaged_dir / "manifest.parquet")
     pq.write_table(table.filter(np.asarray(table["lon"]) != 5.85), damaged_dir / "manifest.parquet")
     assert verify_output(damaged_dir) == [
-        "2024/grid_5.85_52.05: present but not in manifest.parquet (rerun the catalog rule)"
+        "2024/grid_5.85_52.05: present but not in manifest.parquet (rerun the publish rule)"
     ]

@@ -1,5 +1,5 @@
-"""PCA quicklooks (tessera.export.quicklook) on tiles whose principal axes are known, and the run
-report (tessera.export.report) that shows them."""
+"""PCA quicklooks (tessera.publish.quicklook) on tiles whose principal axes are known, and the run
+report (tessera.publish.report) that shows them."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import rasterio
 from rasterio.io import MemoryFile
 
 from tessera.errors import UserError
-from tessera.export.geotessera import TileFiles, find_tiles
-from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
-from tessera.export.report import THUMBNAIL_PIXELS, read_benchmarks, write_report
+from tessera.layout import Results, TileFiles, find_tiles
+from tessera.publish.quicklook import fit_pca, write_tile_quicklook
+from tessera.publish.report import THUMBNAIL_PIXELS, read_benchmarks, write_report
 from tessera.grid import Tile
 
 DIMS = 8
@@ -28,7 +28,7 @@ AXES = np.linalg.qr(np.random.default_rng(3).normal(size=(DIMS, 3)))[0].T
 
 def _write_tile(out: Path, name: str, spreads: tuple[float, float, float], filled_rows: slice) -> TileFiles:
     """int8 codes + scales of a tile whose pixels in ``filled_rows`` lie on the given axes; NaN scale elsewhere."""
-    files = TileFiles.locate(out, Tile.from_name(name), 2024)
+    files = TileFiles.locate(Results(out), Tile.from_name(name), 2024)
     height, width = files.tile.height, files.tile.width
     rng = np.random.default_rng(sum(map(ord, name)))
     coefficients = rng.normal(size=(height, width, 3)) * np.asarray(spreads)
@@ -84,7 +84,7 @@ def test_too_few_pixels_is_a_user_error(tmp_path):
 def test_tile_quicklook_png_and_cog(tiles, tmp_path):
     basis = fit_pca(tiles)
     files = tiles[0]
-    png, cog = quicklook_paths(tmp_path, files.tile.name, 2024)
+    png, cog = Results(tmp_path).quicklook(files.tile.name, 2024)
     write_tile_quicklook(files, basis, png, cog)
     assert sorted(p.name for p in png.parent.iterdir()) == [png.name, cog.name]  # no staging or .aux.xml left
 
@@ -137,20 +137,20 @@ def test_read_benchmarks_averages_repeats_and_keeps_unmeasured_as_nan(tmp_path):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[Path, Path, str]:
-    from test_export_verify import build_output_dir
+    from test_publish_verify import build_output_dir
 
     root = tmp_path_factory.mktemp("report")
     out = build_output_dir(root, cogs=False)
-    tiles = find_tiles(out)
+    tiles = find_tiles(Results(out))
     basis = fit_pca(tiles)
     for files in tiles[:2]:
-        write_tile_quicklook(files, basis, *quicklook_paths(out, files.tile.name, 2024))
+        write_tile_quicklook(files, basis, *Results(out).quicklook(files.tile.name, 2024))
     benchmarks = root / "logs" / "benchmarks"
     for files in tiles:
         _benchmark(benchmarks / "assemble" / f"{files.tile.name}.tsv", "2.0\t0:00:02\t100\t-\t-\t-\t-\t-\t-\t1.5")
         _benchmark(benchmarks / "infer" / files.tile.name / "r0_c0.tsv", "30.0\t0:00:30\t-\t-\t-\t-\t-\t-\t-\t-")
     scene_ids = {f.tile.name: {"sentinel-2-l2a": ["a", "b", "c"][: i + 1], "sentinel-1-rtc": ["d"]} for i, f in enumerate(tiles)}
-    path = write_report(out, 2024, out / "report_2024.html", scene_ids=scene_ids, benchmarks_dir=benchmarks)
+    path = write_report(Results(out), find_tiles(Results(out)), 2024, scene_ids=scene_ids, benchmarks_dir=benchmarks)
     return out, path, path.read_text()
 
 
@@ -168,7 +168,7 @@ def test_report_lists_tiles_with_coverage_scene_counts_and_job_time(report):
     rows = _rows(page)
     headers = rows["tile"]
     total_roi = total_embedded = 0
-    for i, files in enumerate(find_tiles(out)):
+    for i, files in enumerate(find_tiles(Results(out))):
         with rasterio.open(files.landmask) as landmask:
             inside = landmask.read(1) == 1
         embedded = int((np.isfinite(np.load(files.scales)) & inside).sum())
@@ -207,6 +207,6 @@ def test_report_embeds_thumbnails_and_links_quicklooks_relatively(report):
 
 def test_report_without_scenes_or_benchmarks(report):
     out, _, _ = report
-    page = write_report(out, 2024, out / "plain" / "report.html").read_text()
+    page = write_report(Results(out), find_tiles(Results(out)), 2024).read_text()
     assert "grid_5.95_52.05" in page and "scenes" not in page and "Timings" not in page
-    assert 'href="../quicklook/2024/grid_5.85_52.05_2024.png"' in page  # relative to the report's folder
+    assert 'href="quicklook/2024/grid_5.85_52.05_2024.png"' in page  # relative to the report's folder

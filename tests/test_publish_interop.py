@@ -21,13 +21,12 @@ from pyproj import Transformer
 from rasterio.windows import Window
 from shapely import box
 
-from tessera.export.geotessera import find_tiles
-from tessera.export.mosaic import ZoneGrid, write_mosaic_cog, write_zone_mosaics
-from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
-from tessera.export.cog import tile_cog_path
+from tessera.layout import Results, find_tiles
+from tessera.publish.mosaic import ZoneGrid, write_mosaic_cog, write_zone_mosaics
+from tessera.publish.quicklook import fit_pca, write_tile_quicklook
 from tessera.grid import Tile
 from tessera.roi import rasterize_roi
-from test_export_verify import YEAR, build_output_dir, copy_of_output_dir
+from test_publish_verify import YEAR, build_output_dir, copy_of_output_dir
 
 ZONE31 = ("grid_5.85_52.05", "grid_5.95_52.05")
 
@@ -40,11 +39,11 @@ def _dequantised(files) -> np.ndarray:
 def run_dir(tmp_path_factory) -> Path:
     """Three tiles (two in zone 31, one in zone 32) with float COGs, quicklooks and zone mosaics."""
     out = copy_of_output_dir(tmp_path_factory, tmp_path_factory.mktemp("mosaic") / "results")
-    tiles = find_tiles(out)
+    tiles = find_tiles(Results(out))
     basis = fit_pca(tiles)
     for files in tiles:
-        write_tile_quicklook(files, basis, *quicklook_paths(out, files.tile.name, YEAR))
-    write_zone_mosaics(out, YEAR)
+        write_tile_quicklook(files, basis, *Results(out).quicklook(files.tile.name, YEAR))
+    write_zone_mosaics(Results(out), [f.tile for f in tiles], YEAR)
     return out
 
 
@@ -91,7 +90,7 @@ def _composite(tiles: dict, grid: ZoneGrid) -> np.ndarray:
 
 
 def test_a_pixel_lands_where_it_should(run_dir):
-    tiles = {f.tile.name: f for f in find_tiles(run_dir)}
+    tiles = {f.tile.name: f for f in find_tiles(Results(run_dir))}
     grid = ZoneGrid.for_tiles([tiles[name].tile for name in ZONE31])
     composite = _composite(tiles, grid)
     with rasterio.open(_mosaic(run_dir, "tessera", 32631)) as mosaic:
@@ -117,7 +116,7 @@ def test_a_pixel_lands_where_it_should(run_dir):
 
 
 def test_no_tile_hides_its_neighbours_data(run_dir):
-    tiles = {f.tile.name: f for f in find_tiles(run_dir)}
+    tiles = {f.tile.name: f for f in find_tiles(Results(run_dir))}
     grid = ZoneGrid.for_tiles([tiles[name].tile for name in ZONE31])
     expected = _composite(tiles, grid)
     with rasterio.open(_mosaic(run_dir, "tessera", 32631)) as mosaic:
@@ -127,7 +126,7 @@ def test_no_tile_hides_its_neighbours_data(run_dir):
         np.testing.assert_array_equal(quicklook.read(4) == 255, np.isfinite(expected))
         for name in ZONE31:
             col_off, row_off = grid.offsets[name]
-            with rasterio.open(quicklook_paths(run_dir, name, YEAR)[1]) as tile_rgb:
+            with rasterio.open(Results(run_dir).quicklook(name, YEAR)[1]) as tile_rgb:
                 rgba = tile_rgb.read()
             window = Window(col_off, row_off, rgba.shape[2], rgba.shape[1])
             mosaic_rgba = quicklook.read(window=window)
@@ -171,7 +170,7 @@ def test_geotessera_fetches_our_tiles_exactly(geotessera_dir, tmp_path):
     from geotessera import GeoTessera
 
     gt = GeoTessera(embeddings_dir=geotessera_dir, registry_dir=geotessera_dir, cache_dir=tmp_path)
-    for files in find_tiles(geotessera_dir):
+    for files in find_tiles(Results(geotessera_dir)):
         embedding, crs, transform = gt.fetch_embedding(files.tile.lon, files.tile.lat, YEAR)
         np.testing.assert_array_equal(embedding, _dequantised(files))
         assert crs.to_epsg() == files.tile.epsg and transform == files.tile.transform
@@ -183,7 +182,7 @@ def test_geotessera_samples_points_exactly(geotessera_dir, tmp_path):
 
     gt = GeoTessera(embeddings_dir=geotessera_dir, registry_dir=geotessera_dir, cache_dir=tmp_path)
     points, expected = [], []
-    for files in find_tiles(geotessera_dir):
+    for files in find_tiles(Results(geotessera_dir)):
         values = _dequantised(files)
         to_lonlat = Transformer.from_crs(files.tile.epsg, 4326, always_xy=True)
         # geotessera reads a point from the tile whose 0.1° cell holds it; tiles overlap a little
@@ -230,8 +229,8 @@ def test_every_cog_passes_rio_cogeo_validate(run_dir, tmp_path):
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:rioxarray.rioxarray")  # rioxarray's own use of affine
 def test_rioxarray_reads_crs_transform_and_nan_nodata(run_dir):
     rioxarray = pytest.importorskip("rioxarray")
-    files = next(f for f in find_tiles(run_dir) if f.tile.name == "grid_5.95_52.05")
-    tile = rioxarray.open_rasterio(tile_cog_path(run_dir, files.tile.name, YEAR))
+    files = next(f for f in find_tiles(Results(run_dir)) if f.tile.name == "grid_5.95_52.05")
+    tile = rioxarray.open_rasterio(Results(run_dir).cog(files.tile.name, YEAR))
     # The COG holds the rows and columns with embeddings, on the tile grid (whole-pixel offset).
     col0, row0 = (round(v) for v in ~files.tile.transform @ (tile.rio.transform().c, tile.rio.transform().f))
     assert tile.rio.crs.to_epsg() == 32631 and tile.rio.transform() == files.tile.window_transform(Window(col0, row0, 1, 1))

@@ -1,4 +1,4 @@
-"""STAC Collection and Items of an output directory (tessera.export.stac).
+"""STAC Collection and Items of an output directory (tessera.publish.stac).
 
 Core STAC 1.1 schemas are validated offline (pystac bundles them; they also cover the 1.1 ``bands``,
 ``nodata`` and ``data_type`` fields we use). The projection, file and processing extension schemas
@@ -19,11 +19,11 @@ from shapely import box
 from shapely.geometry import shape
 
 from tessera.errors import UserError
-from tessera.export.geotessera import find_tiles
-from tessera.export.quicklook import fit_pca, quicklook_paths, write_tile_quicklook
-from tessera.export.stac import S1_COLLECTION, S2_COLLECTION, scene_ids_from_stack_index, write_stac
+from tessera.layout import Results, find_tiles
+from tessera.publish.quicklook import fit_pca, write_tile_quicklook
+from tessera.publish.stac import S1_COLLECTION, S2_COLLECTION, scene_ids_from_stack_index, write_stac
 from tessera.io import sha256_file
-from test_export_verify import DIMS, YEAR, copy_of_output_dir
+from test_publish_verify import DIMS, YEAR, copy_of_output_dir
 
 CHECKPOINT_SHA = "0123456789abcdef" * 4
 
@@ -36,11 +36,11 @@ def _scene_ids(tiles) -> dict[str, dict[str, list[str]]]:
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory) -> tuple[Path, Path]:
     out = copy_of_output_dir(tmp_path_factory, tmp_path_factory.mktemp("stac") / "results")
-    tiles = find_tiles(out)
+    tiles = find_tiles(Results(out))
     basis = fit_pca(tiles)
     for files in tiles[:2]:  # the third tile has no quicklook: its Item must simply omit those assets
-        write_tile_quicklook(files, basis, *quicklook_paths(out, files.tile.name, YEAR))
-    collection = write_stac(out, year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo",
+        write_tile_quicklook(files, basis, *Results(out).quicklook(files.tile.name, YEAR))
+    collection = write_stac(Results(out), find_tiles(Results(out)), year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo",
                             variant="local", scene_ids=_scene_ids(tiles), software_version="9.9.9")
     return out, collection
 
@@ -75,7 +75,7 @@ def test_core_schema_catches_a_bad_nodata(catalog):
 def test_item_geometry_time_and_projection_match_the_tile(catalog):
     out, collection_path = catalog
     for item in _items(collection_path):
-        files = next(f for f in find_tiles(out) if item.id == f"{f.tile.name}_{YEAR}")
+        files = next(f for f in find_tiles(Results(out)) if item.id == f"{f.tile.name}_{YEAR}")
         west, south, east, north = files.tile.bounds_lonlat
         assert item.bbox == [west, south, east, north]
         cell = shape(item.geometry)
@@ -116,7 +116,7 @@ def test_assets_resolve_with_checksums_sizes_and_bands(catalog):
 
 def test_provenance(catalog):
     out, collection_path = catalog
-    tiles = find_tiles(out)
+    tiles = find_tiles(Results(out))
     for item in _items(collection_path):
         props = item.properties
         assert props["tessera:model_family"] == "v2"
@@ -138,16 +138,16 @@ def test_catalog_moves_with_the_output_directory(catalog, tmp_path):
 
 def test_missing_scene_ids_name_the_tile(catalog):
     out, _ = catalog
-    scene_ids = _scene_ids(find_tiles(out))
+    scene_ids = _scene_ids(find_tiles(Results(out)))
     del scene_ids["grid_5.95_52.05"]
     with pytest.raises(UserError, match="no scene ids for tile.*grid_5.95_52.05"):
-        write_stac(out, year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
+        write_stac(Results(out), find_tiles(Results(out)), year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
                    scene_ids=scene_ids)
 
 
 def test_empty_output_directory_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no complete tile for 2024"):
-        write_stac(tmp_path, year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
+        write_stac(Results(tmp_path), find_tiles(Results(tmp_path)), year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
                    scene_ids={})
 
 
