@@ -22,7 +22,7 @@ from tessera.models.base import Family, load_state_dict_strictly, normalise_stat
 
 log = logging.getLogger(__name__)
 
-_FAMILY_MODULES = ("v2", "v1_0", "v1_0_qat", "v1_1")
+_FAMILY_MODULES = ("v2", "v1_0", "v1_0_qat", "v1_1", "v2_teacher")
 
 FAMILIES: dict[str, Family] = {}
 for _module in _FAMILY_MODULES:
