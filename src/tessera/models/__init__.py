@@ -102,7 +102,9 @@ def load_model(checkpoint_path: str | os.PathLike, family: str | Family | None =
     resolved = {**defaults, **chosen.arch_from_checkpoint(checkpoint), **arch}
     if DEMO_MARKER in checkpoint:
         log.warning("checkpoint %s is a demo checkpoint: %s", name, checkpoint[DEMO_MARKER])
-    model = chosen.build(**resolved)
+    # On the meta device the model has shapes but no memory: the checkpoint's tensors become its weights.
+    with torch.device("meta"):
+        model = chosen.build(**resolved)
     state_dict = normalise_state_dict(chosen.state_dict_from_checkpoint(checkpoint))
     load_state_dict_strictly(model, state_dict, name)
     model.eval()
