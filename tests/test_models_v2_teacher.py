@@ -195,8 +195,9 @@ def test_demo_checkpoint_is_deterministic_published_and_labelled(tmp_path):
     make_demo_checkpoint(first, "v2-teacher", seed=3)
     make_demo_checkpoint(second, "v2-teacher", seed=3)
     make_demo_checkpoint(other, "v2-teacher", seed=4)
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert digest(first) == digest(second) != digest(other)
+    first_digest, second_digest, other_digest = (hashlib.sha256(p.read_bytes()).hexdigest()
+                                                 for p in (first, second, other))
+    assert first_digest == second_digest != other_digest
     raw = torch.load(first, weights_only=True)
     assert {"encoder_state_dict", "arch"} <= set(raw)
     assert "meaningless" in raw["tessera_demo"]
