@@ -11,7 +11,7 @@ import torch
 
 from tessera.cli import main
 from tessera.errors import UserError
-from tessera.infer import embed_arrays, quantize
+from tessera.infer import embed_arrays, quantize, read_reference_patch
 from tessera.models import get_family, load_model, make_demo_checkpoint, matching_families
 from tessera.models.base import load_state_dict_strictly
 
@@ -228,3 +228,37 @@ def test_demo_checkpoint_embeds_a_tiny_patch(tmp_path):
     assert np.isfinite(observed).all()
     np.testing.assert_allclose(observed.mean(-1), 0, atol=1e-4)  # the final non-affine LayerNorm
     np.testing.assert_allclose(observed.std(-1), 1, atol=1e-2)
+
+
+@needs_shared
+def test_qk_norm_runs_in_float32_under_bf16_autocast():
+    model = load_model(CHECKPOINT)
+    vectors = _vectors()
+    seen = {}
+    layer = model.s2_backbone.transformer_encoder.layers[0]
+
+    def record(module, inputs, output):  # returns None: the output stays as it is
+        seen[module] = (inputs[0].dtype, output.dtype)
+
+    for module in (layer.q_proj, layer.q_norm, layer.k_norm):
+        module.register_forward_hook(record)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.from_numpy(vectors["s2_x"]), torch.from_numpy(vectors["s1_x"]))
+    assert seen[layer.q_proj][1] == torch.bfloat16  # the projections run in bf16 ...
+    assert seen[layer.q_norm] == seen[layer.k_norm] == (torch.float32, torch.float32)  # ... their norms in fp32
+    cosine = torch.nn.functional.cosine_similarity(out.float(), torch.from_numpy(vectors["expected"]), dim=-1)
+    assert cosine.min() > 0.999
+
+
+@needs_shared
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precisions_stay_close_to_fp32(precision):
+    model = load_model(CHECKPOINT)
+    arrays = read_reference_patch(TILE)
+    exact = embed_arrays(model, arrays, device="cpu", precision="fp32").reshape(36, -1)
+    reduced = embed_arrays(model, arrays, device="cpu", precision=precision).reshape(36, -1)
+    np.testing.assert_array_equal(np.isnan(reduced), np.isnan(exact))
+    observed = ~np.isnan(exact[:, 0])
+    cosine = (exact[observed] * reduced[observed]).sum(-1) / (
+        np.linalg.norm(exact[observed], axis=-1) * np.linalg.norm(reduced[observed], axis=-1))
+    assert cosine.min() > 0.999
