@@ -91,6 +91,39 @@ def test_args_as_namespace_load_without_trust(demo, tmp_path):
     assert load_model(tmp_path / "ns.pt").arch["num_layers"] == 4
 
 
+def _mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds the tensor's data (from /proc/self/maps), or None."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the memory map of a Linux process")
+def test_weights_are_the_checkpoint_file_mapped_not_a_copy(demo):
+    model = load_model(demo)
+    assert {_mapped_file(p) for p in model.parameters()} == {str(demo.resolve())}
+
+
+def test_legacy_format_checkpoint_is_read_without_mapping(demo, tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    torch.save(_demo_payload(demo), legacy, _use_new_zipfile_serialization=False)
+    reference, model = load_model(demo), load_model(legacy)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_weights_of_another_dtype_take_the_models(demo, tmp_path):
+    payload = _demo_payload(demo)
+    payload["model"] = {key: value.double() for key, value in payload["model"].items()}
+    torch.save(payload, tmp_path / "float64.pt")
+    model = load_model(tmp_path / "float64.pt")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 class _Opaque:
     """Stands for any pickled object that is not a tensor or container."""
 

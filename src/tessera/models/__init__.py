@@ -35,13 +35,14 @@ class FamilyEntry:
     macs_per_pixel: float  # multiply-accumulates per pixel at typical sequence lengths (UPSTREAM.md §9)
 
 
-# v1.0 and v1.0-QAT always take 40 + 40 steps; v1.1 and v2 (small) are bucketed, about 64 + 64 for
-# a year of observations.
+# v1.0 and v1.0-QAT always take 40 + 40 steps; v1.1, v2 (small) and the v2 teacher are bucketed,
+# about 64 + 64 for a year of observations.
 REGISTRY = (
     FamilyEntry("v2", "v2", "2.0", 0.43e9),
     FamilyEntry("v1.0", "v1_0", "1.0", 3.53e9),
     FamilyEntry("v1.0-qat", "v1_0_qat", "1.0", 1.84e9),
     FamilyEntry("v1.1", "v1_1", "1.1", 3.40e9),
+    FamilyEntry("v2-teacher", "v2_teacher", "2.0", 106e9),
 )
 _BY_NAME = {entry.name: entry for entry in REGISTRY}
 

@@ -45,17 +45,22 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
 
     ``argparse.Namespace`` is allowed in safe mode: training scripts store hyper-parameters that
     way and it carries nothing but attributes.
+
+    Files in torch's zip format (everything torch has written since 1.6) are memory-mapped: the
+    tensors are views of the file's pages, read when first used, so a model that takes them over
+    (see :func:`load_state_dict_strictly`) holds its weights once, not once more in a read copy
+    (an 8 GB teacher would otherwise need 16 GB). Legacy files cannot be mapped and are read.
     """
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise UserError(f"checkpoint {name!r} does not exist: check the model checkpoint path")
-    _check_zip_crcs(name)
+    mappable = _check_zip_crcs(name)
     try:
         if trust_checkpoint:
-            checkpoint = torch.load(name, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(name, map_location="cpu", weights_only=False, mmap=mappable)
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(name, map_location="cpu", weights_only=True)
+                checkpoint = torch.load(name, map_location="cpu", weights_only=True, mmap=mappable)
     except pickle.UnpicklingError as error:
         if trust_checkpoint:
             raise UserError(f"checkpoint {name!r} is not a PyTorch checkpoint ({_first_line(error)}): "
@@ -71,12 +76,12 @@ def read_checkpoint(path: str | os.PathLike, *, trust_checkpoint: bool = False) 
     return checkpoint
 
 
-def _check_zip_crcs(name: str) -> None:
+def _check_zip_crcs(name: str) -> bool:
     """Refuse a checkpoint whose zip entries fail their CRC-32: torch.load does not check them, so
-    a flipped byte in a tensor would load as a wrong weight. (Files in torch's legacy, non-zip
-    format carry no checksum to check.)"""
+    a flipped byte in a tensor would load as a wrong weight. True for a sound zip file, False for
+    a file in torch's legacy, non-zip format (which carries no checksum to check)."""
     if not zipfile.is_zipfile(name):
-        return
+        return False
     try:
         with zipfile.ZipFile(name) as archive:
             damaged = archive.testzip()
@@ -84,7 +89,7 @@ def _check_zip_crcs(name: str) -> None:
         problem = _first_line(error)
     else:
         if damaged is None:
-            return
+            return True
         problem = f"entry {damaged} fails its CRC-32"
     raise UserError(f"checkpoint {name!r} is damaged ({problem}): download it again")
 
@@ -112,7 +117,12 @@ def normalise_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], checkpoint_name: str) -> None:
-    """Load every key, refusing missing or unexpected keys and wrong shapes with a UserError."""
+    """Load every key, refusing missing or unexpected keys and wrong shapes with a UserError.
+
+    The model takes the checkpoint's tensors over rather than copying them (``assign``), so it can
+    be built on the meta device without memory of its own and a memory-mapped checkpoint is not
+    duplicated; tensors of another dtype than the model's are converted (those alone are copied).
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -132,7 +142,9 @@ def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, Any], ch
             raise UserError(f"checkpoint {checkpoint_name!r} entry {key!r} has shape {tuple(tensor.shape)}, the "
                             f"model expects {tuple(expected[key].shape)}: the architecture arguments do not "
                             "match this checkpoint")
-    model.load_state_dict(state_dict, strict=True)
+    converted = {key: tensor if tensor.dtype == expected[key].dtype else tensor.to(expected[key].dtype)
+                 for key, tensor in state_dict.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
 
 
 def _few(keys: list[str], limit: int = 3) -> str:
@@ -194,7 +206,9 @@ def load_model(checkpoint_path: str | os.PathLike, family: str | Family | None =
     resolved = {**defaults, **chosen.arch_from_checkpoint(checkpoint), **arch}
     if DEMO_MARKER in checkpoint:
         log.warning("checkpoint %s is a demo checkpoint: %s", name, checkpoint[DEMO_MARKER])
-    model = chosen.build(**resolved)
+    # On the meta device the model has shapes but no memory: the checkpoint's tensors become its weights.
+    with torch.device("meta"):
+        model = chosen.build(**resolved)
     state_dict = normalise_state_dict(chosen.state_dict_from_checkpoint(checkpoint))
     load_state_dict_strictly(model, state_dict, name)
     model.eval()

@@ -184,6 +184,7 @@ class Embedder:
             raise UserError(f"batch_pixels = {options.batch_pixels} must be at least 1: give a positive batch size")
         self.options = options
         self.family: Family = model.family
+        self.batch_pixels = min(options.batch_pixels, self.family.max_batch_pixels)
         self.arch = model.arch
         self.device = resolve_device(options.device)
         self.precision = resolve_precision(options.precision, self.family, self.device)
@@ -215,7 +216,7 @@ class Embedder:
         embeddings = np.full((height * width, self.family.embedding_dim(self.arch)), np.nan, np.float32)
         # On a GPU the inputs are gathered there; on a CPU numpy gathers faster than torch.
         batches = self.family.prepare_batches(arrays, pixels, data_kind=data_kind, seed=seed,
-                                              batch_pixels=self.options.batch_pixels,
+                                              batch_pixels=self.batch_pixels,
                                               repeat_times=self.options.repeat_times,
                                               origin=origin, device=self.device if self.device.type == "cuda" else None)
         if self.device.type == "cuda":

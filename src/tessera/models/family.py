@@ -17,7 +17,9 @@ branch on family names:
 ``build(**arch)``                the encoder only (no training projector) as an ``nn.Module`` whose
                                  ``forward(s2_x, s1_x)`` returns what the reference model returns,
                                  with ``s2_x`` (B, T, 11) and ``s1_x`` (B, T, 3): standardised bands
-                                 plus the raw day of year as the last channel
+                                 plus the raw day of year as the last channel; ``load_model``
+                                 builds it on the meta device, so everything the forward pass
+                                 reads must be a parameter or buffer in the state dict
 ``embedding_dim(arch)``          length of the stored embedding
 ``stored_embedding(out, arch)``  the stored embedding from the model output (v1.1 keeps a prefix)
 ``quantisation``                 a :class:`Quantisation` (int8 code range and scale floor)
@@ -105,6 +107,9 @@ class Family:
     bf16_on_cuda: bool = False
     # Whether the embedding is Matryoshka-ordered: a prefix of its dimensions is usable alone.
     matryoshka: bool = False
+    # Pixels per batch at most, whatever infer.batch_pixels says: a model whose activations per
+    # pixel are large (the 2B teacher) would otherwise exhaust a CPU's memory at the default.
+    max_batch_pixels: int = 1 << 30
 
     def default_arch(self) -> dict[str, Any]:
         raise NotImplementedError

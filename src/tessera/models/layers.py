@@ -83,7 +83,8 @@ class ConcatFusionModel(nn.Module):
     """The reference encoder: both backbones, concatenated, through ``dim_reducer``.
 
     ``forward(s2_x, s1_x)`` is the reference's interface; ``encode`` takes each sensor's bands and
-    days of year as separate tensors (what :class:`Batch` holds) and returns the same.
+    days of year as separate tensors (what :class:`Batch` holds) and returns the same. Families that
+    mix the two backbone outputs before concatenating (the v2 teacher) override ``fuse``.
     """
 
     def __init__(self, s2_backbone: nn.Module, s1_backbone: nn.Module, dim_reducer: nn.Module):
@@ -97,5 +98,8 @@ class ConcatFusionModel(nn.Module):
 
     def encode(self, s2_bands: torch.Tensor, s2_doys: torch.Tensor, s1_bands: torch.Tensor,
                s1_doys: torch.Tensor) -> torch.Tensor:
-        fused = torch.cat([self.s2_backbone.encode(s2_bands, s2_doys), self.s1_backbone.encode(s1_bands, s1_doys)], -1)
-        return self.dim_reducer(fused)
+        return self.fuse(self.s2_backbone.encode(s2_bands, s2_doys), self.s1_backbone.encode(s1_bands, s1_doys))
+
+    def fuse(self, s2_features: torch.Tensor, s1_features: torch.Tensor) -> torch.Tensor:
+        """The output from the backbones' (B, D) outputs."""
+        return self.dim_reducer(torch.cat([s2_features, s1_features], -1))

@@ -36,8 +36,16 @@ STUDENT_NORMALISATION = Normalisation(
 )
 
 
-class QKNormEncoderLayer(nn.Module):
-    """Post-LN transformer layer whose per-head queries and keys are RMS-normalised."""
+class QKNormLayer(nn.Module):
+    """Transformer layer whose per-head queries and keys are RMS-normalised before attention;
+    subclasses place the LayerNorms (post-LN students, pre-LN teacher).
+
+    The attribute names are the checkpoint key names of both references, so keep them.
+    """
+
+    # Whether Q and K are normalised in float32 under any autocast precision: the teacher does, for a
+    # stable norm in bf16; the students normalise in the compute precision.
+    qk_norm_in_fp32 = False
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int):
         super().__init__()
@@ -58,13 +66,26 @@ class QKNormEncoderLayer(nn.Module):
         batch, steps, d_model = x.shape
         return x.view(batch, steps, self.nhead, d_model // self.nhead).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.q_norm(self._heads(self.q_proj(x)))
-        k = self.k_norm(self._heads(self.k_proj(x)))
-        v = self._heads(self.v_proj(x))
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention of x (B, T, D) with QK-norm, output projection included."""
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if self.qk_norm_in_fp32:
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
-        x = self.norm1(x + self.out_proj(attended))
-        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+        return self.out_proj(attended)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.relu(self.linear1(x)))
+
+
+class QKNormEncoderLayer(QKNormLayer):
+    """Post-LN QK-norm layer (v2 students), otherwise ``nn.TransformerEncoderLayer``'s arithmetic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attention(x))
+        return self.norm2(x + self.feed_forward(x))
 
 
 class LayerStack(nn.ModuleList):
@@ -101,11 +122,20 @@ def pad_pattern(n_valid: int, length: int) -> np.ndarray:
     return np.concatenate([everything, fill]).astype(np.int64)
 
 
+def valid_count_bins(counts: np.ndarray) -> np.ndarray:
+    """Bin length per pixel of v2 students and teacher: valid counts rounded up to a multiple of 8,
+    at most 256; 0 for none."""
+    return np.where(counts <= 0, 0, np.minimum(-(-counts // BIN_WIDTH) * BIN_WIDTH, MAX_BIN))
+
+
+V2_QUANTISATION = Quantisation(code_min=-127, code_max=127, scale_floor=1e-12, floor_on_absmax=True)
+
+
 class V2Student(BucketedFamily):
     name = "v2"
     matryoshka = True
     description = "TESSERA v2 pixel student (nano/small/medium/large, optional QK-norm)"
-    quantisation = Quantisation(code_min=-127, code_max=127, scale_floor=1e-12, floor_on_absmax=True)
+    quantisation = V2_QUANTISATION
     state_dict_keys = ("model",)
     bf16_on_cuda = True  # meets tessera.infer's criterion at the published size (benchmarks/infer.py)
     demo_sizes = {"small": {}, "large": {"latent_dim": 160, "dim_feedforward": 2560}}
@@ -122,6 +152,7 @@ class V2Student(BucketedFamily):
 
     def matches_keys(self, keys: set[str]) -> bool:
         return ("s2_backbone.attn_pool.query.weight" in keys and "dim_reducer.4.weight" in keys
+                and "fusion_modality_embed" not in keys  # the teacher's (same backbone and reducer names)
                 and not any(".attn_pool.temporal_context." in key for key in keys))
 
     def build(self, *, repr_dim: int, latent_dim: int, num_layers: int, nhead: int, dim_feedforward: int,
@@ -147,7 +178,7 @@ class V2Student(BucketedFamily):
         return {"model": state_dict, "args": args}
 
     def bins(self, counts: np.ndarray) -> np.ndarray:
-        return np.where(counts <= 0, 0, np.minimum(-(-counts // BIN_WIDTH) * BIN_WIDTH, MAX_BIN))
+        return valid_count_bins(counts)
 
     def pattern(self, n_valid: int, length: int) -> np.ndarray:
         return pad_pattern(n_valid, length)
