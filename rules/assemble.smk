@@ -2,14 +2,6 @@
 # layout, the landmask and SHA256, and the tile's float32 COG.
 
 
-def patch_embeddings(wildcards):
-    """What assemble reads: the tile's patch folder (inference per tile), or its patch files."""
-    if not PER_PATCH:
-        return [str(layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile).patches)]
-    work = layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile)
-    return [str(work.patch(layout.patch_name(p))) for p in PLAN.by_name[wildcards.tile].patches]
-
-
 rule assemble:
     input:
         patches=patch_embeddings,

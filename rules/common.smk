@@ -48,6 +48,7 @@ DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, YEAR))
 CHECKPOINT = (str(layout.demo_checkpoint(WORK_DIR, FAMILY)) if CFG["model"]["checkpoint"] == "demo"
               else CFG["model"]["checkpoint"])
 ENV = "../envs/tessera.yaml"
+PER_PATCH = CFG["infer"]["per"] == "patch"
 # Flags every job of a stage shares, built once from the config.
 TILE_ARGS = f"--tile {{wildcards.tile}} --year {YEAR} --work-dir {shlex.quote(WORK_DIR)}"
 ROI_ARGS = f"--roi {shlex.quote(CFG['roi'])} --patch-size {CFG['patch_size']}"
@@ -72,3 +73,11 @@ def roi_input():
 
 def expand_tiles(pattern):
     return expand(pattern, tile=TILES)
+
+
+def patch_embeddings(wildcards):
+    """What assemble reads: the tile's patch folder (inference per tile), or its patch files."""
+    if not PER_PATCH:
+        return [str(layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile).patches)]
+    work = layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile)
+    return [str(work.patch(layout.patch_name(p))) for p in PLAN.by_name[wildcards.tile].patches]

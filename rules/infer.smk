@@ -2,7 +2,6 @@
 # present, else CPU threads): one job per tile, or one per patch (config infer.per). Either way each
 # patch is written as work/.../patches/r*_c*.npz.
 
-PER_PATCH = CFG["infer"]["per"] == "patch"
 # Inference holds a patch's whole time series (about 80 steps x P x P x 12 channels, as uint16 and
 # as float32 model inputs): about 8 GB for 512 px patches, less for smaller ones.
 INFER_MEM_MB = max(2000, int(8000 * (CFG["patch_size"] / 512) ** 2))
