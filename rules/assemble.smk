@@ -4,7 +4,7 @@
 
 rule assemble:
     input:
-        patches=patch_embeddings,
+        patches=patch_embeddings if PER_PATCH else str(WORK_TILE.patches),
         roi_mask=str(WORK_TILE.roi_mask),
         checkpoint=CHECKPOINT,
     output:

@@ -76,8 +76,6 @@ def expand_tiles(pattern):
 
 
 def patch_embeddings(wildcards):
-    """What assemble reads: the tile's patch folder (inference per tile), or its patch files."""
-    if not PER_PATCH:
-        return [str(layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile).patches)]
+    """What assemble reads with inference per patch: the tile's patch files."""
     work = layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile)
     return [str(work.patch(layout.patch_name(p))) for p in PLAN.by_name[wildcards.tile].patches]
