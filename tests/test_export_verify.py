@@ -67,7 +67,7 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
             write_tile_cog(files.embedding, files.scales, files.landmask, tile_cog_path(out, tile.name, year),
                            tags={"TESSERA_YEAR": str(year)})
         embeddings.append(files.embedding)
-    write_manifests(out)
+    write_manifests(out, family="v2", variant="local")
     write_metadata(out / "tessera_metadata.json", family="v2", variant="local", checkpoint=checkpoint,
                    source="demo", year=year, embeddings=embeddings)
     return out

@@ -175,7 +175,7 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     from tessera.export.geotessera import write_manifests, write_metadata
 
     output_dir = Path(args.output_dir)
-    write_manifests(output_dir)
+    write_manifests(output_dir, family=args.family, variant=args.variant)
     write_metadata(output_dir / "tessera_metadata.json", family=args.family, variant=args.variant,
                    checkpoint=Path(args.checkpoint), source=args.source, year=args.year,
                    embeddings=[Path(p) for p in args.embeddings])
