@@ -11,7 +11,8 @@ tessera_metadata.json, manifest.parquet and landmasks.parquet from the directory
 attempt to open a network connection is refused and recorded (geotessera swallows some download
 failures, e.g. of the landmask registry, into a warning).
 
-Writes OUT_DIR/report.json and, per tile-year, OUT_DIR/{year}_{tile}.npy (fetch_embedding's array).
+Writes OUT_DIR/report.json and, per tile-year, OUT_DIR/{year}_{tile}.npy: fetch_embedding's array
+cut to the rows and columns that have values (report.json: where the cut starts, the whole shape).
 OUT_DIR/points.json, if present ({"year": Y, "points": [[lon, lat], ...]}), is sampled with
 sample_embeddings_at_points into OUT_DIR/sampled.npy.
 """
@@ -53,8 +54,14 @@ def main(results: Path, out: Path) -> None:
         for year, lon, lat in tiles:
             name = f"grid_{lon:.2f}_{lat:.2f}"
             embedding, crs, transform = gt.fetch_embedding(lon, lat, year)
-            np.save(out / f"{year}_{name}.npy", embedding)
+            # The whole tile is ~0.4 GB of float32: keep the rows and columns that have values, and
+            # how many values there are in all (so the reader can tell that none lie outside).
+            rows, cols = np.nonzero(np.isfinite(embedding).any(axis=2))
+            crop = embedding[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if len(rows) else embedding[:0, :0]
+            np.save(out / f"{year}_{name}.npy", crop)
             report["tiles"][f"{year}/{name}"] = {
+                "shape": list(embedding.shape), "offset": [int(rows.min()), int(cols.min())] if len(rows) else None,
+                "finite": int(np.isfinite(embedding).sum()),
                 "epsg": crs.to_epsg(), "transform": list(transform)[:6],
                 # Raises unless landmasks.parquet was read and lists the tile.
                 "landmask_size": gt.registry.get_landmask_file_size(lon, lat),
