@@ -4,7 +4,11 @@
 # PYTHON picks the interpreter. The default python3 installs into .venv, any other into its own
 # .venv-X.Y, so that e.g. `make PYTHON=python3.13 demo` and `make demo` coexist.
 PYTHON ?= python3
-PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+# The interpreter's path. pyenv's shims run only pyenv's selected versions, so a PYTHON they refuse
+# (e.g. python3.13 while 3.11 is selected) is looked up among pyenv's other versions.
+PYTHON_EXE := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || { \
+  v=$$(pyenv whence $(PYTHON) 2>/dev/null | tail -1); test -n "$$v" && echo "$$(pyenv root)/versions/$$v/bin/$(PYTHON)"; })
+PY_VERSION := $(if $(PYTHON_EXE),$(shell $(PYTHON_EXE) -c 'import sys; print("%d.%d" % sys.version_info[:2])'))
 VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PY_VERSION))
 BIN := $(VENV)/bin
 CORES ?= all
@@ -18,8 +22,8 @@ install: $(VENV)/.installed
 # local wheel for Python 3.11); otherwise PyPI's build with CUDA, ~4.7 GB installed.
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PY_VERSION)" || { echo "make: PYTHON=$(PYTHON) does not run. Give an interpreter of Python 3.11 or newer," \
-	  "e.g. make PYTHON=python3.13 (with pyenv: PYTHON=$$HOME/.pyenv/versions/3.13.0/bin/python3.13)" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	  "e.g. make PYTHON=python3.13, or its path" >&2; exit 1; }
+	$(PYTHON_EXE) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e ".[test,interop]"
 	touch $@
 
