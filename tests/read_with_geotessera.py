@@ -2,8 +2,8 @@
 
     python tests/read_with_geotessera.py RESULTS_DIR OUT_DIR
 
-tests/test_geotessera_current.py runs this with a Python 3.13 that has geotessera >= 0.10 (which does
-not install on our Python 3.11) and makes the comparisons itself. No tessera import here: only
+tests/test_geotessera_current.py runs this with a Python 3.13 that has geotessera >= 0.10 (0.8 and
+later need Python >= 3.12) and makes the comparisons itself. No tessera import here: only
 geotessera and what it depends on.
 
 The call is the offline one of README's Outputs section: version and variant from the directory's
