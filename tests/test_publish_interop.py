@@ -2,8 +2,8 @@
 
 Unmarked: the per-zone VRT mosaics through GDAL (rasterio), which every user of the mosaics goes
 through. Marked ``interop`` (need ``pip install -e '.[interop]'``, skipped otherwise): geotessera 0.7.5
-offline on our geotessera-layout directory, ``rio cogeo validate`` on every COG, rioxarray on the
-COGs and mosaics.
+(Python 3.11; later releases: test_geotessera_current.py) offline on our geotessera-layout
+directory, ``rio cogeo validate`` on every COG, rioxarray on the COGs and mosaics.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,9 @@ def test_mosaic_cog_on_request(run_dir, tmp_path):
 def geotessera_dir(tmp_path_factory) -> Path:
     """128 dimensions (geotessera 0.7.5 samples into (N, 128) arrays), one tile either side of 6° E."""
     pytest.importorskip("geotessera")
+    if (release := version("geotessera")).split(".")[:2] != ["0", "7"]:
+        pytest.skip(f"geotessera {release} here: these tests are for 0.7.5 (Python 3.11); "
+                    "test_geotessera_current.py reads with 0.10 and later")
     return build_output_dir(tmp_path_factory.mktemp("geotessera"), cogs=False, roi=box(5.99, 52.04, 6.01, 52.06), dims=128)
 
 

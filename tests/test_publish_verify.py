@@ -67,7 +67,7 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
                            tags={"TESSERA_YEAR": str(year)})
         embeddings.append(files.embedding)
     tiles = find_tiles(Results(out))
-    write_manifests(Results(out), tiles)
+    write_manifests(Results(out), tiles, family="v2", variant="local")
     write_metadata(Results(out), family="v2", variant="local", checkpoint=checkpoint, source="demo", year=year,
                    tiles=tiles)
     return out

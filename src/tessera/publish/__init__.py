@@ -58,7 +58,7 @@ def publish(
     from tessera.publish.stac import write_stac
 
     tiles, scene_ids = tiles_of_stacks(results, stack_indexes)
-    write_manifests(results, tiles)
+    write_manifests(results, tiles, family=family, variant=variant)
     write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, year=year,
                    tiles=tiles)
     write_quicklooks(tiles, results, year, threads=threads)

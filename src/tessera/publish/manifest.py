@@ -2,10 +2,18 @@
 
 ```
 {out}/tessera_metadata.json
-{out}/manifest.parquet, {out}/registry.parquet      one row per tile-year (both names: geotessera
-{out}/landmasks.parquet                             0.9+ reads manifest.parquet, 0.6–0.8 registry.parquet)
+{out}/manifest.parquet          one row per tile-year, read by geotessera 0.9+
+{out}/registry.parquet          the same rows as GeoParquet, read by geotessera 0.6–0.8
+{out}/landmasks.parquet         one row per landmask
 ```
 The tile files themselves: ``tessera.layout.Results``.
+
+The manifests follow what each geotessera reads. 0.9+ (``Registry._load_registry``) reads
+manifest.parquet with pandas, keeps the rows whose ``version``/``variant`` columns match the dataset
+asked for, and builds the point geometry from ``lon``/``lat`` itself: a WKB ``geometry`` column there
+breaks it, so manifest.parquet has none (as geotessera's own ``s3scan`` writes it). 0.6–0.8 read
+registry.parquet with ``geopandas.read_parquet`` and require its GeoParquet geometry. Both read
+landmasks.parquet with pandas (``lon``, ``lat``, ``file_size``); it stays GeoParquet.
 """
 
 from __future__ import annotations
@@ -62,8 +70,11 @@ def _read_checksums(path: Path) -> dict[str, str]:
     return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())}
 
 
-def write_manifests(results: Results, tiles: list[TileFiles]) -> None:
-    """manifest.parquet + registry.parquet (tile-years) and landmasks.parquet (tiles) of ``tiles``."""
+def write_manifests(results: Results, tiles: list[TileFiles], *, family: str, variant: str) -> None:
+    """manifest.parquet + registry.parquet (tile-years) and landmasks.parquet (tiles) of ``tiles``.
+
+    ``family`` and ``variant`` fill the ``version``/``variant`` columns, as in tessera_metadata.json.
+    """
     rows: dict[str, list] = {k: [] for k in ["year", "lon", "lat", "lon_i", "lat_i", "grid_size", "scales_size",
                                               "file_size", "hash", "scales_hash"]}
     for t in tiles:
@@ -80,10 +91,12 @@ def write_manifests(results: Results, tiles: list[TileFiles]) -> None:
         rows["scales_hash"].append(sums.get(t.scales.name) or sha256_file(t.scales))
     types = {"year": pa.int32(), "lon_i": pa.int32(), "lat_i": pa.int32()}
     columns = {k: pa.array(v, types.get(k)) for k, v in rows.items()}
-    table = _geoparquet(columns, [shapely.Point(t.tile.lon, t.tile.lat) for t in tiles])
-    for path in (results.manifest, results.registry):
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
+    columns = {"version": pa.array([family_entry(family).dataset_version] * len(tiles), pa.string()),
+               "variant": pa.array([variant] * len(tiles), pa.string()), **columns}
+    with atomic_path(results.manifest) as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    with atomic_path(results.registry) as tmp:
+        pq.write_table(_geoparquet(columns, [shapely.Point(t.tile.lon, t.tile.lat) for t in tiles]), tmp)
 
     landmasks = {t.tile.name: t for t in tiles}.values()
     mask_columns = {
