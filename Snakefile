@@ -26,7 +26,7 @@ include: "rules/publish.smk"
 rule all:
     input:
         **PUBLISHED,
-        observations=expand_tiles(str(RESULTS.observations("{tile}", YEAR))),
+        observations=expand_tiles(OBSERVATIONS),
     default_target: True
 
 

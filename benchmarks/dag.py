@@ -1,9 +1,9 @@
 """Dry-run time and peak memory of our Snakemake DAG, against Snakemake's own floor, measured in turns.
 
-    .venv/bin/python benchmarks/dag.py [--tiles 10 100 1000] [--repeats 3] [--patch-size 512]
+    .venv/bin/python benchmarks/dag.py [--tiles 10 100 1000] [--years 2024] [--repeats 3] [--patch-size 512]
 
 The floor is a Snakefile written here with the same shape as ours for the same config: the same
-rules (three per-tile jobs chained through the same outputs, then one run-level job and `all`),
+rules (three per-tile-year jobs chained through the same outputs, then one run-level job and `all`),
 the same outputs, logs, benchmarks, params strings, threads and `attempt`-scaled resource lambdas,
 and the same tile list, but trivial: no imports, no config validation or plan, no input functions,
 shell `true`. What our dry-run takes beyond it is what our parse, rules and functions add. The two
@@ -37,7 +37,8 @@ from tessera.plan import make_plan  # noqa: E402
 FLOOR = '''
 import json
 TILES = json.load(open(config["tiles_json"]))
-W = "work/2024/{tile}"
+YEARS = config["years"]
+W = "work/{year}/{tile}"
 R = "results"
 
 
@@ -48,17 +49,17 @@ def grows(base):
 rule all:
     input:
         R + "/tessera_metadata.json",
-        expand(R + "/observations/2024/{tile}_2024.tif", tile=TILES),
+        expand(R + "/observations/{year}/{tile}_{year}.tif", tile=TILES, year=YEARS),
 
 
 rule fetch:
     output:
         roi_mask=W + "/roi.tif", s2=directory(W + "/s2.zarr"), s1=directory(W + "/s1.zarr"),
-        index=W + "/stack.json", observations=R + "/observations/2024/{tile}_2024.tif",
+        index=W + "/stack.json", observations=R + "/observations/{year}/{tile}_{year}.tif",
     params: source="--source mpc", options="--min-coverage-pct 0.01 --min-scenes 1"
     resources: mem_mb=grows(2000), runtime=grows(240)
-    log: "logs/fetch/{tile}.log"
-    benchmark: "logs/benchmarks/fetch/{tile}.tsv"
+    log: "logs/fetch/{year}/{tile}.log"
+    benchmark: "logs/benchmarks/fetch/{year}/{tile}.tsv"
     shell: "true"
 
 
@@ -68,36 +69,35 @@ rule infer:
     params: patches="", family="v2", options="--device auto"
     threads: 4
     resources: mem_mb=grows(8000), runtime=grows(60), gpu=1
-    log: "logs/infer/{tile}.log"
-    benchmark: "logs/benchmarks/infer/{tile}.tsv"
+    log: "logs/infer/{year}/{tile}.log"
+    benchmark: "logs/benchmarks/infer/{year}/{tile}.tsv"
     shell: "true"
 
 
 rule assemble:
     input: patches=W + "/patches", roi_mask=W + "/roi.tif", checkpoint=config["checkpoint"]
     output:
-        embedding=R + "/global_0.1_degree_representation/2024/{tile}/{tile}.npy",
-        scales=R + "/global_0.1_degree_representation/2024/{tile}/{tile}_scales.npy",
-        checksums=R + "/global_0.1_degree_representation/2024/{tile}/SHA256",
-        landmask=R + "/global_0.1_degree_tiff_all/{tile}.tiff",
-        cog=[R + "/cog/2024/{tile}_2024.tif"], float32=[],
+        embedding=R + "/global_0.1_degree_representation/{year}/{tile}/{tile}.npy",
+        scales=R + "/global_0.1_degree_representation/{year}/{tile}/{tile}_scales.npy",
+        checksums=R + "/global_0.1_degree_representation/{year}/{tile}/SHA256",
+        cog=[R + "/cog/{year}/{tile}_{year}.tif"], float32=[],
     params: options="--family v2 --source mpc --cog"
     resources: mem_mb=grows(2000), runtime=grows(30)
-    log: "logs/assemble/{tile}.log"
-    benchmark: "logs/benchmarks/assemble/{tile}.tsv"
+    log: "logs/assemble/{year}/{tile}.log"
+    benchmark: "logs/benchmarks/assemble/{year}/{tile}.tsv"
     shell: "true"
 
 
 rule publish:
     input:
-        stacks=expand(W + "/stack.json", tile=TILES),
-        embeddings=expand(R + "/global_0.1_degree_representation/2024/{tile}/{tile}.npy", tile=TILES),
-        scales=expand(R + "/global_0.1_degree_representation/2024/{tile}/{tile}_scales.npy", tile=TILES),
-        landmasks=expand(R + "/global_0.1_degree_tiff_all/{tile}.tiff", tile=TILES),
-        cogs=expand(R + "/cog/2024/{tile}_2024.tif", tile=TILES),
+        stacks=expand(W + "/stack.json", tile=TILES, year=YEARS),
+        embeddings=expand(R + "/global_0.1_degree_representation/{year}/{tile}/{tile}.npy", tile=TILES, year=YEARS),
+        scales=expand(R + "/global_0.1_degree_representation/{year}/{tile}/{tile}_scales.npy", tile=TILES, year=YEARS),
+        roi_masks=expand(W + "/roi.tif", tile=TILES, year=YEARS),
+        cogs=expand(R + "/cog/{year}/{tile}_{year}.tif", tile=TILES, year=YEARS),
         checkpoint=config["checkpoint"],
     output: R + "/tessera_metadata.json"
-    params: options="--year 2024 --family v2"
+    params: options="--family v2 --variant local --source mpc --mosaics"
     threads: 2
     resources: mem_mb=grows(4000), runtime=grows(20)
     log: "logs/publish.log"
@@ -129,15 +129,17 @@ def dry_run(snakefile: Path, workdir: Path, config: Path, env: dict) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--years", type=int, nargs="+", default=[2024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--patch-size", type=int, default=512)
     args = parser.parse_args()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    print(f"years {', '.join(map(str, args.years))}")
     print(f"{'tiles':>6} {'jobs':>6} {'ours s':>8} {'floor s':>8} {'ratio':>6} {'ours MiB':>9}   (medians of {args.repeats})")
     for tiles in args.tiles:
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
-            settings = {"roi": roi_for(tiles), "year": 2024, "source": "mpc", "patch_size": args.patch_size,
+            settings = {"roi": roi_for(tiles), "year": args.years, "source": "mpc", "patch_size": args.patch_size,
                         "max_tiles": 10 * tiles, "model": {"checkpoint": str(scratch / "model.pt")}}
             (scratch / "model.pt").write_bytes(b"")
             config = scratch / "c.yaml"
@@ -145,7 +147,7 @@ def main() -> None:
             plan = make_plan(tessera_config.load([REPO / "config/config.yaml", config]))
             (scratch / "tiles.json").write_text(json.dumps([t.name for t in plan.tiles]))
             floor_config = scratch / "floor.yaml"
-            floor_config.write_text(yaml.safe_dump({"tiles_json": str(scratch / "tiles.json"),
+            floor_config.write_text(yaml.safe_dump({"tiles_json": str(scratch / "tiles.json"), "years": args.years,
                                                     "checkpoint": str(scratch / "model.pt")}))
             (scratch / "Snakefile").write_text(FLOOR)
             ours, floor, peaks = [], [], []

@@ -4,7 +4,7 @@
 
 For checking that a change which should not change results does not: every file under either
 directory is compared by content. Only what records the time of a run may differ: the report's
-timings and generation time (``report_*.html``) and ``generated_at`` in ``tessera_metadata.json``
+timings and generation time (``report.html``, ``report_*.html`` before several years per run) and ``generated_at`` in ``tessera_metadata.json``
 (compared without it). Prints one line per file that differs or exists on one side only, then a
 summary; exits 1 when anything differs.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 # Files that hold the wall-clock time of the run, and how to compare them without it.
 TIMED = {"tessera_metadata.json": lambda text: json.dumps({k: v for k, v in json.loads(text).items()
                                                             if k != "generated_at"}, sort_keys=True)}
-TIMED_PATTERNS = ("report_*.html",)
+TIMED_PATTERNS = ("report.html", "report_*.html")
 
 
 def digest(path: Path) -> str:

@@ -1,5 +1,5 @@
-# Per tile (tessera assemble -> tessera.assemble.assemble_tile): int8 + scales in geotessera's
-# layout, the landmask and SHA256, and the tile's float32 COG.
+# Per tile-year (tessera assemble -> tessera.assemble.assemble_tile): int8 + scales and SHA256 in
+# geotessera's layout, and the tile's float32 COG.
 
 
 rule assemble:
@@ -10,10 +10,9 @@ rule assemble:
     output:
         embedding=EMBEDDING,
         scales=SCALES,
-        checksums=str(RESULTS.checksums("{tile}", YEAR)),
-        landmask=LANDMASK,
+        checksums=str(RESULTS.checksums("{tile}", "{year}")),
         cog=[COG] if CFG["export"]["cog"] else [],
-        float32=[str(RESULTS.float32("{tile}", YEAR))] if CFG["export"]["float32"] else [],
+        float32=[str(RESULTS.float32("{tile}", "{year}"))] if CFG["export"]["float32"] else [],
     params:
         options=" ".join(
             [f"--family {FAMILY} --source {CFG['source']}"]
@@ -25,9 +24,9 @@ rule assemble:
         mem_mb=grows_with_attempt(2000),
         runtime=grows_with_attempt(30),
     log:
-        "logs/assemble/{tile}.log",
+        "logs/assemble/{year}/{tile}.log",
     benchmark:
-        "logs/benchmarks/assemble/{tile}.tsv"
+        "logs/benchmarks/assemble/{year}/{tile}.tsv"
     conda:
         ENV
     shell:

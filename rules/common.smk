@@ -18,18 +18,19 @@ except UserError as error:
     print(f"tessera: error: {error}", file=sys.stderr)
     sys.exit(2)
 
-# Snakemake's own DAG work grows with the job count (about 3 jobs per tile): past a few thousand
-# tiles every dry-run and every cluster job's start gets slow, so say how to split the run.
+# Snakemake's own DAG work grows with the job count (about 3 jobs per tile-year): past a few
+# thousand tile-years every dry-run and every cluster job's start gets slow, so say how to split the run.
 COMFORTABLE_TILES = 3000
-if len(PLAN.tiles) > COMFORTABLE_TILES:
+if len(PLAN.tiles) * len(CFG["years"]) > COMFORTABLE_TILES:
     print(
-        f"tessera: warning: {len(PLAN.tiles)} tiles make a DAG of about {3 * len(PLAN.tiles):,} jobs; Snakemake "
+        f"tessera: warning: {len(PLAN.tiles)} tiles x {len(CFG['years'])} years make a DAG of about "
+        f"{3 * len(PLAN.tiles) * len(CFG['years']):,} jobs; Snakemake "
         f"handles up to ~{COMFORTABLE_TILES} tiles comfortably. Consider splitting the ROI into several runs "
         "(outputs join without seams), or building in parts with --batch publish=1/4 ... 4/4.",
         file=sys.stderr,
     )
 
-YEAR = CFG["year"]
+YEARS = CFG["years"]
 FAMILY = CFG["model"]["family"]
 TILES = [t.name for t in PLAN.tiles]
 ZONES = sorted({t.tile.epsg for t in PLAN.tiles})
@@ -39,23 +40,24 @@ RESULTS = layout.Results(OUTPUT_DIR)
 # Path patterns with the {tile} wildcard, shared by several rules. Rules name them as plain
 # strings, never as rules.<name>.output: Snakemake checks every input of a rule that has such
 # references against them by hashing the whole input list per file (quadratic in the tiles).
-WORK_TILE = layout.WorkTile.at(WORK_DIR, YEAR, "{tile}")
-EMBEDDING = str(RESULTS.embedding("{tile}", YEAR))
-SCALES = str(RESULTS.scales("{tile}", YEAR))
-LANDMASK = str(RESULTS.landmask("{tile}"))
-COG = str(RESULTS.cog("{tile}", YEAR))
-DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, YEAR))
+WORK_TILE = layout.WorkTile.at(WORK_DIR, "{year}", "{tile}")
+EMBEDDING = str(RESULTS.embedding("{tile}", "{year}"))
+SCALES = str(RESULTS.scales("{tile}", "{year}"))
+COG = str(RESULTS.cog("{tile}", "{year}"))
+OBSERVATIONS = str(RESULTS.observations("{tile}", "{year}"))
+DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, "{year}"))
 CHECKPOINT = (str(layout.demo_checkpoint(WORK_DIR, FAMILY)) if CFG["model"]["checkpoint"] == "demo"
               else CFG["model"]["checkpoint"])
 ENV = "../envs/tessera.yaml"
 PER_PATCH = CFG["infer"]["per"] == "patch"
 # Flags every job of a stage shares, built once from the config.
-TILE_ARGS = f"--tile {{wildcards.tile}} --year {YEAR} --work-dir {shlex.quote(WORK_DIR)}"
+TILE_ARGS = f"--tile {{wildcards.tile}} --year {{wildcards.year}} --work-dir {shlex.quote(WORK_DIR)}"
 ROI_ARGS = f"--roi {shlex.quote(CFG['roi'])} --patch-size {CFG['patch_size']}"
 
 
 wildcard_constraints:
     tile=r"grid_-?\d+\.\d5_-?\d+\.\d5",
+    year=r"\d{4}",
     patch=r"r\d+_c\d+",
 
 
@@ -72,10 +74,11 @@ def roi_input():
 
 
 def expand_tiles(pattern):
-    return expand(pattern, tile=TILES)
+    """A pattern with {tile} and {year} for every tile-year of the run."""
+    return expand(pattern, tile=TILES, year=YEARS)
 
 
 def patch_embeddings(wildcards):
     """What assemble reads with inference per patch: the tile's patch files."""
-    work = layout.WorkTile.at(WORK_DIR, YEAR, wildcards.tile)
+    work = layout.WorkTile.at(WORK_DIR, wildcards.year, wildcards.tile)
     return [str(work.patch(layout.patch_name(p))) for p in PLAN.by_name[wildcards.tile].patches]

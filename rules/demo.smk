@@ -8,13 +8,13 @@ rule demo_catalog:
         roi=shlex.quote(CFG["roi"]),
         revisits=f"--s2-revisit-days {CFG['demo']['s2_revisit_days']} --s1-revisit-days {CFG['demo']['s1_revisit_days']}",
     log:
-        f"logs/demo_catalog/{YEAR}.log",
+        "logs/demo_catalog/{year}.log",
     benchmark:
-        f"logs/benchmarks/demo_catalog/{YEAR}.tsv"
+        "logs/benchmarks/demo_catalog/{year}.tsv"
     conda:
         ENV
     shell:
-        f"tessera demo catalog --roi {{params.roi}} --year {YEAR} {{params.revisits}} --work-dir {shlex.quote(WORK_DIR)} 2> {{log}}"
+        f"tessera demo catalog --roi {{params.roi}} --year {{wildcards.year}} {{params.revisits}} --work-dir {shlex.quote(WORK_DIR)} 2> {{log}}"
 
 
 rule demo_checkpoint:

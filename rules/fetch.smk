@@ -13,7 +13,7 @@ rule fetch:
         s2=directory(str(WORK_TILE.s2)),
         s1=directory(str(WORK_TILE.s1)),
         index=str(WORK_TILE.stack_index),
-        observations=str(RESULTS.observations("{tile}", YEAR)),
+        observations=OBSERVATIONS,
     resources:
         mem_mb=grows_with_attempt(2000),
         runtime=grows_with_attempt(240),
@@ -22,9 +22,9 @@ rule fetch:
         + (f" --source-options {shlex.quote(json.dumps(CFG['stac']))}" if CFG["source"] == "stac" else ""),
         options=FetchOptions.from_config(CFG).cli_args(),
     log:
-        "logs/fetch/{tile}.log",
+        "logs/fetch/{year}/{tile}.log",
     benchmark:
-        "logs/benchmarks/fetch/{tile}.tsv"
+        "logs/benchmarks/fetch/{year}/{tile}.tsv"
     conda:
         ENV
     shell:

@@ -24,9 +24,9 @@ rule infer:
         runtime=grows_with_attempt(60),
         gpu=0 if CFG["device"] == "cpu" else 1,
     log:
-        "logs/infer/{tile}/{patch}.log" if PER_PATCH else "logs/infer/{tile}.log",
+        "logs/infer/{year}/{tile}/{patch}.log" if PER_PATCH else "logs/infer/{year}/{tile}.log",
     benchmark:
-        "logs/benchmarks/infer/{tile}/{patch}.tsv" if PER_PATCH else "logs/benchmarks/infer/{tile}.tsv"
+        "logs/benchmarks/infer/{year}/{tile}/{patch}.tsv" if PER_PATCH else "logs/benchmarks/infer/{year}/{tile}.tsv"
     conda:
         ENV
     shell:

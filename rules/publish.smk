@@ -1,5 +1,6 @@
-# Once per run (tessera publish -> tessera.publish.publish): geotessera's sidecar and manifests,
-# one PCA basis and every tile's quicklook, per-zone mosaics, the STAC catalogue and the report.
+# Once per run (tessera publish -> tessera.publish.publish), for every year of it: geotessera's
+# sidecar and manifests, one PCA basis and every tile-year's quicklook, mosaics per zone and year,
+# the STAC catalogue and the report.
 # One job: the PCA basis depends on every tile, and everything after it on the quicklooks, so any
 # tile that changes remakes them all anyway, and fewer jobs keep the DAG small. Its folders are
 # directory outputs: Snakemake compares each requested file with every output of a candidate rule,
@@ -12,17 +13,18 @@ PUBLISHED = dict(
     manifest=str(RESULTS.manifest),
     registry=str(RESULTS.registry),
     landmasks=str(RESULTS.landmasks_manifest),
-    quicklooks=str(RESULTS.quicklooks(YEAR)),
+    quicklooks=[str(RESULTS.quicklooks(year)) for year in YEARS],
     mosaics=expand(
-        str(RESULTS.mosaic("{layer}", YEAR, "{epsg}", "{ext}")),
+        str(RESULTS.mosaic("{layer}", "{year}", "{epsg}", "{ext}")),
         layer=["tessera", "quicklook"],
+        year=YEARS,
         epsg=ZONES,
         ext=["vrt", "tif"] if CFG["export"]["mosaic_cog"] else ["vrt"],
     )
     if MOSAICS
     else [],
     stac=str(RESULTS.stac_collection),
-    run_report=str(RESULTS.report(YEAR)),
+    run_report=str(RESULTS.report),
 )
 
 
@@ -31,14 +33,14 @@ rule publish:
         stacks=expand_tiles(str(WORK_TILE.stack_index)),
         embeddings=expand_tiles(EMBEDDING),
         scales=expand_tiles(SCALES),
-        landmasks=expand_tiles(LANDMASK),
+        roi_masks=expand_tiles(str(WORK_TILE.roi_mask)),
         cogs=expand_tiles(COG) if CFG["export"]["cog"] else [],
         checkpoint=CHECKPOINT,
     output:
-        **{**PUBLISHED, "quicklooks": directory(PUBLISHED["quicklooks"])},
+        **{**PUBLISHED, "quicklooks": [directory(folder) for folder in PUBLISHED["quicklooks"]]},
     params:
         options=" ".join(
-            [f"--year {YEAR} --family {FAMILY} --variant {CFG['export']['variant']} --source {CFG['source']}"]
+            [f"--family {FAMILY} --variant {CFG['export']['variant']} --source {CFG['source']}"]
             + (["--mosaics"] if MOSAICS else [])
             + (["--mosaic-cog"] if CFG["export"]["mosaic_cog"] else [])
         ),

@@ -25,9 +25,8 @@ def one_patch(tmp_path):
 
 def _assemble(tmp_path, tile, roi_mask, patch, **options):
     out = tmp_path / "out"
-    paths = dict(embedding_path=out / "t.npy", scales_path=out / "t_scales.npy", checksums_path=out / "SHA256",
-                 landmask_path=out / "t.tiff")
-    quantise_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, **paths, **options)
+    paths = dict(embedding_path=out / "t.npy", scales_path=out / "t_scales.npy", checksums_path=out / "SHA256")
+    quantise_tile(tile.name, [patch], family="v2", **paths, **options)
     return np.load(paths["embedding_path"]), np.load(paths["scales_path"])
 
 
@@ -58,7 +57,7 @@ def test_matryoshka_prefix_is_quantised_over_the_prefix_and_float32_is_kept(tmp_
 def test_bad_prefix_requests(tmp_path, one_patch, family, dims, message):
     tile, roi_mask, patch, _ = one_patch
     with pytest.raises(UserError, match=message):
-        quantise_tile(tile.name, [patch], family=family, roi_mask_path=roi_mask, embedding_path=tmp_path / "e.npy",
-                      scales_path=tmp_path / "s.npy", checksums_path=tmp_path / "S", landmask_path=tmp_path / "l.tiff",
+        quantise_tile(tile.name, [patch], family=family, embedding_path=tmp_path / "e.npy",
+                      scales_path=tmp_path / "s.npy", checksums_path=tmp_path / "S",
                       dims=dims)
     assert not (tmp_path / "e.npy").exists()

@@ -23,7 +23,7 @@ def test_defaults_are_filled():
         ({"model": {"famly": "v2"}}, "unknown key 'famly' in 'model'"),
         ({"year": 2030}, "config key 'year': 2030 is greater than the maximum of 2025"),
         ({"year": 2016}, "config key 'year': 2016 is less than the minimum of 2017"),
-        ({"year": "2024"}, "config key 'year': '2024' is not of type integer"),
+        ({"year": "2024"}, "config key 'year': '2024' is not a year, a list of years or a range"),
         ({"source": "sentinelhub"}, "config key 'source': 'sentinelhub' is not one of demo"),
         ({"model": {"family": "v3"}}, "config key 'model.family': 'v3' is not one of v2, v1.0, v1.0-qat, v1.1"),
         ({"device": "tpu"}, "config key 'device'"),

@@ -147,10 +147,11 @@ def report(tmp_path_factory) -> tuple[Path, Path, str]:
         write_tile_quicklook(files, basis, *Results(out).quicklook(files.tile.name, 2024))
     benchmarks = root / "logs" / "benchmarks"
     for files in tiles:
-        _benchmark(benchmarks / "assemble" / f"{files.tile.name}.tsv", "2.0\t0:00:02\t100\t-\t-\t-\t-\t-\t-\t1.5")
-        _benchmark(benchmarks / "infer" / files.tile.name / "r0_c0.tsv", "30.0\t0:00:30\t-\t-\t-\t-\t-\t-\t-\t-")
-    scene_ids = {f.tile.name: {"sentinel-2-l2a": ["a", "b", "c"][: i + 1], "sentinel-1-rtc": ["d"]} for i, f in enumerate(tiles)}
-    path = write_report(Results(out), find_tiles(Results(out)), 2024, scene_ids=scene_ids, benchmarks_dir=benchmarks)
+        _benchmark(benchmarks / "assemble" / "2024" / f"{files.tile.name}.tsv", "2.0\t0:00:02\t100\t-\t-\t-\t-\t-\t-\t1.5")
+        _benchmark(benchmarks / "infer" / "2024" / files.tile.name / "r0_c0.tsv", "30.0\t0:00:30\t-\t-\t-\t-\t-\t-\t-\t-")
+    scene_ids = {(f.tile.name, f.year): {"sentinel-2-l2a": ["a", "b", "c"][: i + 1], "sentinel-1-rtc": ["d"]}
+                 for i, f in enumerate(tiles)}
+    path = write_report(Results(out), find_tiles(Results(out)), scene_ids=scene_ids, benchmarks_dir=benchmarks)
     return out, path, path.read_text()
 
 
@@ -189,7 +190,7 @@ def test_report_lists_tiles_with_coverage_scene_counts_and_job_time(report):
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # thumbnails are pictures
 def test_report_embeds_thumbnails_and_links_quicklooks_relatively(report):
     out, path, page = report
-    images = re.findall(r'<img alt="PCA quicklook of (grid_[\d._]+)" src="data:image/png;base64,([^"]+)"', page)
+    images = re.findall(r'<img alt="PCA quicklook of (grid_[\d._]+) 2024" src="data:image/png;base64,([^"]+)"', page)
     assert [name for name, _ in images] == ["grid_5.85_52.05", "grid_5.95_52.05"]  # the third has no quicklook
     for name, encoded in images:
         with MemoryFile(base64.b64decode(encoded)) as memory, memory.open() as thumbnail:
@@ -207,6 +208,6 @@ def test_report_embeds_thumbnails_and_links_quicklooks_relatively(report):
 
 def test_report_without_scenes_or_benchmarks(report):
     out, _, _ = report
-    page = write_report(Results(out), find_tiles(Results(out)), 2024).read_text()
+    page = write_report(Results(out), find_tiles(Results(out))).read_text()
     assert "grid_5.95_52.05" in page and "scenes" not in page and "Timings" not in page
     assert 'href="quicklook/2024/grid_5.85_52.05_2024.png"' in page  # relative to the report's folder

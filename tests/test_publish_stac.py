@@ -28,9 +28,9 @@ from test_publish_verify import DIMS, YEAR, copy_of_output_dir
 CHECKPOINT_SHA = "0123456789abcdef" * 4
 
 
-def _scene_ids(tiles) -> dict[str, dict[str, list[str]]]:
-    return {t.tile.name: {S2_COLLECTION: [f"S2B_{t.tile.name}_a", f"S2B_{t.tile.name}_b"], S1_COLLECTION: [f"S1A_{t.tile.name}"]}
-            for t in tiles}
+def _scene_ids(tiles) -> dict[tuple[str, int], dict[str, list[str]]]:
+    return {(t.tile.name, t.year): {S2_COLLECTION: [f"S2B_{t.tile.name}_a", f"S2B_{t.tile.name}_b"],
+                                    S1_COLLECTION: [f"S1A_{t.tile.name}"]} for t in tiles}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def catalog(tmp_path_factory) -> tuple[Path, Path]:
     basis = fit_pca(tiles)
     for files in tiles[:2]:  # the third tile has no quicklook: its Item must simply omit those assets
         write_tile_quicklook(files, basis, *Results(out).quicklook(files.tile.name, YEAR))
-    collection = write_stac(Results(out), find_tiles(Results(out)), year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo",
+    collection = write_stac(Results(out), find_tiles(Results(out)), family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo",
                             variant="local", scene_ids=_scene_ids(tiles), software_version="9.9.9")
     return out, collection
 
@@ -124,7 +124,8 @@ def test_provenance(catalog):
         assert props["tessera:data_source"] == "demo"
         assert props["tessera:variant"] == "local"
         assert props["processing:software"] == {"tessera-workflow": "9.9.9"}
-        assert props["tessera:scenes"] == _scene_ids(tiles)[item.id.rsplit("_", 1)[0]]
+        name, year = item.id.rsplit("_", 1)
+        assert props["tessera:scenes"] == _scene_ids(tiles)[(name, int(year))]
 
 
 def test_catalog_moves_with_the_output_directory(catalog, tmp_path):
@@ -139,15 +140,15 @@ def test_catalog_moves_with_the_output_directory(catalog, tmp_path):
 def test_missing_scene_ids_name_the_tile(catalog):
     out, _ = catalog
     scene_ids = _scene_ids(find_tiles(Results(out)))
-    del scene_ids["grid_5.95_52.05"]
+    del scene_ids[("grid_5.95_52.05", YEAR)]
     with pytest.raises(UserError, match="no scene ids for tile.*grid_5.95_52.05"):
-        write_stac(Results(out), find_tiles(Results(out)), year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
+        write_stac(Results(out), find_tiles(Results(out)), family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
                    scene_ids=scene_ids)
 
 
 def test_empty_output_directory_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no complete tile for 2024"):
-        write_stac(Results(tmp_path), find_tiles(Results(tmp_path)), year=YEAR, family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
+    with pytest.raises(UserError, match="no complete tile"):
+        write_stac(Results(tmp_path), find_tiles(Results(tmp_path)), family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo", variant="local",
                    scene_ids={})
 
 

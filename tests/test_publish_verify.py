@@ -17,7 +17,7 @@ from shapely import box
 
 from tessera.assemble import quantise_tile, write_tile_cog
 from tessera.layout import Results, TileFiles, find_tiles
-from tessera.publish.manifest import write_manifests, write_metadata
+from tessera.publish.manifest import write_landmasks, write_manifests, write_metadata
 from tessera.publish.verify import verify_output
 from tessera.grid import Tile, patch_name, tiles_for_geometry
 from tessera.layout import write_patch_embedding
@@ -60,16 +60,16 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
         patch = work / tile.name / "patches" / f"{patch_name(window)}.npz"
         write_patch_embedding(patch, synthetic_embedding(tile, window, read_roi_mask(roi_mask, window), dims))
         files = TileFiles.locate(Results(out), tile, year)
-        quantise_tile(tile.name, [patch], family="v2", roi_mask_path=roi_mask, embedding_path=files.embedding,
-                      scales_path=files.scales, checksums_path=files.checksums, landmask_path=files.landmask)
+        quantise_tile(tile.name, [patch], family="v2", embedding_path=files.embedding, scales_path=files.scales,
+                      checksums_path=files.checksums)
+        write_landmasks([files], {tile.name: roi_mask})
         if cogs:
-            write_tile_cog(files.embedding, files.scales, files.landmask, Results(out).cog(tile.name, year),
+            write_tile_cog(files.embedding, files.scales, roi_mask, Results(out).cog(tile.name, year),
                            tags={"TESSERA_YEAR": str(year)})
         embeddings.append(files.embedding)
     tiles = find_tiles(Results(out))
     write_manifests(Results(out), tiles, family="v2", variant="local")
-    write_metadata(Results(out), family="v2", variant="local", checkpoint=checkpoint, source="demo", year=year,
-                   tiles=tiles)
+    write_metadata(Results(out), family="v2", variant="local", checkpoint=checkpoint, source="demo", tiles=tiles)
     return out
 
 

@@ -95,7 +95,7 @@ def test_people_can_see_and_catalogue_the_run(tiny_demo_run):
         assert s2_steps[inside].min() > 0 and s1_steps[inside].min() > 0
         assert (results / f"quicklook/2024/{name}_2024.png").stat().st_size > 0
         assert (results / f"mosaic/2024/tessera_2024_epsg{epsg}.vrt").exists()
-    report = (results / "report_2024.html").read_text()
+    report = (results / "report.html").read_text()
     assert "grid_5.95_52.05" in report and "data:image/png;base64" in report
 
 

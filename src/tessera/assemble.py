@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +38,21 @@ def _reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
 def assemble_tile(tile: Tile, year: int, patch_paths: list[Path], *, family: str, work: WorkTile, results: Results,
                   dims: int | None = None, float32: bool = False, cog: bool = False, checkpoint: Path | None = None,
                   source: str | None = None) -> None:
-    """Everything the assemble rule makes for a tile-year: int8 codes, scales, landmask and SHA256
-    in geotessera's layout; the float32 embedding and the tile's COG (tagged with the ``checkpoint``'s
-    sha256 and the data ``source``) on request."""
+    """Everything the assemble rule makes for a tile-year: int8 codes, scales and SHA256 in
+    geotessera's layout; the float32 embedding and the tile's COG (on the grid of the tile's ROI mask,
+    tagged with the ``checkpoint``'s sha256 and the data ``source``) on request. (The landmask is the
+    same for every year of a tile: the publish stage writes it.)"""
     quantise_tile(
-        tile.name, patch_paths, family=family, roi_mask_path=work.roi_mask,
+        tile.name, patch_paths, family=family,
         embedding_path=results.embedding(tile.name, year), scales_path=results.scales(tile.name, year),
-        checksums_path=results.checksums(tile.name, year), landmask_path=results.landmask(tile.name), dims=dims,
+        checksums_path=results.checksums(tile.name, year), dims=dims,
         float32_path=results.float32(tile.name, year) if float32 else None,
     )
     if cog:
         tags = {"TESSERA_MODEL": family, "TESSERA_SOURCE": source, "TESSERA_YEAR": str(year),
                 "TESSERA_CHECKPOINT_SHA256": sha256_file(checkpoint)}
-        write_tile_cog(results.embedding(tile.name, year), results.scales(tile.name, year),
-                       results.landmask(tile.name), results.cog(tile.name, year), tags=tags)
+        write_tile_cog(results.embedding(tile.name, year), results.scales(tile.name, year), work.roi_mask,
+                       results.cog(tile.name, year), tags=tags)
 
 
 def quantise_tile(
@@ -60,11 +60,9 @@ def quantise_tile(
     patch_paths: list[Path],
     *,
     family: str,
-    roi_mask_path: Path,
     embedding_path: Path,
     scales_path: Path,
     checksums_path: Path,
-    landmask_path: Path,
     dims: int | None = None,
     float32_path: Path | None = None,
 ) -> None:
@@ -117,14 +115,11 @@ def quantise_tile(
             del floats
         with atomic_path(scales_path) as tmp_scales:
             np.save(tmp_scales, scales)
-            # The landmask doubles as the ROI mask: 1 where the tile has (or should have) embeddings.
-            with atomic_path(landmask_path) as tmp_landmask:
-                shutil.copyfile(roi_mask_path, tmp_landmask)
-                with atomic_path(checksums_path) as tmp_checksums:
-                    tmp_checksums.write_text(
-                        f"{sha256_file(tmp_embedding)}  {embedding_path.name}\n"
-                        f"{sha256_file(tmp_scales)}  {scales_path.name}\n"
-                    )
+            with atomic_path(checksums_path) as tmp_checksums:
+                tmp_checksums.write_text(
+                    f"{sha256_file(tmp_embedding)}  {embedding_path.name}\n"
+                    f"{sha256_file(tmp_scales)}  {scales_path.name}\n"
+                )
 
 
 def quantize(embedding: np.ndarray, family: str | Family) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +148,7 @@ _ROWS_PER_BLOCK = 256
 _GDAL_CACHE_MB = 256
 
 
-def write_tile_cog(embedding_path: Path, scales_path: Path, landmask_path: Path, out: Path, *, tags: dict[str, str]) -> None:
+def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path, out: Path, *, tags: dict[str, str]) -> None:
     """Write a tile's dequantised float32 embedding as a Cloud-Optimized GeoTIFF.
 
     Pixel-interleaved (a pixel's vector is one read), NaN nodata, DEFLATE with the floating-point
@@ -164,8 +159,8 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, landmask_path: Path,
     """
     codes = np.load(embedding_path, mmap_mode="r")
     scales = np.load(scales_path, mmap_mode="r")
-    with rasterio.open(landmask_path) as landmask:
-        crs, transform = landmask.crs, landmask.transform
+    with rasterio.open(roi_mask_path) as grid:  # the tile's grid
+        crs, transform = grid.crs, grid.transform
     window = data_window(scales)
     codes = codes[window.toslices()]
     scales = scales[window.toslices()]

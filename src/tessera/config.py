@@ -89,14 +89,32 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     """
     the_schema = schema()
     config = copy.deepcopy(config)
+    config.pop("years", None)  # derived from "year" below (a validated config validates again)
     validator = jsonschema.Draft202012Validator(the_schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise UserError(_describe(error))
     _fill_defaults(the_schema, config)
+    config["years"] = years_of(config["year"])
     if config["source"] == "stac" and "stac" not in config:
         raise UserError("config: source stac needs a 'stac' mapping (url, s2_collection, s1_collection): see config/config.yaml")
     return config
+
+
+FIRST_YEAR, LAST_YEAR = 2017, 2025
+
+
+def years_of(year: int | list[int] | str) -> list[int]:
+    """The years of the config's ``year`` (one, a list or a range "A-B"), ascending."""
+    if isinstance(year, int):
+        return [year]
+    if isinstance(year, list):
+        return sorted(year)
+    first, last = (int(part) for part in year.split("-"))
+    if not FIRST_YEAR <= first <= last <= LAST_YEAR:
+        raise UserError(f"config key 'year': range {year!r} must run forwards within {FIRST_YEAR}-{LAST_YEAR}, "
+                        f"e.g. {FIRST_YEAR}-{LAST_YEAR}")
+    return list(range(first, last + 1))
 
 
 def load(paths: list[str | Path], overrides: dict | None = None) -> dict[str, Any]:
@@ -113,6 +131,9 @@ def _fill_defaults(node_schema: dict, data: dict) -> None:
 
 def _describe(error: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in error.absolute_path)
+    if where == "year" and error.validator in ("type", "pattern", "oneOf"):
+        return (f"config key 'year': {error.instance!r} is not a year, a list of years or a range: give e.g. 2024, "
+                '[2018, 2024] or "2017-2025"')
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(known))

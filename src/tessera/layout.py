@@ -162,8 +162,15 @@ class Results:
     def stac_collection(self) -> Path:
         return self.stac / "collection.json"
 
-    def report(self, year: int | str) -> Path:
-        return self.root / f"report_{year}.html"
+    @property
+    def report(self) -> Path:
+        """The run's HTML report, every year of it."""
+        return self.root / "report.html"
+
+    def change(self, tile: str, first: int | str, second: int | str) -> tuple[Path, Path]:
+        """(COG, PNG) of a tile's change map between two years: per-pixel cosine distance."""
+        folder = self.root / "change" / f"{first}_{second}"
+        return folder / f"{tile}_{first}_{second}.tif", folder / f"{tile}_{first}_{second}.png"
 
 
 @dataclass(frozen=True)

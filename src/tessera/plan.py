@@ -52,7 +52,9 @@ class Plan:
 
     def job_counts(self) -> Counter:
         """Jobs per rule, as `snakemake -n` will list them, from the rules' shapes (``JOB_SHAPES``)."""
-        per = {"run": 1, "tile": len(self.tiles), "patch": sum(len(t.patches) for t in self.tiles)}
+        years = len(self.config["years"])
+        per = {"run": 1, "year": years, "tile": len(self.tiles) * years,
+               "patch": sum(len(t.patches) for t in self.tiles) * years}
         counts = Counter()
         for rule, shape in JOB_SHAPES.items():
             keyed_by = shape(self.config)
@@ -65,7 +67,7 @@ class Plan:
 # files (rules/*.smk) declare their outputs with these wildcards, and the Snakefile checks, when it
 # is read, that every rule is here with the wildcards its shape says.
 JOB_SHAPES = {
-    "demo_catalog": lambda config: "run" if config["source"] == "demo" else None,
+    "demo_catalog": lambda config: "year" if config["source"] == "demo" else None,
     "demo_checkpoint": lambda config: "run" if config["model"]["checkpoint"] == "demo" else None,
     "fetch": lambda config: "tile",
     "infer": lambda config: config["infer"]["per"],
@@ -73,8 +75,8 @@ JOB_SHAPES = {
     "publish": lambda config: "run",
     "all": lambda config: "run",
 }
-# The wildcards of each shape's outputs.
-SHAPE_WILDCARDS = {"run": set(), "tile": {"tile"}, "patch": {"tile", "patch"}}
+# The wildcards of each shape's outputs: "tile" and "patch" jobs are per year too.
+SHAPE_WILDCARDS = {"run": set(), "year": {"year"}, "tile": {"tile", "year"}, "patch": {"tile", "year", "patch"}}
 
 
 # Sizing assumptions of `tessera plan`, per tile-year, used where no cached search says better.
@@ -141,27 +143,28 @@ def make_plan(config: dict) -> Plan:
 
 
 def estimates(plan: Plan) -> dict[str, float]:
-    """What a run will cost: scenes, bytes downloaded, stack bytes on disk, compute."""
+    """What a run will cost, over every tile-year: scenes, bytes downloaded, stack bytes on disk, compute."""
     cfg = plan.config
     totals = Counter()
-    for t in plan.tiles:
-        pixels = t.window.width * t.window.height
-        work = WorkTile.at(cfg["work_dir"], cfg["year"], t.name)
-        s2_items = _cached_item_count(work.search("s2"))
-        s1_items = _cached_item_count(work.search("s1"))
-        totals["cached_searches"] += (s2_items is not None) + (s1_items is not None)
-        s2_items = TYPICAL_S2_ITEMS if s2_items is None else s2_items
-        s1_items = TYPICAL_S1_ITEMS if s1_items is None else s1_items
-        totals["s2_scenes"] += s2_items
-        totals["s1_scenes"] += s1_items
-        totals["download_bytes"] += pixels * (s2_items * S2_BYTES_PER_PIXEL + s1_items * S1_BYTES_PER_PIXEL)
-        totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
-        totals["pixels"] += sum(p.width * p.height for p in t.patches)
+    for year in cfg["years"]:
+        for t in plan.tiles:
+            pixels = t.window.width * t.window.height
+            work = WorkTile.at(cfg["work_dir"], year, t.name)
+            s2_items = _cached_item_count(work.search("s2"))
+            s1_items = _cached_item_count(work.search("s1"))
+            totals["cached_searches"] += (s2_items is not None) + (s1_items is not None)
+            s2_items = TYPICAL_S2_ITEMS if s2_items is None else s2_items
+            s1_items = TYPICAL_S1_ITEMS if s1_items is None else s1_items
+            totals["s2_scenes"] += s2_items
+            totals["s1_scenes"] += s1_items
+            totals["download_bytes"] += pixels * (s2_items * S2_BYTES_PER_PIXEL + s1_items * S1_BYTES_PER_PIXEL)
+            totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
+            totals["pixels"] += sum(p.width * p.height for p in t.patches)
     totals["macs"] = totals["pixels"] * family_entry(cfg["model"]["family"]).macs_per_pixel
-    # int8 codes + a float32 scale per pixel of every tile; COGs of the embedded pixels; the
+    # int8 codes + a float32 scale per pixel of every tile-year; COGs of the embedded pixels; the
     # optional float32 .npy.
     dims = cfg["export"]["dims"] or 128
-    tile_pixels = sum(t.tile.width * t.tile.height for t in plan.tiles)
+    tile_pixels = sum(t.tile.width * t.tile.height for t in plan.tiles) * len(cfg["years"])
     totals["output_bytes"] = tile_pixels * (dims + 4)
     totals["cog_bytes"] = totals["pixels"] * dims * COG_BYTES_PER_VALUE if cfg["export"]["cog"] else 0
     totals["float32_bytes"] = tile_pixels * dims * 4 if cfg["export"]["float32"] else 0

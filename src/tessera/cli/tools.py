@@ -1,4 +1,4 @@
-"""Tools around the stages: plan, search, verify, embed-patch, export-patches, install-profile."""
+"""Tools around the stages: plan, search, verify, change, embed-patch, export-patches, install-profile."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     plan = make_plan(config.load(args.config))
     cfg = plan.config
-    print(f"ROI {cfg['roi']}  year {cfg['year']}  source {cfg['source']}  model {cfg['model']['family']}")
+    years = ", ".join(map(str, cfg["years"]))
+    print(f"ROI {cfg['roi']}  years {years}  source {cfg['source']}  model {cfg['model']['family']}")
     print(f"{'tile':<20} {'EPSG':>6} {'tile px':>11} {'work window (col,row,w,h)':>28} {'patches':>8}")
     for t in plan.tiles:
         w = t.window
         print(f"{t.name:<20} {t.tile.epsg:>6} {t.tile.width:>5}x{t.tile.height:<5} "
               f"{f'{w.col_off},{w.row_off},{w.width},{w.height}':>28} {len(t.patches):>8}")
     pixels = sum(t.window.width * t.window.height for t in plan.tiles)
-    print(f"{len(plan.tiles)} tiles, {sum(len(t.patches) for t in plan.tiles)} patches, {pixels:,} pixels in work windows")
+    print(f"{len(plan.tiles)} tiles, {sum(len(t.patches) for t in plan.tiles)} patches, {pixels:,} pixels in work windows, "
+          f"x {len(cfg['years'])} year(s)")
     counts = plan.job_counts()
     print("jobs: " + ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items())) + f"; total {sum(counts.values())}")
     est = estimates(plan)
@@ -61,18 +63,22 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.tile not in plan.by_name:
         raise UserError(f"tile {args.tile} is not in this config's plan: pick one of {', '.join(sorted(plan.by_name))}")
     tile_plan = plan.by_name[args.tile]
-    catalog = layout.demo_catalog(cfg["work_dir"], cfg["year"])
+    year = args.year or cfg["years"][0]
+    if year not in cfg["years"]:
+        raise UserError(f"year {year} is not one of this config's years ({', '.join(map(str, cfg['years']))}): pick one")
+    catalog = layout.demo_catalog(cfg["work_dir"], year)
     if cfg["source"] == "demo" and not catalog.exists():
         raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
     with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
-        print_scenes(source, tile_plan.tile, tile_plan.window, cfg["year"],
-                     work=layout.WorkTile.at(cfg["work_dir"], cfg["year"], args.tile))
+        print_scenes(source, tile_plan.tile, tile_plan.window, year,
+                     work=layout.WorkTile.at(cfg["work_dir"], year, args.tile))
 
 
 def add_search(sub) -> None:
     p = sub.add_parser("search", help="print the scenes a tile would use (date, platform, orbit, cloud, coverage)")
     p.add_argument("--config", action="append", required=True, metavar="FILE")
     p.add_argument("--tile", required=True)
+    p.add_argument("--year", type=int, help="one of the config's years (default: its first)")
     p.set_defaults(func=cmd_search)
 
 
@@ -154,4 +160,20 @@ def add_install_profile(sub) -> None:
     p.set_defaults(func=cmd_install_profile)
 
 
-PARSERS = (add_plan, add_search, add_verify, add_embed_patch, add_export_patches, add_install_profile)
+def cmd_change(args: argparse.Namespace) -> None:
+    from tessera.change import write_change_maps
+
+    for cog, png in write_change_maps(layout.Results(args.output_dir), args.first_year, args.second_year):
+        print(f"{cog}  {png}")
+
+
+def add_change(sub) -> None:
+    p = sub.add_parser("change", help="per-pixel cosine distance between two years' embeddings of each tile "
+                       "(COG + PNG under <output-dir>/change/)")
+    p.add_argument("--output-dir", required=True, help="an output directory holding both years")
+    p.add_argument("first_year", type=int)
+    p.add_argument("second_year", type=int)
+    p.set_defaults(func=cmd_change)
+
+
+PARSERS = (add_plan, add_search, add_verify, add_change, add_embed_patch, add_export_patches, add_install_profile)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,7 +33,7 @@ from tessera.models import family_entry
 
 
 def write_metadata(
-    results: Results, *, family: str, variant: str, checkpoint: Path, source: str, year: int, tiles: list[TileFiles]
+    results: Results, *, family: str, variant: str, checkpoint: Path, source: str, tiles: list[TileFiles]
 ) -> None:
     """geotessera's dataset sidecar, plus what made the embeddings (provenance)."""
     version = family_entry(family).dataset_version
@@ -46,8 +47,8 @@ def write_metadata(
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": sha256_file(checkpoint),
         "data_source": source,
-        "years": [year],
-        "tiles": sorted(t.tile.name for t in tiles),
+        "years": sorted({t.year for t in tiles}),
+        "tiles": sorted({t.tile.name for t in tiles}),
     }
     with atomic_path(results.metadata) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -68,6 +69,15 @@ def _read_checksums(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     return {name: digest for digest, name in (line.split() for line in path.read_text().splitlines() if line.strip())}
+
+
+def write_landmasks(tiles: list[TileFiles], roi_masks: dict[str, Path]) -> None:
+    """Each tile's landmask: its ROI mask on the tile grid (1 where the tile has, or should have,
+    embeddings), the same for every year, so written once per tile from ``roi_masks`` (tile name ->
+    a work ROI mask of the tile)."""
+    for files in {t.tile.name: t for t in tiles}.values():
+        with atomic_path(files.landmask) as tmp:
+            shutil.copyfile(roi_masks[files.tile.name], tmp)
 
 
 def write_manifests(results: Results, tiles: list[TileFiles], *, family: str, variant: str) -> None:

@@ -1,12 +1,12 @@
 """PCA quicklooks: the first three principal components of the embeddings as an RGB picture.
 
 One PCA basis and one colour stretch are fitted for the whole run (on a seeded sample of at most
-~100k pixels drawn across all tiles), so neighbouring tiles get the same colours and their quicklooks
-join without seams. Per tile we write an RGBA PNG (transparent where there is no embedding) and a
+~100k pixels drawn across all tiles and years), so neighbouring tiles get the same colours and their
+quicklooks join without seams, and the years of a tile compare by colour. Per tile we write an RGBA PNG (transparent where there is no embedding) and a
 small uint8 RGB + alpha COG on the tile grid with overviews:
 
 ```
-{out}/quicklook/{year}/pca.json              the fitted basis and stretch
+{out}/quicklook/{year}/pca.json              the fitted basis and stretch (the same for every year)
 {out}/quicklook/{year}/{tile}_{year}.png
 {out}/quicklook/{year}/{tile}_{year}.tif
 ```
@@ -36,14 +36,15 @@ _ROWS_PER_BLOCK = 256
 STRETCH_PERCENTILES = (2.0, 98.0)
 
 
-def write_quicklooks(tile_files: list[TileFiles], results: Results, year: int, *, threads: int = 1) -> None:
-    """Fit one PCA basis on all tiles of the year, save it, and write every tile's quicklook,
+def write_quicklooks(tile_files: list[TileFiles], results: Results, *, threads: int = 1) -> None:
+    """Fit one PCA basis on all tile-years, save it in every year's folder, and write every quicklook,
     ``threads`` tiles at a time (the work is in numpy and GDAL, which release the GIL)."""
     basis = fit_pca(tile_files)
-    basis.save(results.quicklooks(year) / "pca.json")
+    for year in sorted({files.year for files in tile_files}):
+        basis.save(results.quicklooks(year) / "pca.json")
 
     def write(files: TileFiles) -> None:
-        write_tile_quicklook(files, basis, *results.quicklook(files.tile.name, year))
+        write_tile_quicklook(files, basis, *results.quicklook(files.tile.name, files.year))
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for _ in tqdm(pool.map(write, tile_files), total=len(tile_files), desc="quicklooks", unit="tile", file=sys.stderr):

@@ -147,30 +147,29 @@ def _seconds(value: float) -> str:
 def write_report(
     results: Results,
     tiles: list[TileFiles],
-    year: int,
     *,
-    scene_ids: dict[str, dict[str, list[str]]] | None = None,
+    scene_ids: dict[tuple[str, int], dict[str, list[str]]] | None = None,
     benchmarks_dir: Path | None = None,
 ) -> Path:
-    """Write the HTML report of ``tiles`` (of one year) to the output directory's ``report_{year}.html``.
+    """Write the HTML report of ``tiles`` (tile-years, every year of the run) to ``results.report``.
 
-    ``scene_ids``: tile name -> {source collection: [scene ids]} (as for the STAC Items), for the scene
-    counts; ``benchmarks_dir``: Snakemake's ``logs/benchmarks`` folder, for the timings.
+    A section per year (coverage, scene counts, job time and quicklook of each tile), then each
+    tile's years side by side. ``scene_ids``: (tile name, year) -> {source collection: [scene ids]}
+    (as for the STAC Items), for the scene counts; ``benchmarks_dir``: Snakemake's
+    ``logs/benchmarks`` folder, for the timings.
     """
-    out = results.report(year)
-    metadata_path = results.metadata
-    metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
+    out, scene_ids = results.report, scene_ids or {}
+    metadata = json.loads(results.metadata.read_text()) if results.metadata.exists() else {}
     benchmarks = read_benchmarks(benchmarks_dir) if benchmarks_dir and Path(benchmarks_dir).is_dir() else []
-    collections = sorted({name for ids in (scene_ids or {}).values() for name in ids})
-
-    seconds_per_tile: dict[str, float] = defaultdict(float)
-    for bench in benchmarks:
-        tile_name = bench.job.split("/")[0]
-        if tile_name.startswith("grid_") and not math.isnan(bench.seconds):
-            seconds_per_tile[tile_name] += bench.seconds
-    rows, total = _tile_rows(results, tiles, year, scene_ids or {}, collections, seconds_per_tile)
-    rule_rows = _timing_rows(benchmarks)
-
+    collections = sorted({name for ids in scene_ids.values() for name in ids})
+    seconds_per_tile: dict[tuple[str, int], float] = defaultdict(float)
+    for bench in benchmarks:  # per tile-year jobs are benchmarked as <rule>/<year>/<tile>[/<patch>].tsv
+        parts = bench.job.split("/")
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].startswith("grid_") and not math.isnan(bench.seconds):
+            seconds_per_tile[(parts[1], int(parts[0]))] += bench.seconds
+    years = sorted({files.year for files in tiles})
+    named = ", ".join(map(str, years))
+    pictures = {(files.tile.name, files.year): _picture(results, files) for files in tiles}
     provenance = [
         ["model family", metadata.get("model_family", "–")],
         ["checkpoint", f'{metadata.get("checkpoint", "–")} (sha256 {metadata.get("checkpoint_sha256", "–")})'],
@@ -179,21 +178,28 @@ def write_report(
         ["outputs generated", metadata.get("generated_at", "–")],
         ["made by", metadata.get("generator", "–")],
     ]
-    summary = (f"{len(tiles)} tile(s); {total.embedded_pixels:,} of {total.roi_pixels:,} ROI pixels have an embedding "
-               f"({total.percent:.1f} %)" if total.roi_pixels else f"{len(tiles)} tile(s); no ROI pixel")
     parts = [
         "<!DOCTYPE html>",
-        f'<html lang="en"><head><meta charset="utf-8"><title>TESSERA run {year}</title><style>{_STYLE}</style></head><body>',
-        f"<h1>TESSERA embeddings {year}</h1>",
-        f"<p>{html.escape(summary)}.</p>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>TESSERA run {named}</title><style>{_STYLE}</style></head><body>',
+        f"<h1>TESSERA embeddings {named}</h1>",
         _table(["run", ""], [[html.escape(k), html.escape(str(v))] for k, v in provenance], name_columns=2),
-        "<h2>Tiles</h2>",
         "<p>Coverage: ROI pixels with an embedding (no embedding where no valid observation was found). "
-        "Quicklook: the first three principal components of the embeddings as RGB, one colour scale for the run, "
-        "cropped to the embedded pixels; click for the whole tile.</p>",
-        _table(["tile", "CRS", "pixels", "ROI pixels", "embedded", "coverage",
-                *[f"{html.escape(c)} scenes" for c in collections], "job time (s)", "quicklook"], rows),
+        "Quicklook: the first three principal components of the embeddings as RGB, one colour scale for the whole "
+        "run (every tile and year), cropped to the embedded pixels; click for the whole tile.</p>",
     ]
+    for year in years:
+        of_year = [files for files in tiles if files.year == year]
+        rows, total = _tile_rows(of_year, scene_ids, collections, seconds_per_tile, pictures)
+        summary = (f"{len(of_year)} tile(s); {total.embedded_pixels:,} of {total.roi_pixels:,} ROI pixels have an "
+                   f"embedding ({total.percent:.1f} %)" if total.roi_pixels else f"{len(of_year)} tile(s); no ROI pixel")
+        parts += [f"<h2>{year}</h2>", f"<p>{html.escape(summary)}.</p>",
+                  _table(["tile", "CRS", "pixels", "ROI pixels", "embedded", "coverage",
+                          *[f"{html.escape(c)} scenes" for c in collections], "job time (s)", "quicklook"], rows)]
+    if len(years) > 1:
+        names = sorted({files.tile.name for files in tiles})
+        rows = [[html.escape(name), *[pictures.get((name, year), "–") for year in years]] for name in names]
+        parts += ["<h2>Years side by side</h2>", _table(["tile", *map(str, years)], rows)]
+    rule_rows = _timing_rows(benchmarks)
     if rule_rows:
         parts += ["<h2>Timings</h2>",
                   _table(["rule", "jobs", "wall time, sum (s)", "longest job (s)", "CPU time (s)", "max RSS (MB)"], rule_rows)]
@@ -203,34 +209,38 @@ def write_report(
     return out
 
 
-def _tile_rows(results: Results, tiles: list[TileFiles], year: int, scene_ids: dict, collections: list[str],
-               seconds_per_tile: dict[str, float]) -> tuple[list[list[str]], TileCoverage]:
-    """One table row per tile (name, grid, coverage, scenes, job time, thumbnail) and the run's coverage."""
-    out = results.report(year)
+def _picture(results: Results, files: TileFiles) -> str:
+    """A tile-year's quicklook thumbnail, linked to its full-size PNG; "" without a quicklook."""
+    png, rgb_cog = results.quicklook(files.tile.name, files.year)
+    window = _data_window(files.scales) if files.scales.exists() else None
+    if not rgb_cog.exists() or window is None:
+        return ""
+    encoded = base64.b64encode(_thumbnail_png(rgb_cog, window)).decode()
+    image = f'<img alt="PCA quicklook of {files.tile.name} {files.year}" src="data:image/png;base64,{encoded}">'
+    return f'<a href="{html.escape(os.path.relpath(png, results.report.parent))}">{image}</a>' if png.exists() else image
+
+
+def _tile_rows(tiles: list[TileFiles], scene_ids: dict, collections: list[str],
+               seconds_per_tile: dict[tuple[str, int], float],
+               pictures: dict[tuple[str, int], str]) -> tuple[list[list[str]], TileCoverage]:
+    """One table row per tile-year (name, grid, coverage, scenes, job time, thumbnail) and their coverage."""
     rows, total = [], TileCoverage(0, 0)
     for files in tiles:
-        name = files.tile.name
+        key = (files.tile.name, files.year)
         coverage = tile_coverage(files) if files.present else None
         if coverage:
             total = TileCoverage(total.roi_pixels + coverage.roi_pixels, total.embedded_pixels + coverage.embedded_pixels)
-        png, rgb_cog = results.quicklook(name, year)
-        picture = ""
-        window = _data_window(files.scales) if files.scales.exists() else None
-        if rgb_cog.exists() and window is not None:
-            encoded = base64.b64encode(_thumbnail_png(rgb_cog, window)).decode()
-            image = f'<img alt="PCA quicklook of {name}" src="data:image/png;base64,{encoded}">'
-            picture = f'<a href="{html.escape(os.path.relpath(png, out.parent))}">{image}</a>' if png.exists() else image
         percent = coverage.percent if coverage else math.nan
         rows.append([
-            html.escape(name),
+            html.escape(files.tile.name),
             f"EPSG:{files.tile.epsg}",
             f"{files.tile.width} × {files.tile.height}",
             f"{coverage.roi_pixels:,}" if coverage else "incomplete",
             f"{coverage.embedded_pixels:,}" if coverage else "–",
             f'<span class="{"low" if percent < LOW_COVERAGE_PERCENT else ""}">{percent:.1f} %</span>' if coverage and coverage.roi_pixels else "–",
-            *[str(len(scene_ids.get(name, {}).get(c, []))) for c in collections],
-            _seconds(seconds_per_tile[name]) if name in seconds_per_tile else "–",
-            picture,
+            *[str(len(scene_ids.get(key, {}).get(c, []))) for c in collections],
+            _seconds(seconds_per_tile[key]) if key in seconds_per_tile else "–",
+            pictures[key],
         ])
     return rows, total
 

@@ -50,6 +50,11 @@ def scene_ids_from_stack_index(stack_json: Path) -> dict[str, list[str]]:
     return {S2_COLLECTION: sorted(s2), S1_COLLECTION: sorted(s1)}
 
 
+def _year_span(year: int) -> tuple[dt.datetime, dt.datetime]:
+    """The first and last instant of a UTC calendar year."""
+    return dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(year, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+
+
 def _file_fields(asset: pystac.Asset, path: Path) -> None:
     FileExtension.ext(asset).apply(checksum=_SHA256_MULTIHASH + sha256_file(path), size=path.stat().st_size)
 
@@ -122,7 +127,6 @@ def write_stac(
     results: Results,
     tiles: list[TileFiles],
     *,
-    year: int,
     family: str,
     checkpoint_sha256: str,
     source: str,
@@ -133,18 +137,19 @@ def write_stac(
 ) -> Path:
     """Write ``stac/`` of an output directory for ``tiles`` and return the path of collection.json.
 
-    ``scene_ids`` maps each tile name to {source collection: [scene ids]} (see
+    ``scene_ids`` maps each (tile name, year) to {source collection: [scene ids]} (see
     ``scene_ids_from_stack_index``). The previous ``stac/`` folder is replaced atomically.
     """
     results = Results(results.root.absolute())  # asset hrefs start absolute, then are made relative
     tiles = [TileFiles.locate(results, files.tile, files.year) for files in tiles if files.present]
     if not tiles:
-        raise UserError(f"{results.root}: no complete tile for {year} (embedding, scales and landmask): run the workflow first")
-    missing = sorted(files.tile.name for files in tiles if files.tile.name not in scene_ids)
+        raise UserError(f"{results.root}: no complete tile (embedding, scales and landmask): run the workflow first")
+    missing = sorted(f"{files.tile.name} {files.year}" for files in tiles if (files.tile.name, files.year) not in scene_ids)
     if missing:
-        raise UserError(f"no scene ids for tile(s) {', '.join(missing)}: pass the stack.json of every tile of {year}")
-    start = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
-    end = dt.datetime(year, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+        raise UserError(f"no scene ids for tile-year(s) {', '.join(missing)}: pass the stack.json of every tile-year")
+    years = sorted({files.year for files in tiles})
+    start, end = _year_span(years[0])[0], _year_span(years[-1])[1]
+    named = str(years[0]) if len(years) == 1 else f"{years[0]}-{years[-1]}"
     common = {
         "processing:software": {"tessera-workflow": software_version},
         "processing:lineage": "Sentinel-2 L2A and Sentinel-1 RTC time series of the year, encoded as the TESSERA "
@@ -156,8 +161,8 @@ def write_stac(
     }
     bounds = np.array([files.tile.bounds_lonlat for files in tiles])
     collection = pystac.Collection(
-        id=f"tessera-{variant}-{year}",
-        title=f"TESSERA embeddings {year} ({family}, {variant})",
+        id=f"tessera-{variant}-{named}",
+        title=f"TESSERA embeddings {named} ({family}, {variant})",
         description="Per-pixel TESSERA embeddings (10 m, one vector per pixel summarising a year of Sentinel-1 "
                     "and Sentinel-2) on geotessera's 0.1° grid, made by tessera-workflow.",
         extent=pystac.Extent(
@@ -168,8 +173,8 @@ def write_stac(
         extra_fields={k: v for k, v in common.items() if k.startswith("tessera:")},
     )
     for files in tiles:
-        provenance = {**common, "tessera:scenes": scene_ids[files.tile.name]}
-        collection.add_item(_tile_item(files, results, provenance, start, end))
+        provenance = {**common, "tessera:scenes": scene_ids[(files.tile.name, files.year)]}
+        collection.add_item(_tile_item(files, results, provenance, *_year_span(files.year)))
 
     final = results.stac
     collection.normalize_hrefs(str(final.absolute()))
