@@ -59,23 +59,13 @@ def publish(
     from tessera.publish.report import write_report
     from tessera.publish.stac import write_stac
 
-<<<<<<< HEAD
-    tiles, scene_ids = tiles_of_stacks(results, stack_indexes)
-    write_manifests(results, tiles, family=family, variant=variant)
-    write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, year=year,
-                   tiles=tiles)
-    write_quicklooks(tiles, results, year, threads=threads)
-    if mosaics:
-        for vrt in write_zone_mosaics(results, [files.tile for files in tiles], year):
-=======
     tiles, scene_ids, roi_masks = tiles_of_stacks(results, stack_indexes)
     write_landmasks(tiles, roi_masks)
-    write_manifests(results, tiles)
+    write_manifests(results, tiles, family=family, variant=variant)
     write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, tiles=tiles)
     write_quicklooks(tiles, results, threads=threads)
     for year in sorted({files.year for files in tiles}) if mosaics else []:
         for vrt in write_zone_mosaics(results, [files.tile for files in tiles if files.year == year], year):
->>>>>>> years
             log.info("wrote %s", vrt)
             if mosaic_cog:
                 log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
