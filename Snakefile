@@ -25,8 +25,8 @@ include: "rules/publish.smk"
 
 rule all:
     input:
+        # The per-tile outputs (embeddings, COGs, observation counts) follow from publish's inputs.
         **PUBLISHED,
-        observations=expand_tiles(OBSERVATIONS),
     default_target: True
 
 

@@ -49,7 +49,6 @@ def grows(base):
 rule all:
     input:
         R + "/tessera_metadata.json",
-        expand(R + "/observations/{year}/{tile}_{year}.tif", tile=TILES, year=YEARS),
 
 
 rule fetch:
@@ -90,11 +89,7 @@ rule assemble:
 
 rule publish:
     input:
-        stacks=expand(W + "/stack.json", tile=TILES, year=YEARS),
         embeddings=expand(R + "/global_0.1_degree_representation/{year}/{tile}/{tile}.npy", tile=TILES, year=YEARS),
-        scales=expand(R + "/global_0.1_degree_representation/{year}/{tile}/{tile}_scales.npy", tile=TILES, year=YEARS),
-        roi_masks=expand(W + "/roi.tif", tile=TILES, year=YEARS),
-        cogs=expand(R + "/cog/{year}/{tile}_{year}.tif", tile=TILES, year=YEARS),
         checkpoint=config["checkpoint"],
     output: R + "/tessera_metadata.json"
     params: options="--family v2 --variant local --source mpc --mosaics"
@@ -113,12 +108,12 @@ def roi_for(tiles: int) -> str:
     return f"0.0,45.0,{cols / 10:.1f},{45 + rows / 10:.1f}"
 
 
-def dry_run(snakefile: Path, workdir: Path, config: Path, env: dict) -> tuple[float, int, int]:
+def dry_run(snakefile: Path, workdir: Path, config: Path, env: dict, *extra: str) -> tuple[float, int, int]:
     """(seconds, jobs, peak RSS in KiB) of one `snakemake -n`."""
     start = time.perf_counter()
     result = subprocess.run(
         [str(BIN / "snakemake"), "-s", str(snakefile), "-d", str(workdir), "-n", "-q", "rules",
-         "--configfile", str(config), "--cores", "1"], capture_output=True, text=True, env=env)
+         "--configfile", str(config), "--cores", "1", *extra], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(result.stderr[-2000:])
@@ -132,10 +127,14 @@ def main() -> None:
     parser.add_argument("--years", type=int, nargs="+", default=[2024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--patch-size", type=int, default=512)
+    parser.add_argument("--batches", type=int, default=0,
+                        help="also time the preview of the first of N parts (--batch publish=1/N): a country in parts")
     args = parser.parse_args()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     print(f"years {', '.join(map(str, args.years))}")
-    print(f"{'tiles':>6} {'jobs':>6} {'ours s':>8} {'floor s':>8} {'ratio':>6} {'ours MiB':>9}   (medians of {args.repeats})")
+    batch_column = f" {f'1/{args.batches} s':>8}" if args.batches else ""
+    print(f"{'tiles':>6} {'jobs':>6} {'ours s':>8} {'floor s':>8} {'ratio':>6} {'ours MiB':>9}{batch_column}"
+          f"   (medians of {args.repeats})")
     for tiles in args.tiles:
         with tempfile.TemporaryDirectory() as scratch:
             scratch = Path(scratch)
@@ -160,7 +159,12 @@ def main() -> None:
             if jobs != floor_jobs:
                 sys.exit(f"the floor has {floor_jobs} jobs, ours {jobs}: the floor's shape is out of date")
             mine, base = statistics.median(ours), statistics.median(floor)
-            print(f"{tiles:>6} {jobs:>6} {mine:>8.1f} {base:>8.1f} {mine / base:>6.2f} {max(peaks) / 1024:>9.0f}")
+            part = ""
+            if args.batches:
+                seconds, _, _ = dry_run(REPO / "Snakefile", scratch / "ours", config, env, "--batch",
+                                        f"publish=1/{args.batches}")
+                part = f" {seconds:>8.1f}"
+            print(f"{tiles:>6} {jobs:>6} {mine:>8.1f} {base:>8.1f} {mine / base:>6.2f} {max(peaks) / 1024:>9.0f}{part}")
 
 
 if __name__ == "__main__":

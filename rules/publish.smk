@@ -30,11 +30,10 @@ PUBLISHED = dict(
 
 rule publish:
     input:
-        stacks=expand_tiles(str(WORK_TILE.stack_index)),
+        # One file per tile-year: its assemble job's other outputs (scales, COG) and what that job
+        # needs (the fetch's stack index and ROI mask) come with it, and `--batch publish=1/N`
+        # then cuts a run into N parts of whole tile-years (README, "Country-size runs").
         embeddings=expand_tiles(EMBEDDING),
-        scales=expand_tiles(SCALES),
-        roi_masks=expand_tiles(str(WORK_TILE.roi_mask)),
-        cogs=expand_tiles(COG) if CFG["export"]["cog"] else [],
         checkpoint=CHECKPOINT,
     output:
         **{**PUBLISHED, "quicklooks": [directory(folder) for folder in PUBLISHED["quicklooks"]]},
@@ -55,6 +54,6 @@ rule publish:
     conda:
         ENV
     shell:
-        f"tessera publish --output-dir {shlex.quote(OUTPUT_DIR)}"
+        f"tessera publish --output-dir {shlex.quote(OUTPUT_DIR)} --work-dir {shlex.quote(WORK_DIR)}"
         " {params.options} --threads {threads} --checkpoint {input.checkpoint}"
-        " --benchmarks logs/benchmarks {input.stacks} 2> {log}"
+        " --benchmarks logs/benchmarks {input.embeddings} 2> {log}"

@@ -121,6 +121,14 @@ class Results:
         """int8 (H, W, D) codes, C order."""
         return self.tile_folder(tile, year) / f"{tile}.npy"
 
+    @staticmethod
+    def tile_year_of(embedding: Path) -> tuple[str, int]:
+        """(tile name, year) of a path made by :meth:`embedding`."""
+        folder = Path(embedding).parent
+        if Path(embedding).name != f"{folder.name}.npy" or not folder.parent.name.isdigit():
+            raise UserError(f"{embedding} is not an embedding in geotessera's layout (<year>/<tile>/<tile>.npy)")
+        return folder.name, int(folder.parent.name)
+
     def scales(self, tile: str, year: int | str) -> Path:
         """float32 (H, W) per-pixel scales; NaN = no embedding."""
         return self.tile_folder(tile, year) / f"{tile}_scales.npy"

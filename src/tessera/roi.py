@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pyogrio
 import rasterio
 import rasterio.features
 import shapely
@@ -82,6 +81,10 @@ def read_roi(spec: str | Path) -> BaseGeometry:
 
 
 def _read_vector(path: Path) -> tuple[BaseGeometry, CRS]:
+    # Imported here: pyogrio brings geopandas and pandas (about a second), which the Snakefile's
+    # parse of a bbox ROI, on every cluster job, does not need.
+    import pyogrio
+
     try:
         meta, _, wkb, _ = pyogrio.raw.read(path, read_geometry=True, columns=[])
     except Exception as exc:  # pyogrio raises several GDAL-derived types for unreadable files

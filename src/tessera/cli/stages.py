@@ -126,7 +126,7 @@ def add_assemble(sub) -> None:
 def cmd_publish(args: argparse.Namespace) -> None:
     from tessera.publish import publish
 
-    publish(layout.Results(args.output_dir), [Path(p) for p in args.stacks], family=args.family,
+    publish(layout.Results(args.output_dir), Path(args.work_dir), [Path(p) for p in args.embeddings], family=args.family,
             variant=args.variant, checkpoint=Path(args.checkpoint), source=args.source, mosaics=args.mosaics,
             mosaic_cog=args.mosaic_cog, threads=args.threads,
             benchmarks_dir=Path(args.benchmarks) if args.benchmarks else None)
@@ -135,6 +135,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
 def add_publish(sub) -> None:
     p = sub.add_parser("publish", help="(rule publish) manifests, quicklooks, mosaics, STAC and report of a run")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--work-dir", required=True, help="the config's work_dir (stack indexes, ROI masks)")
     p.add_argument("--family", required=True)
     p.add_argument("--variant", required=True)
     p.add_argument("--checkpoint", required=True)
@@ -143,7 +144,7 @@ def add_publish(sub) -> None:
     p.add_argument("--mosaic-cog", action="store_true", help="also write each mosaic as a COG next to its VRT")
     p.add_argument("--threads", type=int, default=1, help="quicklooks written at once")
     p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks), for the report's timings")
-    p.add_argument("stacks", nargs="+", help="the tile-years' stack.json (which tile-years, and their scene ids)")
+    p.add_argument("embeddings", nargs="+", help="the tile-years' embeddings (.npy in geotessera's layout)")
     p.set_defaults(func=cmd_publish)
 
 

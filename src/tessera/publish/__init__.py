@@ -8,7 +8,6 @@ tile COGs and quicklooks (``mosaic``), the STAC catalogue (``stac``) and the HTM
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,27 +19,30 @@ from tessera.layout import Results, TileFiles, WorkTile
 log = logging.getLogger(__name__)
 
 
-def tiles_of_stacks(results: Results, stack_indexes: list[Path]) -> tuple[list[TileFiles], dict[tuple, dict], dict]:
-    """The result files of the tile-years whose ``stack.json`` are given, their scene ids per
-    (tile name, year) ({source collection: [scene ids]}), and each tile's work ROI mask."""
+def tiles_of_embeddings(results: Results, work_dir: Path,
+                        embeddings: list[Path]) -> tuple[list[TileFiles], dict[tuple, dict], dict]:
+    """The result files of the tile-years whose embeddings are given, their scene ids per
+    (tile name, year) ({source collection: [scene ids]}, from the stack index), and each tile's
+    work ROI mask."""
     from tessera.publish.stac import scene_ids_from_stack_index
 
     tiles, scene_ids, roi_masks = [], {}, {}
-    for path in map(Path, stack_indexes):
-        index = json.loads(path.read_text())
-        files = TileFiles.locate(results, Tile.from_name(index["tile"]), int(index["year"]))
-        if not (files.embedding.exists() and files.scales.exists()):
-            raise UserError(f"tile {files.tile.name} {files.year} has no complete embedding in {results.root} "
-                            "(embedding and scales): run its assemble job first")
+    for path in map(Path, embeddings):
+        tile, year = results.tile_year_of(path)
+        files, work = TileFiles.locate(results, Tile.from_name(tile), year), WorkTile.at(work_dir, year, tile)
+        if not (files.embedding.exists() and files.scales.exists() and work.stack_index.exists()):
+            raise UserError(f"tile {tile} {year} has no complete embedding in {results.root} or no stack index in "
+                            f"{work_dir} (embedding, scales, stack.json): run its fetch and assemble jobs first")
         tiles.append(files)
-        scene_ids[(files.tile.name, files.year)] = scene_ids_from_stack_index(path)
-        roi_masks[files.tile.name] = WorkTile(path.parent).roi_mask
+        scene_ids[(tile, year)] = scene_ids_from_stack_index(work.stack_index)
+        roi_masks[tile] = work.roi_mask
     return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids, roi_masks
 
 
 def publish(
     results: Results,
-    stack_indexes: list[Path],
+    work_dir: Path,
+    embeddings: list[Path],
     *,
     family: str,
     variant: str,
@@ -51,15 +53,15 @@ def publish(
     threads: int = 1,
     benchmarks_dir: Path | None = None,
 ) -> None:
-    """Write every run-level product of the tile-years of ``stack_indexes`` (every year of the run)
-    into ``results``."""
+    """Write every run-level product of the tile-years of ``embeddings`` (every year of the run) into
+    ``results``; their intermediates are in ``work_dir``."""
     from tessera.publish.manifest import write_landmasks, write_manifests, write_metadata
     from tessera.publish.mosaic import write_mosaic_cog, write_zone_mosaics
     from tessera.publish.quicklook import write_quicklooks
     from tessera.publish.report import write_report
     from tessera.publish.stac import write_stac
 
-    tiles, scene_ids, roi_masks = tiles_of_stacks(results, stack_indexes)
+    tiles, scene_ids, roi_masks = tiles_of_embeddings(results, work_dir, embeddings)
     write_landmasks(tiles, roi_masks)
     write_manifests(results, tiles, family=family, variant=variant)
     write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, tiles=tiles)
