@@ -16,7 +16,7 @@ from tessera.models import get_family
 from tessera.infer import embed_reference_patch, export_patches, infer_patches, tile_seed
 from tessera.layout import read_patch_embedding, reference_patch_name
 from tessera.options import InferOptions
-from tessera.stack import read_window, write_s1, write_s2, write_stack_index, StackGrid
+from tessera.stack import read_window, write_s1, write_s2, write_stack_index, Preprocessing, StackGrid
 
 TILE = Tile.from_name("grid_6.05_52.05")
 WINDOW = Window(100, 200, 30, 20)  # the work window, in tile pixels
@@ -29,7 +29,8 @@ def tile(tmp_path_factory):
     """A stack index over WINDOW with 50 S2 and 2 × 12 S1 dates, and the tile's ROI mask (a disc)."""
     root = tmp_path_factory.mktemp("tile")
     grid = StackGrid(tile=TILE.name, year=2024, window=WINDOW, crs=f"EPSG:{TILE.epsg}", transform=WINDOW_TRANSFORM,
-                     source="demo", data_kind="mpc")
+                     source="demo", data_kind="mpc",
+                     preprocessing=Preprocessing.expected_by("v1.0", "mpc"))
     rng = np.random.default_rng(0)
     with write_s2(root / "s2.zarr", grid, chunk=8) as writer:
         for step in range(STEPS):

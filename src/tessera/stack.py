@@ -58,6 +58,13 @@ class Preprocessing:
     def attrs(self) -> dict:
         return dict(self.__dict__)
 
+    @classmethod
+    def expected_by(cls, family: str, harmonisation: str) -> Preprocessing:
+        """What a family's checkpoints were trained on, for data of a source with this rule."""
+        from tessera.models import expected_preprocessing
+
+        return cls(harmonisation=harmonisation, **expected_preprocessing(family))
+
 
 @dataclass(frozen=True)
 class StackGrid:
