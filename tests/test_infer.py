@@ -157,3 +157,24 @@ def test_export_refuses_windows_it_cannot_name(tmp_path, tile):
         export_patches(tile / "stack.json", [Window(96, 200, 8, 8)], tmp_path / "out",
                        roi_mask_path=tile / "roi.tif", patch_size=8)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_inference_refuses_a_stack_prepared_otherwise_than_its_family_was_trained_on(tmp_path, tile):
+    """The tile's stack is prepared for v1.x (nearest); a v2 checkpoint expects bilinear."""
+    import json
+
+    from tessera.errors import UserError
+    from tessera.models import make_demo_checkpoint
+
+    assert json.loads((tile / "stack.json").read_text())["preprocessing"]["s2_resampling"] == "nearest"
+    checkpoint = tmp_path / "v2.pt"
+    make_demo_checkpoint(checkpoint, family="v2")
+    layout = [Window(104, 203, 13, 11)]
+    with pytest.raises(UserError, match=r"prepared otherwise than v2 checkpoints were trained on: "
+                                        r"s2_resampling 'nearest' \(trained on 'bilinear'\).*allow_preprocessing_mismatch"):
+        _embed_tile(tile, checkpoint, layout, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "patches").exists()
+    options = InferOptions(device="cpu", allow_preprocessing_mismatch=True)
+    written = infer_patches(tile / "stack.json", layout, roi_mask_path=tile / "roi.tif", checkpoint=checkpoint,
+                            family=None, options=options, out_dir=tmp_path / "allowed")
+    assert (~np.isnan(read_patch_embedding(written[0])[..., 0])).any()
