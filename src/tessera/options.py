@@ -25,10 +25,12 @@ class CommandLineOptions:
 
     HELP: dict[str, tuple[str, dict]] = {}
 
-    def cli_args(self) -> str:
-        """The command-line flags that give these options back through :meth:`from_args`."""
+    def cli_args(self, only: tuple[str, ...] | None = None) -> str:
+        """The command-line flags that give these options (``only`` those fields) back through :meth:`from_args`."""
         args = []
         for field in fields(self):
+            if only is not None and field.name not in only:
+                continue
             value = getattr(self, field.name)
             flag = "--" + field.name.replace("_", "-")
             if isinstance(value, bool):
@@ -39,9 +41,11 @@ class CommandLineOptions:
         return " ".join(args)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
         defaults = cls()
         for field in fields(cls):
+            if only is not None and field.name not in only:
+                continue
             help_text, keywords = cls.HELP[field.name]
             default = getattr(defaults, field.name)
             if isinstance(default, bool):
@@ -52,7 +56,8 @@ class CommandLineOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
-        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+        """From parsed flags; fields without a flag (see ``only``) keep their defaults."""
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)})
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class InferOptions(CommandLineOptions):
     trust_checkpoint: bool = False
     allow_source_mismatch: bool = False
     allow_preprocessing_mismatch: bool = False
+
+    # What the outputs' provenance records of inference (the publish stage takes these flags only).
+    PROVENANCE = ("device", "precision", "seed", "repeat_times")
 
     HELP = {
         "device": ("auto: CUDA when present, else CPU threads", {"choices": DEVICES}),

@@ -129,7 +129,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     publish(layout.Results(args.output_dir), [Path(p) for p in args.stacks], year=args.year, family=args.family,
             variant=args.variant, checkpoint=Path(args.checkpoint), source=args.source, mosaics=args.mosaics,
             mosaic_cog=args.mosaic_cog, threads=args.threads,
-            benchmarks_dir=Path(args.benchmarks) if args.benchmarks else None)
+            benchmarks_dir=Path(args.benchmarks) if args.benchmarks else None, inference=InferOptions.from_args(args))
 
 
 def add_publish(sub) -> None:
@@ -144,7 +144,8 @@ def add_publish(sub) -> None:
     p.add_argument("--mosaic-cog", action="store_true", help="also write each mosaic as a COG next to its VRT")
     p.add_argument("--threads", type=int, default=1, help="quicklooks written at once")
     p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks), for the report's timings")
-    p.add_argument("stacks", nargs="+", help="the tiles' stack.json (which tiles, and their scene ids)")
+    p.add_argument("stacks", nargs="+", help="the tiles' stack.json (which tiles, their scene ids and preprocessing)")
+    InferOptions.add_arguments(p, only=InferOptions.PROVENANCE)  # how inference ran, for the provenance
     p.set_defaults(func=cmd_publish)
 
 

@@ -77,8 +77,10 @@ def add_search(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from tessera.publish.verify import verify_output
+    from tessera.publish.verify import describe_processing, verify_output
 
+    for line in describe_processing(Path(args.output_dir)):
+        print(f"made with: {line}")
     problems = verify_output(Path(args.output_dir))
     for problem in problems:
         print(problem)

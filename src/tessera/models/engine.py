@@ -80,6 +80,15 @@ def resolve_precision(precision: str, family: Family, device: torch.device) -> s
     return precision
 
 
+def precision_in_effect(precision: str, family: Family, device: str) -> str:
+    """What ``resolve_precision`` gives on the device a run may land on, in words (for provenance)."""
+    if precision != "auto":
+        return precision
+    if not family.bf16_on_cuda or device == "cpu":
+        return "fp32"
+    return "bf16 on CUDA GPUs with bfloat16 support, else fp32"
+
+
 def cpu_threads(threads: int | None = None) -> int:
     """Threads for CPU inference: explicit value, else OMP_NUM_THREADS, else the cores this job may use."""
     if threads is not None:

@@ -16,6 +16,7 @@ from tessera.errors import UserError
 from tessera.grid import Tile
 from tessera.io import sha256_file
 from tessera.layout import Results, TileFiles
+from tessera.options import InferOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,18 @@ def tiles_of_stacks(results: Results, stack_indexes: list[Path]) -> tuple[list[T
     return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids
 
 
+def preprocessing_of_stacks(stack_indexes: list[Path]) -> dict[str, dict]:
+    """Tile name -> the preprocessing its ``stack.json`` records (``stack.Preprocessing``)."""
+    preprocessing = {}
+    for path in stack_indexes:
+        index = json.loads(Path(path).read_text())
+        if "preprocessing" not in index:
+            raise UserError(f"stack index {path} records no preprocessing (written by an older tessera-workflow): "
+                            "delete the tile's work folder and rerun its fetch")
+        preprocessing[index["tile"]] = index["preprocessing"]
+    return preprocessing
+
+
 def publish(
     results: Results,
     stack_indexes: list[Path],
@@ -49,18 +62,23 @@ def publish(
     mosaic_cog: bool = False,
     threads: int = 1,
     benchmarks_dir: Path | None = None,
+    inference: InferOptions = InferOptions(),
 ) -> None:
-    """Write every run-level product of the tiles of ``stack_indexes`` into ``results``."""
-    from tessera.publish.manifest import write_manifests, write_metadata
+    """Write every run-level product of the tiles of ``stack_indexes`` into ``results``; ``inference``
+    holds the run's inference options, for the provenance (``InferOptions.PROVENANCE``)."""
+    from tessera.publish.manifest import processing_record, write_manifests, write_metadata
     from tessera.publish.mosaic import write_mosaic_cog, write_zone_mosaics
     from tessera.publish.quicklook import write_quicklooks
     from tessera.publish.report import write_report
     from tessera.publish.stac import write_stac
 
     tiles, scene_ids = tiles_of_stacks(results, stack_indexes)
+    preprocessing = preprocessing_of_stacks(stack_indexes)
+    processing = processing_record(family, preprocessing,
+                                   {name: getattr(inference, name) for name in InferOptions.PROVENANCE})
     write_manifests(results, tiles)
     write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, year=year,
-                   tiles=tiles)
+                   tiles=tiles, processing=processing)
     write_quicklooks(tiles, results, year, threads=threads)
     if mosaics:
         for vrt in write_zone_mosaics(results, [files.tile for files in tiles], year):
@@ -68,5 +86,5 @@ def publish(
             if mosaic_cog:
                 log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
     write_stac(results, tiles, year=year, family=family, checkpoint_sha256=sha256_file(checkpoint), source=source,
-               variant=variant, scene_ids=scene_ids)
+               variant=variant, scene_ids=scene_ids, processing=processing)
     write_report(results, tiles, year, scene_ids=scene_ids, benchmarks_dir=benchmarks_dir)
