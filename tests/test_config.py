@@ -130,6 +130,7 @@ def test_s2_resampling_follows_the_family_unless_given(family, given, expected):
     """v1.x checkpoints were trained on nearest (the reference until 228c658), v2 on bilinear; the
     user's explicit setting wins. The rule's flags give the same back to `tessera fetch`."""
     import argparse
+    import dataclasses
 
     from tessera.options import FetchOptions
 
@@ -140,4 +141,8 @@ def test_s2_resampling_follows_the_family_unless_given(family, given, expected):
     parser = argparse.ArgumentParser()
     FetchOptions.add_arguments(parser)
     again = FetchOptions.from_args(parser.parse_args(options.cli_args().split()))
-    assert again == options and again.s2_method == expected
+    assert dataclasses.replace(again, family=None) == options and again.s2_method == expected
+    assert "--family" not in options.cli_args()  # a family with the same defaults fetches the same
+    # `tessera fetch` without the flag follows its --family.
+    assert FetchOptions.from_args(parser.parse_args(["--family", family])).s2_method == FetchOptions.from_config(
+        cfg.validate({"roi": DEMO_ROI, "year": 2024, "model": {"family": family}})).s2_method

@@ -10,7 +10,7 @@ this module is cheap (no torch): the Snakefile uses it.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -114,7 +114,7 @@ class FetchOptions(CommandLineOptions):
     s2_resampling: str = "family"
     s1_mask_layover: bool = False
     patch_size: int = 512
-    family: str = "v2"
+    family: str | None = "v2"
 
     HELP = {
         "min_coverage_pct": ("skip a date covering less than this percentage of the ROI pixels", {}),
@@ -123,7 +123,7 @@ class FetchOptions(CommandLineOptions):
                           "was trained on)", {"choices": S2_RESAMPLINGS}),
         "s1_mask_layover": ("drop the pixels of OPERA's layover/shadow mask (the reference keeps them)", {}),
         "patch_size": ("inference patch edge (sets the stacks' chunking)", {}),
-        "family": ("model family the stacks are for (the defaults of the choices that follow it)", {}),
+        "family": ("model family the stacks are for (the defaults of the choices that follow it)", {"type": str}),
     }
 
     @property
@@ -133,10 +133,13 @@ class FetchOptions(CommandLineOptions):
             return self.s2_resampling
         from tessera.models import family_entry  # cheap: the registry imports no torch
 
-        return family_entry(self.family).s2_resampling
+        return family_entry(self.family or "v2").s2_resampling
 
     @classmethod
     def from_config(cls, config: dict) -> FetchOptions:
+        """With the family's defaults resolved: the rule's flags name only what the fetch does, so
+        that switching to a family trained on the same preprocessing does not fetch again."""
         fetch = config["fetch"]
-        return cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"] or "family",
-                   fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"])
+        given = cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"] or "family",
+                    fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"])
+        return replace(given, s2_resampling=given.s2_method, family=None)
