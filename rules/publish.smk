@@ -42,6 +42,7 @@ rule publish:
             [f"--family {FAMILY} --variant {CFG['export']['variant']} --source {CFG['source']}"]
             + (["--mosaics"] if MOSAICS else [])
             + (["--mosaic-cog"] if CFG["export"]["mosaic_cog"] else [])
+            + [InferOptions.from_config(CFG).cli_args(only=InferOptions.PROVENANCE)]
         ),
     threads: 2
     resources:

@@ -30,7 +30,7 @@ from tessera import layout
 from tessera.layout import WorkTile, read_patch_embedding
 from tessera.plan import plan_tiles
 from tessera.roi import read_roi, write_roi_mask
-from tessera.stack import StackGrid, write_s1, write_s2, write_stack_index
+from tessera.stack import Preprocessing, StackGrid, write_s1, write_s2, write_stack_index
 
 
 def files_under(directory: Path) -> set[Path]:
@@ -188,7 +188,8 @@ def small_stack(tmp_path_factory) -> dict[str, Path]:
     """A tile's stack.json over a 16 px window (synthetic values), its ROI mask and a demo checkpoint."""
     work_dir = tmp_path_factory.mktemp("work")
     root = WorkTile.at(work_dir, 2024, TILE.name).root
-    grid = StackGrid(TILE.name, 2024, STACK_WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(STACK_WINDOW), "demo", "mpc")
+    grid = StackGrid(TILE.name, 2024, STACK_WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(STACK_WINDOW), "demo", "mpc",
+                     Preprocessing.expected_by("v2", "mpc"))
     rng = np.random.default_rng(0)
     shape = (16, 16)
     with write_s2(root / "s2.zarr", grid, chunk=16) as s2:

@@ -11,7 +11,8 @@ DEMO_ROI = "5.992,52.040,6.008,52.046"
 def test_defaults_are_filled():
     config = cfg.validate({"roi": DEMO_ROI, "year": 2024})
     assert config["source"] == "demo"
-    assert config["model"] == {"family": "v2", "checkpoint": "demo", "trust_checkpoint": False, "allow_source_mismatch": False}
+    assert config["model"] == {"family": "v2", "checkpoint": "demo", "trust_checkpoint": False,
+                               "allow_source_mismatch": False, "allow_preprocessing_mismatch": False}
     assert config["patch_size"] == 512 and config["output_dir"] == "results" and config["device"] == "auto"
     assert config["fetch"]["min_coverage_pct"] == 0.01
 
@@ -45,7 +46,8 @@ def test_config_files_merge_like_snakemake(tmp_path):
     base.write_text(yaml.safe_dump({"roi": DEMO_ROI, "year": 2024, "model": {"family": "v2", "checkpoint": "x.pt"}}))
     over.write_text(yaml.safe_dump({"model": {"checkpoint": "y.pt"}}))
     config = cfg.load([base, over])
-    assert config["model"] == {"family": "v2", "checkpoint": "y.pt", "trust_checkpoint": False, "allow_source_mismatch": False}
+    assert config["model"] == {"family": "v2", "checkpoint": "y.pt", "trust_checkpoint": False,
+                               "allow_source_mismatch": False, "allow_preprocessing_mismatch": False}
     with pytest.raises(UserError, match="does not exist"):
         cfg.load([tmp_path / "missing.yaml"])
     (tmp_path / "bad.yaml").write_text("roi: [unclosed")
@@ -116,3 +118,31 @@ def test_source_stac_needs_its_mapping():
     config = cfg.validate({"roi": DEMO_ROI, "year": 2024, "source": "stac",
                            "stac": {"url": "http://x", "s2_collection": "a", "s1_collection": "b"}})
     assert config["stac"]["url"] == "http://x"
+
+
+@pytest.mark.parametrize("family, given, expected", [
+    ("v1.0", None, "nearest"), ("v1.0-qat", None, "nearest"), ("v1.1", None, "nearest"),
+    ("v2", None, "bilinear"), ("v2-teacher", None, "bilinear"),
+    ("v1.1", "family", "nearest"), ("v1.1", "null", "nearest"), ("v1.1", "bilinear", "bilinear"),
+    ("v2", "nearest", "nearest"),
+])
+def test_s2_resampling_follows_the_family_unless_given(family, given, expected):
+    """v1.x checkpoints were trained on nearest (the reference until 228c658), v2 on bilinear; the
+    user's explicit setting wins. The rule's flags give the same back to `tessera fetch`."""
+    import argparse
+    import dataclasses
+
+    from tessera.options import FetchOptions
+
+    fetch = {} if given is None else {"s2_resampling": None if given == "null" else given}
+    config = cfg.validate({"roi": DEMO_ROI, "year": 2024, "model": {"family": family}, "fetch": fetch})
+    options = FetchOptions.from_config(config)
+    assert options.s2_method == expected and options.s1_mask_layover is False
+    parser = argparse.ArgumentParser()
+    FetchOptions.add_arguments(parser)
+    again = FetchOptions.from_args(parser.parse_args(options.cli_args().split()))
+    assert dataclasses.replace(again, family=None) == options and again.s2_method == expected
+    assert "--family" not in options.cli_args()  # a family with the same defaults fetches the same
+    # `tessera fetch` without the flag follows its --family.
+    assert FetchOptions.from_args(parser.parse_args(["--family", family])).s2_method == FetchOptions.from_config(
+        cfg.validate({"roi": DEMO_ROI, "year": 2024, "model": {"family": family}})).s2_method

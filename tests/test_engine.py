@@ -296,8 +296,12 @@ def test_precision_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision("auto", v1_1, cpu) == "fp32"  # CPUs run fp32 unless asked
-    assert resolve_precision("auto", v1_1, cuda) == ("bf16" if v1_1.bf16_on_cuda else "fp32")
-    assert resolve_precision("auto", v2, cuda) == ("bf16" if v2.bf16_on_cuda else "fp32")
+    # auto is what the reference runs: bf16 autocast on CUDA for v1.1 only (its config's apply_amp),
+    # fp32 for v1.0 and v1.0-QAT (multi_tile_infer.py), the v2 students and the teacher (infer_v2.py).
+    assert resolve_precision("auto", v1_1, cuda) == "bf16"
+    for name in ("v2", "v1.0", "v1.0-qat", "v2-teacher"):
+        assert resolve_precision("auto", get_family(name), cuda) == "fp32", name
+        assert resolve_precision("bf16", get_family(name), cuda) == "bf16", name  # when asked
     assert resolve_precision("bf16", v2, cpu) == "bf16"
     with pytest.raises(UserError, match="int8 .* runs on the CPU only"):
         resolve_precision("int8", v2, cuda)

@@ -32,7 +32,7 @@ from tessera.models import load_model, make_demo_checkpoint
 from tessera.roi import read_roi, write_roi_mask
 from tessera.sources.mpc import mpc_shaped_source
 from tessera.layout import read_patch_embedding, write_patch_embedding
-from tessera.stack import StackGrid, open_s2, write_s1, write_s2, write_stack_index
+from tessera.stack import Preprocessing, StackGrid, open_s2, write_s1, write_s2, write_stack_index
 
 BBOX = (5.998, 52.040, 6.002, 52.042)
 
@@ -193,7 +193,8 @@ def small_stack(tmp_path) -> Path:
     """stack.json over a 16 px window of synthetic values, with the tile's ROI mask next to it, in a
     work directory's layout (work/2024/<tile>/)."""
     tmp_path = WorkTile.at(tmp_path / "work", 2024, TILE.name).root
-    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc")
+    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc",
+                     Preprocessing.expected_by("v2", "mpc"))
     rng = np.random.default_rng(1)
     with write_s2(tmp_path / "s2.zarr", grid, chunk=16) as s2:
         for day in (10, 70, 130, 190, 250):
@@ -324,7 +325,8 @@ def test_roi_mask_on_a_full_disk_keeps_the_previous_mask_at_every_fill_level(tin
 
 
 def test_stack_on_a_full_disk_keeps_the_previous_store(tiny_disk):
-    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc")
+    grid = StackGrid(TILE.name, 2024, WINDOW, f"EPSG:{TILE.epsg}", TILE.window_transform(WINDOW), "demo", "mpc",
+                     Preprocessing.expected_by("v2", "mpc"))
     rng = np.random.default_rng(2)
 
     def write(steps: int) -> None:

@@ -72,7 +72,7 @@ def s2_item(tmp_path, item_id, when, reflectance, scl, *, crs=None, transform=No
     return item
 
 
-def s1_item(tmp_path, item_id, when, orbit, vv, vh, transform=GRANULE_TRANSFORM):
+def s1_item(tmp_path, item_id, when, orbit, vv, vh, transform=GRANULE_TRANSFORM, mask=None):
     folder = tmp_path / item_id
     folder.mkdir()
     props = {"sat:orbit_state": orbit} if orbit else {}
@@ -80,7 +80,17 @@ def s1_item(tmp_path, item_id, when, orbit, vv, vh, transform=GRANULE_TRANSFORM)
     for name, field in (("vv", vv), ("vh", vh)):
         path = write_raster(folder / f"{name}.tif", field.astype(np.float32), transform, nodata=-32768)
         item.add_asset(name, pystac.Asset(str(path)))
+    if mask is not None:  # OPERA's layover/shadow layer: 0 = valid
+        item.add_asset("mask", pystac.Asset(str(write_raster(folder / "mask.tif", mask.astype(np.uint8), transform))))
     return item
+
+
+def opera_shaped_source(items):
+    """A source whose S1 feed has OPERA's mask layer (as source aws)."""
+    keys = {**MPC_ASSET_KEYS, "mask": "mask"}
+    s2, s1 = (ListedFeed("http://unused", collection, keys, listed=tuple(items))
+              for collection in ("sentinel-2-l2a", "sentinel-1-rtc"))
+    return Source("test", s2, s1, "none")
 
 
 def utc(*args):
@@ -334,3 +344,64 @@ def test_demo_source_end_to_end_and_rerun_from_the_search_cache(tmp_path, monkey
         again = fetch_s2(tile, window, 2024, demo, work / "s2.zarr", search_cache=work / "search_s2.json", patch_size=16)
     assert again["kept"] == s2["kept"]
     np.testing.assert_array_equal(open_s2(work / "s2.zarr").bands[:], stack.bands[:])
+
+
+# --- what each checkpoint saw (issue 13) ---------------------------------------------------------
+
+
+def test_same_datetime_granules_keep_the_search_order_as_the_reference_stable_sort(tmp_path):
+    # Planetary Computer (pgstac) and Earth Search return one datatake's granules id-descending;
+    # the reference's stackstac sorts by datetime only (stably), so the first one returned wins.
+    when = utc(2024, 5, 1, 10, 30)
+    newer = s2_item(tmp_path, "S2A_MSIL2A_20240501_R008_T32ULC_20240501T150000", when,
+                    window_field(np.full((H, W), 300)), CLEAR)
+    older = s2_item(tmp_path, "S2A_MSIL2A_20240501_R008_T32ULC_20240501T120000", when,
+                    window_field(np.full((H, W), 100)), CLEAR)
+    cache = tmp_path / "search_s2.json"
+    for run in ("searched", "from the cache"):
+        fetch_s2(TILE, WINDOW, 2024, source([newer, older]), tmp_path / f"{run}.zarr", search_cache=cache)
+        stack = open_s2(tmp_path / f"{run}.zarr")
+        assert stack.series.scenes == ((newer.id, older.id),), run
+        assert (stack.bands[0, :, :, 0] == 300).all(), run
+        assert stack.grid.preprocessing.granule_order == "datetime, then search order"
+    # An earlier datetime still comes first, whatever the search order.
+    early = s2_item(tmp_path, "S2A_early", utc(2024, 5, 1, 10, 29), window_field(np.full((H, W), 700)), CLEAR)
+    fetch_s2(TILE, WINDOW, 2024, source([newer, older, early]), tmp_path / "three.zarr")
+    assert open_s2(tmp_path / "three.zarr").series.scenes == ((early.id, newer.id, older.id),)
+
+
+def test_stacks_record_the_preprocessing_choices(tmp_path):
+    item = s2_item(tmp_path, "A", utc(2024, 2, 10, 10, 30), CONSTANT, CLEAR)
+    fetch_s2(TILE, WINDOW, 2024, source([item]), tmp_path / "s2.zarr", resampling="nearest")
+    grid = open_s2(tmp_path / "s2.zarr").grid
+    assert grid.preprocessing.attrs() == {"s2_resampling": "nearest", "harmonisation": "mpc", "s1_layover": "kept",
+                                          "granule_order": "datetime, then search order"}
+    radar = s1_item(tmp_path, "R", utc(2024, 2, 11, 5), "ascending", window_field(np.full((H, W), 0.1)),
+                    window_field(np.full((H, W), 0.01)))
+    fetch_s1(TILE, WINDOW, 2024, source([radar], harmonisation="none"), tmp_path / "s1.zarr",
+             s2_resampling="bilinear", mask_layover=True)
+    assert open_s1(tmp_path / "s1.zarr").grid.preprocessing.attrs() == {
+        "s2_resampling": "bilinear", "harmonisation": "none", "s1_layover": "masked",
+        "granule_order": "datetime, then search order"}
+
+
+# float32(0.86496764): 20·log10 in float32 gives code 9748, in float64 9747 (the reference reads
+# OPERA's bursts with rasterio, float32; MPC's RTC with stackstac, float64).
+GAMMA0_CODES_DIFFER = 0.8649676442146301
+
+
+def test_opera_layover_pixels_are_kept_by_default_and_encoded_in_float32(tmp_path):
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, :15] = 1  # layover in the west of the window
+    vv = window_field(np.full((H, W), GAMMA0_CODES_DIFFER))
+    radar = s1_item(tmp_path, "burst", utc(2024, 6, 3, 5), "ascending", vv, vv / 10, mask=window_field(mask))
+    fetch_s1(TILE, WINDOW, 2024, opera_shaped_source([radar]), tmp_path / "kept.zarr")
+    kept = open_s1(tmp_path / "kept.zarr").ascending.arrays["sar"][0, :, :, 0]
+    assert (kept == 9748).all()  # everywhere, the layover too; float32 arithmetic
+    fetch_s1(TILE, WINDOW, 2024, opera_shaped_source([radar]), tmp_path / "masked.zarr", mask_layover=True)
+    masked = open_s1(tmp_path / "masked.zarr").ascending.arrays["sar"][0, :, :, 0]
+    assert (masked[:, :15] == 0).all() and (masked[:, 15:] == 9748).all()
+    # A feed without the mask layer (MPC's RTC) is encoded in float64, as stackstac reads it.
+    mpc_radar = s1_item(tmp_path, "mpc", utc(2024, 6, 3, 5), "ascending", vv, vv / 10)
+    fetch_s1(TILE, WINDOW, 2024, source([mpc_radar]), tmp_path / "mpc.zarr")
+    assert (open_s1(tmp_path / "mpc.zarr").ascending.arrays["sar"][0, :, :, 0] == 9747).all()

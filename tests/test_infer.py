@@ -16,7 +16,7 @@ from tessera.models import get_family
 from tessera.infer import embed_reference_patch, export_patches, infer_patches, tile_seed
 from tessera.layout import read_patch_embedding, reference_patch_name
 from tessera.options import InferOptions
-from tessera.stack import read_window, write_s1, write_s2, write_stack_index, StackGrid
+from tessera.stack import read_window, write_s1, write_s2, write_stack_index, Preprocessing, StackGrid
 
 TILE = Tile.from_name("grid_6.05_52.05")
 WINDOW = Window(100, 200, 30, 20)  # the work window, in tile pixels
@@ -29,7 +29,8 @@ def tile(tmp_path_factory):
     """A stack index over WINDOW with 50 S2 and 2 × 12 S1 dates, and the tile's ROI mask (a disc)."""
     root = tmp_path_factory.mktemp("tile")
     grid = StackGrid(tile=TILE.name, year=2024, window=WINDOW, crs=f"EPSG:{TILE.epsg}", transform=WINDOW_TRANSFORM,
-                     source="demo", data_kind="mpc")
+                     source="demo", data_kind="mpc",
+                     preprocessing=Preprocessing.expected_by("v1.0", "mpc"))
     rng = np.random.default_rng(0)
     with write_s2(root / "s2.zarr", grid, chunk=8) as writer:
         for step in range(STEPS):
@@ -156,3 +157,24 @@ def test_export_refuses_windows_it_cannot_name(tmp_path, tile):
         export_patches(tile / "stack.json", [Window(96, 200, 8, 8)], tmp_path / "out",
                        roi_mask_path=tile / "roi.tif", patch_size=8)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_inference_refuses_a_stack_prepared_otherwise_than_its_family_was_trained_on(tmp_path, tile):
+    """The tile's stack is prepared for v1.x (nearest); a v2 checkpoint expects bilinear."""
+    import json
+
+    from tessera.errors import UserError
+    from tessera.models import make_demo_checkpoint
+
+    assert json.loads((tile / "stack.json").read_text())["preprocessing"]["s2_resampling"] == "nearest"
+    checkpoint = tmp_path / "v2.pt"
+    make_demo_checkpoint(checkpoint, family="v2")
+    layout = [Window(104, 203, 13, 11)]
+    with pytest.raises(UserError, match=r"prepared otherwise than v2 checkpoints were trained on: "
+                                        r"s2_resampling 'nearest' \(trained on 'bilinear'\).*allow_preprocessing_mismatch"):
+        _embed_tile(tile, checkpoint, layout, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "patches").exists()
+    options = InferOptions(device="cpu", allow_preprocessing_mismatch=True)
+    written = infer_patches(tile / "stack.json", layout, roi_mask_path=tile / "roi.tif", checkpoint=checkpoint,
+                            family=None, options=options, out_dir=tmp_path / "allowed")
+    assert (~np.isnan(read_patch_embedding(written[0])[..., 0])).any()

@@ -23,12 +23,12 @@ from tessera.layout import (
     write_patch_embedding,
     write_reference_patch,
 )
-from tessera.stack import StackGrid, read_window, write_s1, write_s2
+from tessera.stack import Preprocessing, StackGrid, read_window, write_s1, write_s2
 
 from faults import flip_byte
 
 GRID = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 20, 12), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000),
-                 "demo", "mpc")
+                 "demo", "mpc", Preprocessing.expected_by("v2", "mpc"))
 
 
 def test_paths_are_geotesseras_layout_and_the_documented_work_layout():

@@ -270,8 +270,12 @@ def _batch(family: str, arrays, **options):
 def test_v1_0_inputs_are_standardised_sorted_and_skip_empty_pixels(family):
     arrays = _synthetic_patch()
     batch = _batch(family, arrays)
-    assert batch.pixels.tolist() == [0, 1, 2, 4, 5]  # pixel 3 has no valid observation: no-data
+    # The reference embeds every pixel with a non-zero S2 value, pixel 3 too (no valid step: drawn
+    # from all of them; no S1: zero codes).
+    assert batch.pixels.tolist() == [0, 1, 2, 3, 4, 5]
     s2, s1 = inputs(batch, "s2").numpy(), inputs(batch, "s1").numpy()
+    assert len(set(((s2[3, :, 10] - 3) / 7).tolist())) == 40
+    s2, s1 = np.delete(s2, 3, axis=0), np.delete(s1, 3, axis=0)
     assert s2.shape == (5, 40, 11) and s1.shape == (5, 40, 3)
     # S2: chronological, the bands of the drawn step standardised with the v1.0 table, raw DOY last.
     step = (s2[..., 10] - 3) / 7
@@ -295,6 +299,20 @@ def test_v1_0_inputs_are_standardised_sorted_and_skip_empty_pixels(family):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["v1.0", "v1.0-qat"])
+def test_v1_0_embeds_the_pixels_the_reference_embeds(family):
+    """SingleTileInferenceDataset keeps a pixel iff some S2 band value is non-zero: S1 alone is not enough."""
+    arrays = _synthetic_patch()
+    arrays["bands"][:, 0, 2] = 0  # pixel 2: no S2 value at all, valid S1
+    arrays["masks"][:, 0, 2] = 0
+    arrays["bands"][7, 1, 1, 9] = 3  # pixel 4: one non-zero band value (B12 at step 7), masked, and no S1
+    arrays["bands"][:, 1, 1, :9] = 0
+    arrays["bands"][:7, 1, 1] = 0
+    arrays["bands"][8:, 1, 1] = 0
+    arrays["masks"][:, 1, 1] = 0
+    assert _batch(family, arrays).pixels.tolist() == [0, 1, 3, 4, 5]
+
+
 def test_qat_gives_an_empty_orbit_a_zero_step_at_doy_180():
     arrays = _synthetic_patch(asc_steps=0)
     qat = inputs(_batch("v1.0-qat", arrays), "s1").numpy()
@@ -313,7 +331,7 @@ def test_repeat_times_averages_independent_draws():
     arrays = _synthetic_patch()
     single = _batch("v1.0", arrays)
     repeated = _batch("v1.0", arrays, repeat_times=3)
-    assert repeated.repeats == 3 and repeated.s2_bands.shape == (15, 40, 10) and repeated.s1_doys.shape == (15, 40)
+    assert repeated.repeats == 3 and repeated.s2_bands.shape == (18, 40, 10) and repeated.s1_doys.shape == (18, 40)
     # Each pixel's three draws are adjacent rows; the first is the single draw.
     assert torch.equal(inputs(repeated, "s2")[::3], inputs(single, "s2"))
     assert torch.equal(inputs(repeated, "s1")[::3], inputs(single, "s1"))
@@ -321,7 +339,7 @@ def test_repeat_times_averages_independent_draws():
     model = vector_model("v1.0")
     averaged = Embedder(model, InferOptions(device="cpu")).embed_batch(repeated)
     with torch.inference_mode():
-        draws = model(inputs(repeated, "s2"), inputs(repeated, "s1")).view(5, 3, -1)
+        draws = model(inputs(repeated, "s2"), inputs(repeated, "s1")).view(6, 3, -1)
     np.testing.assert_allclose(averaged, draws.mean(dim=1).numpy(), atol=1e-6, rtol=1e-6)
     assert np.abs(draws[:, 0].numpy() - averaged).max() > 1e-4  # the draws differ: averaging does something
     with pytest.raises(UserError, match="repeat_times"):
@@ -335,7 +353,9 @@ def test_seeded_embeddings_are_identical_across_runs_batch_sizes_and_rois(family
     model = vector_model(family)
     first = embed_arrays(model, arrays, seed=11, device="cpu", batch_pixels=4096)
     no_data = np.isnan(first[..., 0])
-    assert no_data.tolist() == (np.arange(36).reshape(6, 6) == 0).tolist()  # pixel (0, 0) saw nothing
+    # Pixel (0, 0) has S2 values, all masked, and no S1: the reference's v1.0 rule embeds it (drawing
+    # from every S2 step); the bucketed families leave it out.
+    assert not no_data.any()
     assert np.array_equal(first, embed_arrays(model, arrays, seed=11, device="cpu"), equal_nan=True)
     for batch_pixels in (1, 5, 13):
         again = embed_arrays(model, arrays, seed=11, device="cpu", batch_pixels=batch_pixels)

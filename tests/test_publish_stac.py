@@ -41,8 +41,21 @@ def catalog(tmp_path_factory) -> tuple[Path, Path]:
     for files in tiles[:2]:  # the third tile has no quicklook: its Item must simply omit those assets
         write_tile_quicklook(files, basis, *Results(out).quicklook(files.tile.name, YEAR))
     collection = write_stac(Results(out), find_tiles(Results(out)), family="v2", checkpoint_sha256=CHECKPOINT_SHA, source="demo",
-                            variant="local", scene_ids=_scene_ids(tiles), software_version="9.9.9")
+                            variant="local", scene_ids=_scene_ids(tiles), software_version="9.9.9",
+                            processing=json.loads(Results(out).metadata.read_text())["processing"])
     return out, collection
+
+
+def test_items_record_the_choices_that_change_the_numbers(catalog):
+    out, collection_path = catalog
+    recorded = json.loads(Results(out).metadata.read_text())["processing"]
+    for item in _items(collection_path):
+        assert item.properties["tessera:preprocessing"] == recorded["preprocessing"]
+        assert item.properties["tessera:inference"] == recorded["inference"]
+        assert item.properties["tessera:preprocessing_as_trained"] is True
+        assert ("Sentinel-2 resampled with bilinear, harmonisation mpc, OPERA layover/shadow pixels kept"
+                in item.properties["processing:lineage"])
+        assert "inference precision fp32, seed 0, 1 draw(s) per pixel" in item.properties["processing:lineage"]
 
 
 def _items(collection_path: Path) -> list[pystac.Item]:

@@ -7,6 +7,7 @@ write_tile_cog, write_manifests and write_metadata.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from shapely import box
 
 from tessera.assemble import quantise_tile, write_tile_cog
 from tessera.layout import Results, TileFiles, find_tiles
-from tessera.publish.manifest import write_landmasks, write_manifests, write_metadata
+from tessera.errors import UserError
+from tessera.publish.manifest import processing_record, write_landmasks, write_manifests, write_metadata
+from tessera.stack import Preprocessing
 from tessera.publish.verify import verify_output
 from tessera.grid import Tile, patch_name, tiles_for_geometry
 from tessera.layout import write_patch_embedding
@@ -69,7 +72,11 @@ def build_output_dir(root: Path, *, cogs: bool = True, roi=ROI, year: int = YEAR
         embeddings.append(files.embedding)
     tiles = find_tiles(Results(out))
     write_manifests(Results(out), tiles, family="v2", variant="local")
-    write_metadata(Results(out), family="v2", variant="local", checkpoint=checkpoint, source="demo", tiles=tiles)
+    preprocessing = {files.tile.name: Preprocessing.expected_by("v2", "mpc").attrs() for files in tiles}
+    processing = processing_record("v2", preprocessing, {"device": "cpu", "precision": "auto", "seed": 0,
+                                                         "repeat_times": 1})
+    write_metadata(Results(out), family="v2", variant="local", checkpoint=checkpoint, source="demo",
+                   tiles=tiles, processing=processing)
     return out
 
 
@@ -161,3 +168,31 @@ def test_tile_missing_from_manifest_is_named(damaged_dir):
     assert verify_output(damaged_dir) == [
         "2024/grid_5.85_52.05: present but not in manifest.parquet (rerun the publish rule)"
     ]
+
+
+def test_verify_reports_the_choices_that_changed_the_numbers(damaged_dir, capsys):
+    from tessera.cli import main
+
+    assert main(["verify", str(damaged_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert ("made with: preprocessing s2_resampling bilinear, harmonisation mpc, s1_layover kept, "
+            "granule_order datetime, then search order: as the family was trained") in printed
+    assert "made with: inference device cpu, precision auto, seed 0, repeat_times 1, precision_in_effect fp32" in printed
+    # An output directory that does not say how it was made is a problem.
+    metadata = Results(damaged_dir).metadata
+    sidecar = json.loads(metadata.read_text())
+    del sidecar["processing"]
+    metadata.write_text(json.dumps(sidecar))
+    assert any("key 'processing' is missing" in p for p in verify_output(damaged_dir))
+
+
+def test_processing_record_refuses_tiles_prepared_differently():
+    nearest = Preprocessing.expected_by("v1.0", "mpc").attrs()
+    bilinear = Preprocessing.expected_by("v2", "mpc").attrs()
+    run = {"device": "auto", "precision": "auto", "seed": 0, "repeat_times": 1}
+    record = processing_record("v1.0", {"a": nearest}, run)
+    assert record["preprocessing_as_trained"] and record["inference"]["precision_in_effect"] == "fp32"
+    assert not processing_record("v1.0", {"a": bilinear}, run)["preprocessing_as_trained"]
+    assert processing_record("v1.1", {"a": nearest}, run)["inference"]["precision_in_effect"].startswith("bf16 on CUDA")
+    with pytest.raises(UserError, match="different preprocessing"):
+        processing_record("v1.0", {"a": nearest, "b": bilinear}, run)

@@ -271,7 +271,9 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
         granules.append(granule)
     cmr.granules.extend(granules)
     try:
-        report = fetch_s1(TILE, WINDOW, 2023, aws_source(published.earth_search_url, published.cmr_host), tmp_path / "s1.zarr")
+        source = aws_source(published.earth_search_url, published.cmr_host)
+        report = fetch_s1(TILE, WINDOW, 2023, source, tmp_path / "s1.zarr", mask_layover=True)
+        fetch_s1(TILE, WINDOW, 2023, source, tmp_path / "kept.zarr")  # the default: the reference's
     finally:
         for granule in granules:
             cmr.granules.remove(granule)
@@ -280,7 +282,8 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     hh = next(item_id for item_id in report["skipped"] if "T088-300003-IW3" in item_id)
     assert "no VV layer (polarisations HH+HV)" in report["skipped"][hh]
     vv = stack.ascending.arrays["sar"][0, :, :, 0]
-    # Masked (layover) pixels are no data; the rest is the 30 m ramp interpolated bilinearly at 10 m.
+    # With mask_layover, masked (layover) pixels are no data; the rest is the 30 m ramp interpolated
+    # bilinearly at 10 m.
     x_centres = (TILE.window_transform(WINDOW) * (np.arange(WINDOW.width) + 0.5, np.zeros(WINDOW.width)))[0]
     source_col = (x_centres - transform.c) / 30 - 0.5
     expected = encode_s1(0.05 + 0.01 * source_col)
@@ -289,6 +292,14 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     unmasked = ~masked & (source_col > 8.5)
     assert np.abs(vv[:, unmasked].astype(int) - expected[unmasked]).max() <= 2
     assert (stack.descending.arrays["sar"][0][..., 0][:, unmasked] > 0).all()
+    assert stack.grid.preprocessing.s1_layover == "masked"
+    # By default the layover pixels are kept, as the reference keeps them (it never reads the mask).
+    kept = open_s1(tmp_path / "kept.zarr")
+    assert kept.grid.preprocessing.s1_layover == "kept"
+    kept_vv = kept.ascending.arrays["sar"][0, :, :, 0]
+    np.testing.assert_array_equal(kept_vv[:, ~masked], vv[:, ~masked])
+    inside = masked & (source_col > 0.5)
+    assert np.abs(kept_vv[:, inside].astype(int) - expected[inside]).max() <= 2
 
 
 def test_earthdata_credentials_at_the_reads(services, origin, tmp_path, monkeypatch, caplog):

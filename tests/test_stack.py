@@ -9,6 +9,7 @@ from rasterio.windows import Window
 
 from tessera.errors import UserError
 from tessera.stack import (
+    Preprocessing,
     StackGrid,
     open_s1,
     open_s2,
@@ -23,6 +24,7 @@ H, W = 20, 30
 GRID = StackGrid(
     tile="grid_6.05_52.05", year=2024, window=Window(100, 200, W, H), crs="EPSG:32632",
     transform=Affine(10, 0, 301000, 0, -10, 5770000), source="demo", data_kind="mpc",
+    preprocessing=Preprocessing.expected_by("v2", "mpc"),
 )
 
 
@@ -146,9 +148,10 @@ def test_stack_index_refuses_stacks_on_different_grids(tmp_path, stacks):
 
 def test_corrupted_chunk_fails_to_read_instead_of_returning_garbage(tmp_path):
     """zstd frame checksums: flipping a byte inside a stored chunk is detected on read."""
-    from tessera.stack import StackGrid, open_s2, write_s2
+    from tessera.stack import Preprocessing, StackGrid, open_s2, write_s2
 
-    grid = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 16, 16), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000), "demo", "mpc")
+    grid = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 16, 16), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000), "demo", "mpc",
+                     Preprocessing.expected_by("v2", "mpc"))
     rng = np.random.default_rng(0)
     with write_s2(tmp_path / "s2.zarr", grid, chunk=16) as stack:
         stack.append(dt.date(2024, 5, 1), ["a"], rng.integers(0, 10000, (16, 16, 10), dtype=np.uint16), np.ones((16, 16), np.uint8))

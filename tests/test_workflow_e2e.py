@@ -142,14 +142,18 @@ def test_search_prints_the_scenes_a_tile_would_use(tiny_demo_run, monkeypatch, c
     assert stack["s2"]["dates"][0] in out
 
 
-@pytest.mark.parametrize("family", ["v1.0", "v1.0-qat", "v1.1"])
+@pytest.mark.parametrize("family", ["v1.0", "v1.0-qat", "v1.1", "v2-teacher"])
 def test_the_demo_runs_with_every_model_family(tiny_demo_run, tmp_path, family):
-    """The finished tiny run with model.family switched: the stacks are kept, every tile is
-    embedded again with that family's demo checkpoint, and the outputs verify."""
+    """The finished tiny run with model.family switched: every tile is embedded again with that
+    family's demo checkpoint, and the outputs verify. The stacks are fetched again only for the
+    families trained on other preprocessing (v1.x: nearest S2 resampling; the tiny run's are v2's),
+    and the stacks and metadata say what each family's run did."""
     import shutil
 
     from conftest import write_tiny_config
     from tessera.cli import main
+    from tessera.models import family_entry
+    from tessera.stack import Preprocessing
 
     reference_dir, _, _ = tiny_demo_run
     workdir = shutil.copytree(reference_dir, tmp_path / "run")
@@ -157,7 +161,49 @@ def test_the_demo_runs_with_every_model_family(tiny_demo_run, tmp_path, family):
     result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     stats = job_stats(result.stdout + result.stderr)
-    assert "fetch" not in stats and stats["demo_checkpoint"] == 1 and stats["infer"] >= 4 and stats["assemble"] == 2
+    resampling = family_entry(family).s2_resampling
+    assert stats.get("fetch", 0) == (0 if resampling == "bilinear" else 2)
+    assert stats["demo_checkpoint"] == 1 and stats["infer"] >= 4 and stats["assemble"] == 2
+    stacks = sorted(workdir.glob("work/2024/grid_*/stack.json"))
+    assert len(stacks) == 2
+    for stack in stacks:
+        assert json.loads(stack.read_text())["preprocessing"] == Preprocessing.expected_by(family, "mpc").attrs()
     metadata = json.loads((workdir / "results/tessera_metadata.json").read_text())
     assert metadata["model_family"] == family
+    processing = metadata["processing"]
+    assert processing["preprocessing"]["s2_resampling"] == resampling and processing["preprocessing_as_trained"]
+    assert processing["inference"] == {"device": "cpu", "precision": "auto", "seed": 0, "repeat_times": 1,
+                                       "precision_in_effect": "fp32"}
     assert main(["-q", "verify", str(workdir / "results")]) == 0
+
+
+def test_compare_tells_two_seeds_apart_and_a_run_agrees_with_itself(tiny_demo_run, tmp_path, capsys):
+    """v1.0 draws its time steps at random: two seeds give different embeddings of the same data,
+    which still correlate; a run compared with itself agrees exactly."""
+    import shutil
+
+    from conftest import write_tiny_config
+    from tessera.cli import main
+    from tessera.compare import compare
+
+    reference_dir, _, _ = tiny_demo_run
+    runs = {}
+    for seed in (0, 1):
+        workdir = shutil.copytree(runs.get(0, reference_dir), tmp_path / f"seed{seed}")
+        config = write_tiny_config(workdir, model={"family": "v1.0", "checkpoint": "demo"}, infer={"per": "patch",
+                                                                                                   "seed": seed})
+        result = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[seed] = workdir
+    zero, one = runs[0] / "results", runs[1] / "results"
+    assert json.loads((one / "tessera_metadata.json").read_text())["processing"]["inference"]["seed"] == 1
+    results, _ = compare(zero, one, histogram=tmp_path / "seeds.png")
+    assert len(results) == 2
+    for tile in results:
+        assert tile.pixels > 0 and tile.only_a == tile.only_b == 0
+        assert 0.5 < tile.median < 0.9999 and tile.within_storage_error < 0.5
+    assert main(["compare", str(zero), str(one), "--histogram", str(tmp_path / "h.png"), "--min-cosine", "0.9999"]) == 1
+    assert main(["compare", str(zero), str(zero), "--histogram", str(tmp_path / "same.png"),
+                 "--min-cosine", "0.9999"]) == 0
+    same, _ = compare(zero, zero, histogram=tmp_path / "same.png")
+    assert all(t.minimum > 0.99999 and t.within_storage_error == 1.0 for t in same)

@@ -56,7 +56,7 @@ def infer_patches(
     float32 (h, w, D); NaN where the pixel is outside the ROI or had no valid observation.
     """
     from tessera.models import load_model
-    from tessera.models.engine import Embedder, data_kind_for
+    from tessera.models.engine import Embedder, check_preprocessing, data_kind_for
     from tessera.stack import read_window, verify_stack_index
 
     # Structure only: re-hashing the whole tile stack per patch would cost more than inference on a
@@ -66,6 +66,8 @@ def infer_patches(
     model = load_model(checkpoint, family, trust_checkpoint=options.trust_checkpoint)
     data_kind = data_kind_for(model, stack.index["data_kind"], allow_mismatch=options.allow_source_mismatch,
                               data=f"stack {stack_index}")
+    check_preprocessing(model.family, stack.index["preprocessing"], allow_mismatch=options.allow_preprocessing_mismatch,
+                        data=f"stack {stack_index}")
     embedder = Embedder(model, options)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -10,11 +10,11 @@ this module is cheap (no torch): the Snakefile uses it.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-S2_RESAMPLINGS = ("bilinear", "nearest")
+S2_RESAMPLINGS = ("family", "bilinear", "nearest")  # family: the one the model family was trained on
 
 
 class CommandLineOptions:
@@ -25,10 +25,12 @@ class CommandLineOptions:
 
     HELP: dict[str, tuple[str, dict]] = {}
 
-    def cli_args(self) -> str:
-        """The command-line flags that give these options back through :meth:`from_args`."""
+    def cli_args(self, only: tuple[str, ...] | None = None) -> str:
+        """The command-line flags that give these options (``only`` those fields) back through :meth:`from_args`."""
         args = []
         for field in fields(self):
+            if only is not None and field.name not in only:
+                continue
             value = getattr(self, field.name)
             flag = "--" + field.name.replace("_", "-")
             if isinstance(value, bool):
@@ -39,9 +41,11 @@ class CommandLineOptions:
         return " ".join(args)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
         defaults = cls()
         for field in fields(cls):
+            if only is not None and field.name not in only:
+                continue
             help_text, keywords = cls.HELP[field.name]
             default = getattr(defaults, field.name)
             if isinstance(default, bool):
@@ -52,7 +56,8 @@ class CommandLineOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
-        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+        """From parsed flags; fields without a flag (see ``only``) keep their defaults."""
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls) if hasattr(args, field.name)})
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,15 @@ class InferOptions(CommandLineOptions):
     threads: int | None = None
     trust_checkpoint: bool = False
     allow_source_mismatch: bool = False
+    allow_preprocessing_mismatch: bool = False
+
+    # What the outputs' provenance records of inference (the publish stage takes these flags only).
+    PROVENANCE = ("device", "precision", "seed", "repeat_times")
 
     HELP = {
         "device": ("auto: CUDA when present, else CPU threads", {"choices": DEVICES}),
-        "precision": ("auto (fp32 on CPU; bf16 on CUDA where the family allows), fp32, bf16, or int8 (CPU "
-                      "dynamic quantisation: faster, not exact)", {"choices": PRECISIONS}),
+        "precision": ("auto (the reference's: fp32, except bf16 autocast on CUDA for v1.1), fp32, bf16, or int8 "
+                      "(CPU dynamic quantisation: faster, not exact)", {"choices": PRECISIONS}),
         "seed": ("seed of the random time-step draws (v1.0 families), per tile and pixel", {}),
         "repeat_times": ("random draws averaged per pixel (v1.0 families)", {}),
         "batch_pixels": ("pixels per forward pass (of up to 64 time steps)", {}),
@@ -80,6 +89,8 @@ class InferOptions(CommandLineOptions):
         "trust_checkpoint": ("allow checkpoints that need arbitrary pickles (only files you trust)", {}),
         "allow_source_mismatch": ("embed data of another kind (mpc/aws) than the checkpoint was trained on "
                                   "(v1.1)", {}),
+        "allow_preprocessing_mismatch": ("embed stacks prepared otherwise (S2 resampling, S1 layover policy, "
+                                         "granule order) than the family's checkpoints were trained on", {}),
     }
 
     @classmethod
@@ -88,26 +99,47 @@ class InferOptions(CommandLineOptions):
         infer, model = config["infer"], config["model"]
         return cls(device=config["device"], precision=infer["precision"], seed=infer["seed"],
                    repeat_times=infer["repeat_times"], batch_pixels=infer["batch_pixels"],
-                   trust_checkpoint=model["trust_checkpoint"], allow_source_mismatch=model["allow_source_mismatch"])
+                   trust_checkpoint=model["trust_checkpoint"], allow_source_mismatch=model["allow_source_mismatch"],
+                   allow_preprocessing_mismatch=model["allow_preprocessing_mismatch"])
 
 
 @dataclass(frozen=True)
 class FetchOptions(CommandLineOptions):
-    """How scenes are kept and stacked (config ``fetch.*``; ``patch_size`` sets the stacks' chunking)."""
+    """How scenes are kept and stacked (config ``fetch.*``; ``patch_size`` sets the stacks' chunking;
+    ``family``, the config's ``model.family``, gives the defaults of the choices that follow the
+    checkpoint's training data)."""
 
     min_coverage_pct: float = 0.01
     min_scenes: int = 1
-    s2_resampling: str = "bilinear"
+    s2_resampling: str = "family"
+    s1_mask_layover: bool = False
     patch_size: int = 512
+    family: str | None = "v2"
 
     HELP = {
         "min_coverage_pct": ("skip a date covering less than this percentage of the ROI pixels", {}),
         "min_scenes": ("fail the tile when fewer dates are usable", {}),
-        "s2_resampling": ("resampling of S2 reflectance onto the tile grid", {"choices": S2_RESAMPLINGS}),
+        "s2_resampling": ("resampling of S2 reflectance onto the tile grid (family: the one the model family "
+                          "was trained on)", {"choices": S2_RESAMPLINGS}),
+        "s1_mask_layover": ("drop the pixels of OPERA's layover/shadow mask (the reference keeps them)", {}),
         "patch_size": ("inference patch edge (sets the stacks' chunking)", {}),
+        "family": ("model family the stacks are for (the defaults of the choices that follow it)", {"type": str}),
     }
+
+    @property
+    def s2_method(self) -> str:
+        """The S2 resampling in effect: the user's, else the family's (``models.REGISTRY``)."""
+        if self.s2_resampling != "family":
+            return self.s2_resampling
+        from tessera.models import family_entry  # cheap: the registry imports no torch
+
+        return family_entry(self.family or "v2").s2_resampling
 
     @classmethod
     def from_config(cls, config: dict) -> FetchOptions:
+        """With the family's defaults resolved: the rule's flags name only what the fetch does, so
+        that switching to a family trained on the same preprocessing does not fetch again."""
         fetch = config["fetch"]
-        return cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"], config["patch_size"])
+        given = cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"] or "family",
+                    fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"])
+        return replace(given, s2_resampling=given.s2_method, family=None)

@@ -46,6 +46,27 @@ _S1_DOY_DTYPE = "int16"
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """The choices of a fetch that change the numbers, recorded in both stores and ``stack.json``
+    (``tessera.models.expected_preprocessing`` says what each family was trained on)."""
+
+    s2_resampling: str  # bilinear or nearest (SCL: always nearest)
+    harmonisation: str  # the source's S2 baseline rule: mpc or none
+    s1_layover: str  # OPERA's layover/shadow pixels: kept (the reference) or masked
+    granule_order: str  # the order in which same-date granules are merged (first valid wins)
+
+    def attrs(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def expected_by(cls, family: str, harmonisation: str) -> Preprocessing:
+        """What a family's checkpoints were trained on, for data of a source with this rule."""
+        from tessera.models import expected_preprocessing
+
+        return cls(harmonisation=harmonisation, **expected_preprocessing(family))
+
+
+@dataclass(frozen=True)
 class StackGrid:
     """Where a stack lives: the tile, the year, its work window and that window's georeferencing."""
 
@@ -56,6 +77,7 @@ class StackGrid:
     transform: Affine  # of the window
     source: str
     data_kind: str  # mpc or aws: picks a family's normalisation table where it has one per kind (Source.data_kind)
+    preprocessing: Preprocessing
 
     def attrs(self) -> dict:
         return {
@@ -66,17 +88,18 @@ class StackGrid:
             "transform": list(self.transform)[:6],
             "source": self.source,
             "data_kind": self.data_kind,
+            "preprocessing": self.preprocessing.attrs(),
         }
 
     @classmethod
     def from_attrs(cls, attrs: Mapping, store: Path) -> StackGrid:
-        missing = [key for key in ("tile", "year", "window", "crs", "transform", "source", "data_kind")
+        missing = [key for key in ("tile", "year", "window", "crs", "transform", "source", "data_kind", "preprocessing")
                    if key not in attrs]
         if missing:
             raise UserError(f"stack {store} lacks {', '.join(missing)} (written by an older tessera-workflow?): "
                             "delete it and rerun the fetch of this tile")
         return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]),
-                   attrs["source"], attrs["data_kind"])
+                   attrs["source"], attrs["data_kind"], Preprocessing(**attrs["preprocessing"]))
 
 
 def chunk_edge(patch_size: int) -> int:
@@ -328,7 +351,8 @@ def _describe_series(series: TimeSeries, checksums: bool) -> dict:
 def _describe(s2: S2Stack, s1: S1Stack, checksums: bool = True) -> dict:
     if s2.grid != s1.grid:
         raise UserError(
-            f"the S2 stack {s2.path} and S1 stack {s1.path} disagree on tile, year, window, CRS, transform or source "
+            f"the S2 stack {s2.path} and S1 stack {s1.path} disagree on tile, year, window, CRS, transform, source or "
+            "preprocessing "
             f"({s2.grid} vs {s1.grid}): delete both and rerun the fetch of this tile"
         )
     return {

@@ -129,7 +129,7 @@ def cmd_publish(args: argparse.Namespace) -> None:
     publish(layout.Results(args.output_dir), Path(args.work_dir), [Path(p) for p in args.embeddings], family=args.family,
             variant=args.variant, checkpoint=Path(args.checkpoint), source=args.source, mosaics=args.mosaics,
             mosaic_cog=args.mosaic_cog, threads=args.threads,
-            benchmarks_dir=Path(args.benchmarks) if args.benchmarks else None)
+            benchmarks_dir=Path(args.benchmarks) if args.benchmarks else None, inference=InferOptions.from_args(args))
 
 
 def add_publish(sub) -> None:
@@ -145,6 +145,7 @@ def add_publish(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="quicklooks written at once")
     p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks), for the report's timings")
     p.add_argument("embeddings", nargs="+", help="the tile-years' embeddings (.npy in geotessera's layout)")
+    InferOptions.add_arguments(p, only=InferOptions.PROVENANCE)  # how inference ran, for the provenance
     p.set_defaults(func=cmd_publish)
 
 

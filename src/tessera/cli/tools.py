@@ -1,4 +1,4 @@
-"""Tools around the stages: plan, search, verify, change, embed-patch, export-patches, install-profile."""
+"""Tools around the stages: plan, search, verify, change, compare, embed-patch, export-patches, install-profile."""
 
 from __future__ import annotations
 
@@ -83,8 +83,10 @@ def add_search(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from tessera.publish.verify import verify_output
+    from tessera.publish.verify import describe_processing, verify_output
 
+    for line in describe_processing(Path(args.output_dir)):
+        print(f"made with: {line}")
     problems = verify_output(Path(args.output_dir))
     for problem in problems:
         print(problem)
@@ -99,6 +101,37 @@ def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
     p.add_argument("output_dir")
     p.set_defaults(func=cmd_verify)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tessera.compare import HEADER, compare
+
+    results, (low, high) = compare(Path(args.a), Path(args.b), histogram=Path(args.histogram), year=args.year)
+    print(f"A = {args.a}\nB = {args.b}\ncosine similarity of A and B on the pixels both embed:")
+    print(HEADER)
+    for comparison in results:
+        print(comparison.line())
+    print(f"histogram of the cosines in [{low:g}, {high:g}], {sum(c.pixels for c in results):,} pixels: {args.histogram}")
+    if args.min_cosine is None:
+        return 0
+    failing = [c for c in results if not c.median >= args.min_cosine]
+    for comparison in failing:
+        print(f"{comparison.year} {comparison.tile}: median cosine {comparison.median:.6f} is below "
+              f"{args.min_cosine}", file=sys.stderr)
+    return 1 if failing else 0
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare two output directories (geotessera layout) tile by tile: cosine "
+                       "similarity and int8 storage error on their common pixels")
+    p.add_argument("a", help="an output directory, e.g. ours")
+    p.add_argument("b", help="another, e.g. published tiles downloaded with geotessera")
+    p.add_argument("--year", type=int, help="compare only this year")
+    p.add_argument("--histogram", default="compare_histogram.png", help="PNG of the cosine histogram to write "
+                   "(default: compare_histogram.png)")
+    p.add_argument("--min-cosine", type=float,
+                   help="exit with status 1 when a tile's median cosine similarity is below this (e.g. 0.99)")
+    p.set_defaults(func=cmd_compare)
 
 
 def cmd_embed_patch(args: argparse.Namespace) -> None:
@@ -176,4 +209,4 @@ def add_change(sub) -> None:
     p.set_defaults(func=cmd_change)
 
 
-PARSERS = (add_plan, add_search, add_verify, add_change, add_embed_patch, add_export_patches, add_install_profile)
+PARSERS = (add_plan, add_search, add_verify, add_change, add_compare, add_embed_patch, add_export_patches, add_install_profile)

@@ -5,14 +5,20 @@ Each scene is read window-only through a rasterio ``WarpedVRT`` onto the exact w
 stackstac snapping does, UPSTREAM.md §1.2). The encodings are the reference's (UPSTREAM.md §0–1):
 
 * S2: SCL classes {0, 1, 2, 3, 8, 9} are invalid; same-day granules merge per pixel by the first
-  granule (datetime order) that is valid there; reflectance is harmonised by the source's rule,
-  NaN -> 0, then cast to uint16 by truncation. Where no granule is valid the mask is 0 and the
-  values are the first granule's (the reference takes a random granule, unseeded; for a
-  single-granule day both are the same).
-* S1: code = trunc(clip((20·log10(γ0) + 50)·200, 0, 32767)) for finite γ0 > 0, else 0; a
-  polarisation of an item covering less than the minimum is dropped; same-day same-orbit items
-  merge "first non-zero wins" (datetime order). Pixels of the source's mask layer (OPERA's
-  layover/shadow mask) count as no data; the reference ignores that layer.
+  granule that is valid there, in the reference's order: by datetime with a stable sort, so that
+  granules of one datetime keep the search's order (id descending on MPC and Earth Search);
+  reflectance is resampled as the model family was trained (``FetchOptions.s2_method``: nearest
+  for v1.x, bilinear for v2), harmonised by the source's rule, NaN -> 0, then cast to uint16 by
+  truncation. Where no granule is valid the mask is 0 and the values are the first granule's (the
+  reference takes a random granule, unseeded; for a single-granule day both are the same).
+* S1: code = trunc(clip((20·log10(γ0) + 50)·200, 0, 32767)) for finite γ0 > 0, else 0, computed in
+  the precision the reference read the feed in (float32 for OPERA's bursts, which it warps with
+  rasterio; float64 for MPC's, which it stacks with stackstac); a polarisation of an item covering
+  less than the minimum is dropped; same-day same-orbit items merge "first non-zero wins" (same
+  order as S2). OPERA's layover/shadow pixels are kept, as the reference keeps them (it never
+  reads the mask layer); ``fetch.s1_mask_layover`` drops them.
+
+Every one of these choices is recorded in the stacks (``stack.Preprocessing``).
 
 Dates are processed in ascending order and appended to the stack as they come; the band reads of
 one date run a few at a time (``PARALLEL_READS``), so memory holds the date being built and the
@@ -42,9 +48,10 @@ from tessera.fetch.encode import encode_s1, encode_s2, valid_scl
 from tessera.fetch.reader import PARALLEL_READS, SceneUnreadable, WindowReader
 from tessera.grid import Tile
 from tessera.layout import WorkTile
+from tessera.models import GRANULE_ORDER, S1_LAYOVER_KEPT, S1_LAYOVER_MASKED
 from tessera.options import FetchOptions
 from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search
-from tessera.stack import MAX_CHUNK, S1_CHANNELS, StackGrid, chunk_edge, write_s1, write_s2
+from tessera.stack import MAX_CHUNK, S1_CHANNELS, Preprocessing, StackGrid, chunk_edge, write_s1, write_s2
 
 # The reference searches S2 with eo:cloud_cover < 100 (its S2_MAX_CLOUD default).
 S2_MAX_CLOUD_PCT = 100.0
@@ -68,7 +75,9 @@ def _utc_date(item: pystac.Item) -> dt.date:
 
 
 def _in_datetime_order(items: Iterable[pystac.Item]) -> list[pystac.Item]:
-    return sorted(items, key=lambda item: (item.datetime or item.common_metadata.start_datetime, item.id))
+    """By datetime, items of one datetime in the order given (the search's): the reference's
+    stackstac sorts with a stable sort and merges "first valid wins" in that order."""
+    return sorted(items, key=lambda item: item.datetime or item.common_metadata.start_datetime)
 
 
 class _Coverage:
@@ -129,9 +138,20 @@ def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _grid(tile: Tile, window: Window, year: int, source: Source) -> StackGrid:
+def _grid(tile: Tile, window: Window, year: int, source: Source, preprocessing: Preprocessing) -> StackGrid:
     return StackGrid(tile.name, year, window, f"EPSG:{tile.epsg}", tile.window_transform(window), source.name,
-                     source.data_kind)
+                     source.data_kind, preprocessing)
+
+
+def preprocessing_of(source: Source, s2_resampling: str, mask_layover: bool) -> Preprocessing:
+    """What a fetch from ``source`` with these options does to the numbers (recorded in the stacks)."""
+    return Preprocessing(s2_resampling, source.harmonisation, S1_LAYOVER_MASKED if mask_layover else S1_LAYOVER_KEPT,
+                         GRANULE_ORDER)
+
+
+def _opera_shaped(source: Source) -> bool:
+    """A feed with OPERA's mask layer is read as the reference reads OPERA: rasterio, float32."""
+    return S1_MASK in source.s1.asset_keys
 
 
 # --- Sentinel-2 ----------------------------------------------------------------------------------
@@ -148,11 +168,15 @@ def fetch_s2(
     min_coverage_pct: float = 0.01,
     min_scenes: int = 1,
     resampling: str = "bilinear",
+    mask_layover: bool = False,
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
 ) -> dict:
     """Build ``out`` (s2.zarr) for a work window of a tile; returns a small report.
+
+    ``resampling`` is the S2 reflectance's (the caller passes the family's); ``mask_layover`` is
+    only recorded here (both stores record every choice of the fetch).
 
     ``roi_mask`` (H, W) marks the ROI pixels coverage is measured on (default: the whole window).
     Raises UserError naming the tile and the failed scenes if fewer than ``min_scenes`` dates are usable.
@@ -189,7 +213,8 @@ def fetch_s2(
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
-    with reader.gdal_messages, write_s2(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
+    grid = _grid(tile, window, year, source, preprocessing_of(source, resampling, mask_layover))
+    with reader.gdal_messages, write_s2(out, grid, chunk=chunk_edge(patch_size)) as stack:
         for date, (scene_ids, bands, mask) in _each_date(groups, build, stack.skipped, f"{tile.name} S2"):
             stack.append(date, scene_ids, bands, mask)
             kept.append(date.isoformat())
@@ -218,6 +243,8 @@ def fetch_s1(
     min_coverage_pct: float = 0.01,
     min_scenes: int = 1,
     resampling: str | None = None,
+    s2_resampling: str = "bilinear",
+    mask_layover: bool = False,
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
@@ -225,8 +252,9 @@ def fetch_s1(
     """Build ``out`` (s1.zarr) for a work window of a tile; returns a small report.
 
     Items are grouped by UTC date and ``sat:orbit_state``; items without an orbit state are skipped
-    and recorded. Where the feed has a mask layer (OPERA), masked pixels count as no data.
-    ``resampling`` defaults to the source's (the reference's for it). Otherwise as ``fetch_s2``.
+    and recorded. With ``mask_layover``, pixels of the feed's mask layer (OPERA's layover/shadow)
+    count as no data. ``resampling`` (γ0) defaults to the source's (the reference's for it);
+    ``s2_resampling`` is only recorded. Otherwise as ``fetch_s2``.
     """
     reader = WindowReader(tile, window, source.s1, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
@@ -241,8 +269,9 @@ def fetch_s1(
         else:
             no_orbit[item.id] = f"sat:orbit_state is {item.properties.get('sat:orbit_state')!r}, not ascending/descending"
     layers = [(band, gamma0_resampling) for band in S1_POLARISATIONS]
-    if S1_MASK in source.s1.asset_keys:
+    if mask_layover and S1_MASK in source.s1.asset_keys:
         layers.append((S1_MASK, Resampling.nearest))
+    gamma0_dtype = np.float32 if _opera_shaped(source) else np.float64
     low_coverage: list[str] = []
 
     def build(key: tuple[dt.date, str], group_items: list[pystac.Item]):
@@ -255,7 +284,7 @@ def fetch_s1(
             mask = read.get((item.id, S1_MASK))
             contributed = False
             for channel, polarisation in enumerate(S1_POLARISATIONS):
-                gamma0 = read.pop((item.id, polarisation))
+                gamma0 = read.pop((item.id, polarisation)).astype(gamma0_dtype)
                 if mask is not None:
                     gamma0[mask != 0] = np.nan  # layover, shadow, or outside the mask (NaN != 0)
                 # The reference drops a polarisation of an item that covers too little of the ROI.
@@ -273,7 +302,8 @@ def fetch_s1(
         return used, merged
 
     kept: list[str] = []
-    with reader.gdal_messages, write_s1(out, _grid(tile, window, year, source), chunk=chunk_edge(patch_size)) as stack:
+    grid = _grid(tile, window, year, source, preprocessing_of(source, s2_resampling, mask_layover))
+    with reader.gdal_messages, write_s1(out, grid, chunk=chunk_edge(patch_size)) as stack:
         stack.skipped.update(no_orbit)
         for (date, orbit), (scene_ids, sar) in _each_date(groups, build, stack.skipped, f"{tile.name} S1"):
             stack.append(orbit, date, scene_ids, sar)
@@ -331,10 +361,11 @@ def fetch_tile(tile: Tile, window: Window, year: int, roi: str, source_config: M
     write_roi_mask(read_roi(roi), tile, work.roi_mask)
     roi_mask = read_roi_mask(work.roi_mask, window=window)
     common = dict(roi_mask=roi_mask, min_coverage_pct=options.min_coverage_pct, min_scenes=options.min_scenes,
-                  patch_size=options.patch_size)
+                  patch_size=options.patch_size, mask_layover=options.s1_mask_layover)
     with open_source(source_config, demo_catalog=demo_catalog) as source:
         fetch_s2(tile, window, year, source, work.s2, search_cache=work.search("s2"),
-                 resampling=options.s2_resampling, **common)
-        fetch_s1(tile, window, year, source, work.s1, search_cache=work.search("s1"), **common)
+                 resampling=options.s2_method, **common)
+        fetch_s1(tile, window, year, source, work.s1, search_cache=work.search("s1"),
+                 s2_resampling=options.s2_method, **common)
     write_stack_index(work.s2, work.s1, work.stack_index)
     write_observation_counts(work.stack_index, observations)

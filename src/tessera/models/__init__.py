@@ -33,17 +33,26 @@ class FamilyEntry:
     module: str  # tessera.models.<module> defines FAMILY
     dataset_version: str  # geotessera's dataset version of its embeddings (tessera_metadata.json)
     macs_per_pixel: float  # multiply-accumulates per pixel at typical sequence lengths (UPSTREAM.md §9)
+    # How S2's 20 m bands were brought onto the 10 m grid in the family's training data: the
+    # reference resampled with nearest until its commit 228c658 (2026-05-06, s2_fast_processor.py),
+    # so every v1.x checkpoint saw nearest; the v2 models were trained after it (bilinear).
+    s2_resampling: str
 
 
 # v1.0 and v1.0-QAT always take 40 + 40 steps; v1.1, v2 (small) and the v2 teacher are bucketed,
 # about 64 + 64 for a year of observations.
 REGISTRY = (
-    FamilyEntry("v2", "v2", "2.0", 0.43e9),
-    FamilyEntry("v1.0", "v1_0", "1.0", 3.53e9),
-    FamilyEntry("v1.0-qat", "v1_0_qat", "1.0", 1.84e9),
-    FamilyEntry("v1.1", "v1_1", "1.1", 3.40e9),
-    FamilyEntry("v2-teacher", "v2_teacher", "2.0", 106e9),
+    FamilyEntry("v2", "v2", "2.0", 0.43e9, "bilinear"),
+    FamilyEntry("v1.0", "v1_0", "1.0", 3.53e9, "nearest"),
+    FamilyEntry("v1.0-qat", "v1_0_qat", "1.0", 1.84e9, "nearest"),
+    FamilyEntry("v1.1", "v1_1", "1.1", 3.40e9, "nearest"),
+    FamilyEntry("v2-teacher", "v2_teacher", "2.0", 106e9, "bilinear"),
 )
+# What every family expects of the rest of the preprocessing, as the reference did it for all of
+# them: OPERA's layover/shadow pixels kept (its fetch never reads the mask layer), same-datetime
+# granules merged in the order the search returned them (stackstac's stable sort by datetime).
+S1_LAYOVER_KEPT, S1_LAYOVER_MASKED = "kept", "masked"
+GRANULE_ORDER = "datetime, then search order"
 _BY_NAME = {entry.name: entry for entry in REGISTRY}
 
 
@@ -57,6 +66,13 @@ def family_entry(name: str) -> FamilyEntry:
         return _BY_NAME[name]
     except KeyError:
         raise UserError(f"model family {name!r} is unknown: use one of {', '.join(_BY_NAME)}") from None
+
+
+def expected_preprocessing(name: str) -> dict[str, str]:
+    """The preprocessing choices a family's checkpoints were trained on (keys as ``stack.Preprocessing``;
+    the S2 harmonisation rule follows the data source and is checked as the kind of data)."""
+    return {"s2_resampling": family_entry(name).s2_resampling, "s1_layover": S1_LAYOVER_KEPT,
+            "granule_order": GRANULE_ORDER}
 
 
 def get_family(name: str | Family) -> Family:

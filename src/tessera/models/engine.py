@@ -16,15 +16,13 @@ halved for the rest of the run.
 
 Precision (``precision``): ``fp32``; ``bf16`` (autocast: matmuls in bfloat16, accumulation and
 outputs in float32); ``int8`` (CPU only: Linear layers dynamically quantised, an approximation on
-request); ``auto`` = bf16 on CUDA GPUs with bfloat16 support for families whose ``bf16_on_cuda``
-is set, fp32 otherwise.
-A family gets ``bf16_on_cuda`` when bf16 changes its embeddings by less than the int8 storage
-does anyway — for 99 % of pixels, the RMS difference to fp32 is below the RMS int8 rounding error
-(scale / √12) — measured at the published size with CPU autocast, which rounds matmul inputs to
-bfloat16 and accumulates in float32 as CUDA autocast does; recurrent pooling stays float32 under
-autocast on every device. ``benchmarks/infer.py`` prints the figures per family (all four pass:
-every pixel below the int8 error, cosine to fp32 > 0.9999, with seeded random weights; pass it a
-published checkpoint to check real weights).
+request); ``auto`` = what the reference ran the family in: bf16 autocast on CUDA GPUs with bfloat16
+support for families whose ``bf16_on_cuda`` is set (v1.1, whose reference config turns CUDA
+autocast on), fp32 otherwise (v1.0, v1.0-QAT and the v2 students run in fp32 in the reference;
+the teacher's bf16 is opt-in there too). bf16 elsewhere only when asked.
+``benchmarks/infer.py`` prints bf16's difference to fp32 per family: with seeded random weights,
+every pixel's RMS difference is below the int8 storage error (scale / √12) and cosine to fp32
+> 0.9999; pass it a published checkpoint to check real weights.
 """
 
 from __future__ import annotations
@@ -80,6 +78,15 @@ def resolve_precision(precision: str, family: Family, device: torch.device) -> s
         raise UserError(f"precision bf16 was requested but {torch.cuda.get_device_name(device)} has no bfloat16 "
                         "support: use precision auto or fp32")
     return precision
+
+
+def precision_in_effect(precision: str, family: Family, device: str) -> str:
+    """What ``resolve_precision`` gives on the device a run may land on, in words (for provenance)."""
+    if precision != "auto":
+        return precision
+    if not family.bf16_on_cuda or device == "cpu":
+        return "fp32"
+    return "bf16 on CUDA GPUs with bfloat16 support, else fp32"
 
 
 def cpu_threads(threads: int | None = None) -> int:
@@ -293,6 +300,25 @@ def embed_arrays(
     """
     embedder = Embedder(model, InferOptions(**options))
     return embedder.embed(arrays, valid=valid, data_kind=data_kind, origin=origin, progress=progress)
+
+
+def check_preprocessing(family: Family, recorded: Mapping[str, str], *, allow_mismatch: bool, data: str) -> None:
+    """Refuse data prepared otherwise than the family's checkpoints were trained on (S2 resampling,
+    OPERA's layover pixels, the order of same-date granules; ``recorded`` as ``stack.Preprocessing``),
+    unless ``allow_mismatch``. The S2 harmonisation rule is the kind of data (``data_kind_for``)."""
+    from tessera.models import expected_preprocessing
+
+    expected = expected_preprocessing(family.name)
+    differing = [f"{key} {recorded.get(key)!r} (trained on {value!r})" for key, value in expected.items()
+                 if recorded.get(key) != value]
+    if not differing:
+        return
+    if not allow_mismatch:
+        raise UserError(f"{data} was prepared otherwise than {family.name} checkpoints were trained on: "
+                        f"{'; '.join(differing)}: fetch it again with fetch.s2_resampling: family and "
+                        "fetch.s1_mask_layover: false, or allow it with --allow-preprocessing-mismatch "
+                        "(model.allow_preprocessing_mismatch)")
+    log.warning("%s: prepared otherwise than %s was trained on (allowed): %s", data, family.name, "; ".join(differing))
 
 
 def data_kind_for(model: nn.Module, data_kind: str | None, *, allow_mismatch: bool = False, data: str) -> str:

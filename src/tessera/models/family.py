@@ -103,7 +103,7 @@ class Family:
     state_dict_keys: tuple[str, ...] = ()
     # Published sizes for demo checkpoints: {size: architecture overrides of default_arch()}.
     demo_sizes: Mapping[str, Mapping[str, Any]] = {"small": {}}
-    # Whether precision "auto" runs this family under bf16 autocast on CUDA (criterion: tessera.infer).
+    # Whether precision "auto" runs this family under bf16 autocast on CUDA: as the reference runs it.
     bf16_on_cuda: bool = False
     # Whether the embedding is Matryoshka-ordered: a prefix of its dimensions is usable alone.
     matryoshka: bool = False

@@ -6,6 +6,7 @@ GRU-guided attention pooling; the two 512-d outputs are concatenated into ``dim_
 = Linear(1024 → 128). Checkpoints keep the state dict under ``model_state`` or
 ``model_state_dict`` and carry the training projector, which is dropped (UPSTREAM.md §4.2–4.5).
 
+Pixels: those with a non-zero S2 band at some step (the reference's rule, :func:`any_s2_value`).
 Inputs: per pixel and sensor 40 time steps drawn uniformly from the valid ones (with replacement
 only when fewer than 40 are valid; from all steps when none is), in chronological order, S1 as
 the ascending block followed by the descending block. The reference draws with an unseeded global
@@ -76,13 +77,28 @@ class GRUAttentionPooling(AttentionPooling):
         return self.query(context)
 
 
+def any_s2_value(bands: np.ndarray) -> np.ndarray:
+    """(H·W,) bool: pixels with a non-zero S2 band at some time step, valid or not.
+
+    The reference's pixel rule for v1.0 and v1.0-QAT (``SingleTileInferenceDataset``, with
+    ``min_valid_timesteps`` 0): a pixel is embedded when any S2 band value is non-zero, whatever
+    its masks and its S1; every other pixel is no-data (a pixel seen by S1 alone is skipped; a
+    pixel whose S2 steps are all masked draws from all of them).
+    """
+    steps, height, width, channels = bands.shape
+    seen = np.zeros(height * width, bool)
+    for step in range(steps):  # one step at a time: a patch's whole series is gigabytes
+        seen |= np.ascontiguousarray(bands[step]).reshape(height * width, channels).any(axis=1)
+    return seen
+
+
 class SampledFamily(Family):
     """v1.0 and v1.0-QAT: 40 + 40 randomly drawn steps per pixel, optionally several draws averaged."""
 
     state_dict_keys = ("model_state", "model_state_dict")
     quantisation = V1_QUANTISATION
     demo_sizes = V1_DEMO_SIZES
-    bf16_on_cuda = True  # meets tessera.infer's criterion at the published size (benchmarks/infer.py)
+    bf16_on_cuda = False  # the reference runs v1.0 and v1.0-QAT in fp32 (UPSTREAM.md §4.6)
 
     def normalisation(self, data_kind: str) -> Normalisation:
         """v1.0 and v1.0-QAT have one table, whatever the data source."""
@@ -156,7 +172,7 @@ class SampledFamily(Family):
         norm = self.normalisation(data_kind)
         s2, s1 = S2Series(arrays, norm, device), S1Series(arrays, norm, device)
         pixels = np.asarray(pixels, np.int64)
-        pixels = pixels[(s2.valid_counts[pixels] > 0) | (s1.valid_counts[pixels] > 0)]
+        pixels = pixels[any_s2_value(arrays["bands"])[pixels]]
         keys = pixel_keys(pixels, arrays["bands"].shape[2], origin)
         per_batch = max(1, batch_pixels // repeat_times)
         for start in range(0, len(pixels), per_batch):

@@ -89,7 +89,7 @@ class V1_1(BucketedFamily):
     description = "TESSERA v1.1 (MPC or AWS checkpoint; all observations, bucketed; 128 of 192 dims stored)"
     quantisation = V1_QUANTISATION
     state_dict_keys = ("model_state", "model_state_dict")
-    bf16_on_cuda = True  # meets tessera.infer's criterion at the published size (benchmarks/infer.py)
+    bf16_on_cuda = True  # the reference's v1.1 config: CUDA autocast bf16 (UPSTREAM.md §5.1)
     # Reduced "small" for trying the workflow on a CPU (see v1_0.V1_DEMO_SIZES); "full" is published.
     demo_sizes = {
         "small": {"latent_dim": 64, "s2_dim_feedforward": 1024, "s1_dim_feedforward": 1024},

@@ -90,8 +90,7 @@ class V2Teacher(BucketedFamily):
     description = "TESSERA v2 2B teacher (1024-d, not Matryoshka)"
     quantisation = V2_QUANTISATION
     state_dict_keys = ("encoder_state_dict",)
-    # The bf16 criterion of tessera.infer has not been measured at the published size (8 GB of
-    # weights): fp32 unless bf16 is asked for.
+    # The reference's teacher runs in fp32 unless --bf16 is given: so do we.
     bf16_on_cuda = False
     # Its feed-forward activations are 16,384 wide: 512 pixels per batch as the reference's teacher
     # inference (64 steps: about 2 GB per activation in fp32).

@@ -8,6 +8,7 @@ tile COGs and quicklooks (``mosaic``), the STAC catalogue (``stac``) and the HTM
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tessera.errors import UserError
 from tessera.grid import Tile
 from tessera.io import sha256_file
 from tessera.layout import Results, TileFiles, WorkTile
+from tessera.options import InferOptions
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,18 @@ def tiles_of_embeddings(results: Results, work_dir: Path,
     return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids, roi_masks
 
 
+def preprocessing_of_stacks(stack_indexes: list[Path]) -> dict[str, dict]:
+    """Tile name -> the preprocessing its ``stack.json`` records (``stack.Preprocessing``)."""
+    preprocessing = {}
+    for path in stack_indexes:
+        index = json.loads(Path(path).read_text())
+        if "preprocessing" not in index:
+            raise UserError(f"stack index {path} records no preprocessing (written by an older tessera-workflow): "
+                            "delete the tile's work folder and rerun its fetch")
+        preprocessing[index["tile"]] = index["preprocessing"]
+    return preprocessing
+
+
 def publish(
     results: Results,
     work_dir: Path,
@@ -52,19 +66,25 @@ def publish(
     mosaic_cog: bool = False,
     threads: int = 1,
     benchmarks_dir: Path | None = None,
+    inference: InferOptions = InferOptions(),
 ) -> None:
     """Write every run-level product of the tile-years of ``embeddings`` (every year of the run) into
-    ``results``; their intermediates are in ``work_dir``."""
-    from tessera.publish.manifest import write_landmasks, write_manifests, write_metadata
+    ``results``; their intermediates are in ``work_dir``; ``inference`` holds the run's inference
+    options, for the provenance (``InferOptions.PROVENANCE``)."""
+    from tessera.publish.manifest import processing_record, write_landmasks, write_manifests, write_metadata
     from tessera.publish.mosaic import write_mosaic_cog, write_zone_mosaics
     from tessera.publish.quicklook import write_quicklooks
     from tessera.publish.report import write_report
     from tessera.publish.stac import write_stac
 
     tiles, scene_ids, roi_masks = tiles_of_embeddings(results, work_dir, embeddings)
+    preprocessing = preprocessing_of_stacks([WorkTile.at(work_dir, f.year, f.tile.name).stack_index for f in tiles])
+    processing = processing_record(family, preprocessing,
+                                   {name: getattr(inference, name) for name in InferOptions.PROVENANCE})
     write_landmasks(tiles, roi_masks)
     write_manifests(results, tiles, family=family, variant=variant)
-    write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, tiles=tiles)
+    write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, tiles=tiles,
+                   processing=processing)
     write_quicklooks(tiles, results, threads=threads)
     for year in sorted({files.year for files in tiles}) if mosaics else []:
         for vrt in write_zone_mosaics(results, [files.tile for files in tiles if files.year == year], year):
@@ -72,5 +92,5 @@ def publish(
             if mosaic_cog:
                 log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
     write_stac(results, tiles, family=family, checkpoint_sha256=sha256_file(checkpoint), source=source,
-               variant=variant, scene_ids=scene_ids)
+               variant=variant, scene_ids=scene_ids, processing=processing)
     write_report(results, tiles, scene_ids=scene_ids, benchmarks_dir=benchmarks_dir)

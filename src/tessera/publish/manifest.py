@@ -27,15 +27,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 from tessera import __version__
+from tessera.errors import UserError
 from tessera.io import atomic_path, sha256_file
 from tessera.layout import Results, TileFiles
 from tessera.models import family_entry
 
 
+def processing_record(family: str, preprocessing: dict[str, dict], inference: dict) -> dict:
+    """What changes the numbers of a run's embeddings: the stacks' preprocessing (one for the run:
+    ``preprocessing`` maps tile names to their stack.json's), whether it is what the family was
+    trained on, and how inference ran (``inference``: device, precision, seed, repeat_times)."""
+    from tessera.models import expected_preprocessing, get_family
+    from tessera.models.engine import precision_in_effect
+
+    kinds = {json.dumps(choices, sort_keys=True) for choices in preprocessing.values()}
+    if len(kinds) > 1:
+        raise UserError(f"the tiles' stacks were fetched with different preprocessing ({'; '.join(sorted(kinds))}): "
+                        "rerun the fetch of the tiles with the run's fetch options, then publish")
+    choices = dict(next(iter(preprocessing.values()), {}))
+    expected = expected_preprocessing(family)
+    return {
+        "preprocessing": choices,
+        "preprocessing_as_trained": all(choices.get(key) == value for key, value in expected.items()),
+        "inference": {**inference, "precision_in_effect": precision_in_effect(inference["precision"], get_family(family),
+                                                                              inference["device"])},
+    }
+
+
 def write_metadata(
-    results: Results, *, family: str, variant: str, checkpoint: Path, source: str, tiles: list[TileFiles]
+    results: Results, *, family: str, variant: str, checkpoint: Path, source: str, tiles: list[TileFiles],
+    processing: dict | None = None,
 ) -> None:
-    """geotessera's dataset sidecar, plus what made the embeddings (provenance)."""
+    """geotessera's dataset sidecar, plus what made the embeddings (provenance; ``processing`` from
+    :func:`processing_record`)."""
     version = family_entry(family).dataset_version
     sidecar = {
         "dataset_version": version,
@@ -50,6 +74,8 @@ def write_metadata(
         "years": sorted({t.year for t in tiles}),
         "tiles": sorted({t.tile.name for t in tiles}),
     }
+    if processing is not None:
+        sidecar["processing"] = processing
     with atomic_path(results.metadata) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
 

@@ -11,8 +11,9 @@ calendar year; geometry and bbox of the 0.1° cell in WGS84; the tile's pixel gr
 extension v2 (``proj:code``, ``proj:shape``, ``proj:transform``, ``proj:bbox``); band and no-data
 metadata as STAC 1.1 common metadata (``bands``, ``nodata``, ``data_type`` on each asset), which the
 core schemas validate without the network; ``file:checksum`` (sha256 multihash) and ``file:size`` per
-asset; provenance in the processing extension (software) and ``tessera:`` fields (model family,
-checkpoint sha256, data source, variant, scene ids per collection).
+asset; provenance in the processing extension (software; the lineage names the choices that change
+the numbers) and ``tessera:`` fields (model family, checkpoint sha256, data source, variant, scene ids
+per collection, ``tessera:preprocessing`` and ``tessera:inference`` as in tessera_metadata.json).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ def scene_ids_from_stack_index(stack_json: Path) -> dict[str, list[str]]:
 def _year_span(year: int) -> tuple[dt.datetime, dt.datetime]:
     """The first and last instant of a UTC calendar year."""
     return dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(year, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+
+
+def _lineage(processing: dict) -> str:
+    """The choices that change the numbers, in words."""
+    pre, run = processing["preprocessing"], processing["inference"]
+    return (f"Sentinel-2 resampled with {pre.get('s2_resampling')}, harmonisation {pre.get('harmonisation')}, "
+            f"OPERA layover/shadow pixels {pre.get('s1_layover')}, same-date granules merged in "
+            f"{pre.get('granule_order')} order; inference precision {run['precision_in_effect']}, seed {run['seed']}, "
+            f"{run['repeat_times']} draw(s) per pixel")
 
 
 def _file_fields(asset: pystac.Asset, path: Path) -> None:
@@ -134,6 +144,7 @@ def write_stac(
     scene_ids: dict[str, dict[str, list[str]]],
     software_version: str = __version__,
     license: str = "other",
+    processing: dict | None = None,
 ) -> Path:
     """Write ``stac/`` of an output directory for ``tiles`` and return the path of collection.json.
 
@@ -159,6 +170,11 @@ def write_stac(
         "tessera:data_source": source,
         "tessera:variant": variant,
     }
+    if processing is not None:  # publish.manifest.processing_record
+        common["processing:lineage"] += "; " + _lineage(processing)
+        common["tessera:preprocessing"] = processing["preprocessing"]
+        common["tessera:preprocessing_as_trained"] = processing["preprocessing_as_trained"]
+        common["tessera:inference"] = processing["inference"]
     bounds = np.array([files.tile.bounds_lonlat for files in tiles])
     collection = pystac.Collection(
         id=f"tessera-{variant}-{named}",

@@ -54,6 +54,27 @@ def _check_tile(files: TileFiles) -> list[str]:
     return problems
 
 
+def describe_processing(output_dir: Path) -> list[str]:
+    """The choices that changed the numbers of an output directory's embeddings, one line each
+    (from tessera_metadata.json; empty when it records none)."""
+    try:
+        sidecar = json.loads(Results(output_dir).metadata.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    processing = sidecar.get("processing")
+    if not isinstance(processing, dict):
+        return []
+    lines = [f"model family {sidecar.get('model_family')}, checkpoint sha256 {sidecar.get('checkpoint_sha256')}, "
+             f"data source {sidecar.get('data_source')}"]
+    pre = processing.get("preprocessing", {})
+    trained = "as the family was trained" if processing.get("preprocessing_as_trained") else \
+        "NOT as the family was trained (allowed by model.allow_preprocessing_mismatch)"
+    lines.append("preprocessing " + ", ".join(f"{key} {value}" for key, value in pre.items()) + f": {trained}")
+    run = processing.get("inference", {})
+    lines.append("inference " + ", ".join(f"{key} {value}" for key, value in run.items()))
+    return lines
+
+
 def verify_output(output_dir: Path) -> list[str]:
     """Every problem found, one line each; empty when the directory is sound."""
     results = Results(output_dir)
@@ -63,7 +84,7 @@ def verify_output(output_dir: Path) -> list[str]:
     metadata = results.metadata
     try:
         sidecar = json.loads(metadata.read_text())
-        for key in ("dataset_version", "dataset_variant", "checkpoint_sha256"):
+        for key in ("dataset_version", "dataset_variant", "checkpoint_sha256", "processing"):
             if key not in sidecar:
                 problems.append(f"{metadata}: key {key!r} is missing")
     except (OSError, json.JSONDecodeError) as error:
