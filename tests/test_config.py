@@ -146,3 +146,19 @@ def test_s2_resampling_follows_the_family_unless_given(family, given, expected):
     # `tessera fetch` without the flag follows its --family.
     assert FetchOptions.from_args(parser.parse_args(["--family", family])).s2_method == FetchOptions.from_config(
         cfg.validate({"roi": DEMO_ROI, "year": 2024, "model": {"family": family}})).s2_method
+
+
+def test_the_plan_is_kept_in_the_work_directory_and_reused(tmp_path, monkeypatch):
+    """Every read of the Snakefile plans the ROI: a country's tiles are planned once, then loaded."""
+    import tessera.plan
+
+    config = cfg.validate({"roi": DEMO_ROI, "year": 2024, "patch_size": 32, "work_dir": str(tmp_path)})
+    first = make_plan(config)
+    assert len(list((tmp_path / "plan").glob("tiles-*.json"))) == 1
+    monkeypatch.setattr(tessera.plan, "plan_tiles", lambda *args: pytest.fail("planned again"))
+    again = make_plan(config)
+    assert again.tiles == first.tiles
+    monkeypatch.undo()
+    other = make_plan(cfg.validate({**config, "patch_size": 16}))  # another patch size: another plan
+    assert sum(len(t.patches) for t in other.tiles) > sum(len(t.patches) for t in first.tiles)
+    assert len(list((tmp_path / "plan").glob("tiles-*.json"))) == 2

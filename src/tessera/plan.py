@@ -6,6 +6,7 @@ offline and cheap: geometry only, no raster or network I/O.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import Counter
@@ -20,7 +21,8 @@ from tessera.errors import UserError
 from tessera.grid import Tile, patches, roi_in_tile, tiles_for_geometry, work_window
 from tessera.layout import WorkTile, patch_name
 from tessera.models import family_entry
-from tessera.roi import read_roi
+from tessera.io import atomic_path
+from tessera.roi import is_bbox, read_roi
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,45 @@ def plan_tiles(roi: BaseGeometry, patch_size: int) -> list[TilePlan]:
     return [plan for tile, _ in tiles_for_geometry(roi) if (plan := plan_tile(roi, tile, patch_size))]
 
 
+# The tiles of a country take seconds to plan (about a millisecond a tile), and the Snakefile plans
+# them again on every read: at the driver's start and at every cluster job's. The plan is kept in
+# the work directory, keyed by everything it follows from (the ROI's text and file contents, the
+# patch size, the planning code), so that later reads load it instead.
+_PLAN_CODE = (Path(__file__).with_name("grid.py"), Path(__file__))
+
+
+def _plan_key(config: dict) -> str:
+    digest = hashlib.sha256(json.dumps([config["roi"], config["patch_size"]]).encode())
+    roi_file = Path(config["roi"])
+    for path in (*([roi_file] if not is_bbox(config["roi"]) and roi_file.is_file() else []), *_PLAN_CODE):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_plan_tiles(config: dict, roi: BaseGeometry) -> list[TilePlan]:
+    """``plan_tiles`` of the config's ROI, from ``{work_dir}/plan/`` when it was planned before."""
+    cache = Path(config["work_dir"]) / "plan" / f"tiles-{_plan_key(config)}.json"
+    if cache.is_file():
+        try:
+            return [TilePlan(Tile(lon, lat), Window(*window), tuple(Window(*p) for p in kept))
+                    for lon, lat, window, kept in json.loads(cache.read_text())]
+        except (ValueError, TypeError):
+            pass  # damaged: plan again and replace it
+    tiles = plan_tiles(roi, config["patch_size"])
+    rows = [[t.tile.lon_index, t.tile.lat_index, _window_row(t.window), [_window_row(p) for p in t.patches]]
+            for t in tiles]
+    try:
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps(rows))
+    except OSError:
+        pass  # a read-only work directory only costs the next read its planning time
+    return tiles
+
+
+def _window_row(window: Window) -> list[int]:
+    return [int(window.col_off), int(window.row_off), int(window.width), int(window.height)]
+
+
 def make_plan(config: dict) -> Plan:
     """Plan a validated config (see tessera.config.validate)."""
     checkpoint = config["model"]["checkpoint"]
@@ -130,7 +171,7 @@ def make_plan(config: dict) -> Plan:
     roi = read_roi(config["roi"])
     west, south, east, north = roi.bounds
     approx_tiles = (math.floor(east * 10) - math.floor(west * 10) + 1) * (math.floor(north * 10) - math.floor(south * 10) + 1)
-    tiles = plan_tiles(roi, config["patch_size"]) if approx_tiles <= 4 * config["max_tiles"] else None
+    tiles = cached_plan_tiles(config, roi) if approx_tiles <= 4 * config["max_tiles"] else None
     count = len(tiles) if tiles is not None else approx_tiles
     if tiles is None or count > config["max_tiles"]:
         raise UserError(
