@@ -17,6 +17,7 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/demo.smk"
+include: "rules/download.smk"
 include: "rules/fetch.smk"
 include: "rules/infer.smk"
 include: "rules/assemble.smk"

@@ -6,6 +6,7 @@ import sys
 
 from tessera import config as tessera_config
 from tessera import layout
+from tessera.download import checkpoint_path, needs_download
 from tessera.errors import UserError
 from tessera.options import FetchOptions, InferOptions
 from tessera.plan import JOB_SHAPES, SHAPE_WILDCARDS, make_plan
@@ -45,8 +46,11 @@ SCALES = str(RESULTS.scales("{tile}", YEAR))
 LANDMASK = str(RESULTS.landmask("{tile}"))
 COG = str(RESULTS.cog("{tile}", YEAR))
 DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, YEAR))
+# The checkpoint every model-reading rule takes as input: the demo's, a file as given, or the fixed
+# cache path of a published name / hf:// reference (tessera.download: resolved offline; rule
+# download fetches it when it is not there yet).
 CHECKPOINT = (str(layout.demo_checkpoint(WORK_DIR, FAMILY)) if CFG["model"]["checkpoint"] == "demo"
-              else CFG["model"]["checkpoint"])
+              else checkpoint_path(CFG["model"]["checkpoint"], CFG["model"]["cache_dir"]))
 ENV = "../envs/tessera.yaml"
 # Flags every job of a stage shares, built once from the config.
 TILE_ARGS = f"--tile {{wildcards.tile}} --year {YEAR} --work-dir {shlex.quote(WORK_DIR)}"

@@ -89,6 +89,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     """
     the_schema = schema()
     config = copy.deepcopy(config)
+    _family_of_published_checkpoint(config)
     validator = jsonschema.Draft202012Validator(the_schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
@@ -97,6 +98,17 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if config["source"] == "stac" and "stac" not in config:
         raise UserError("config: source stac needs a 'stac' mapping (url, s2_collection, s1_collection): see config/config.yaml")
     return config
+
+
+def _family_of_published_checkpoint(config: dict) -> None:
+    """A published checkpoint name without a family sets the family (v2-teacher: family v2-teacher)."""
+    from tessera.models import published_checkpoint
+
+    model = config.get("model")
+    if isinstance(model, dict) and "family" not in model and isinstance(model.get("checkpoint"), str):
+        published = published_checkpoint(model["checkpoint"])
+        if published is not None:
+            model["family"] = published.family
 
 
 def load(paths: list[str | Path], overrides: dict | None = None) -> dict[str, Any]:
