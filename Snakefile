@@ -15,6 +15,11 @@ min_version("9.20")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# `snakemake --report report.zip` after a run: quicklooks, observation counts and our HTML report,
+# captioned from workflow/report/ (marked with report() in rules/fetch.smk and rules/publish.smk).
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/download.smk"

@@ -1,5 +1,6 @@
 # Once per run (tessera publish -> tessera.publish.publish): geotessera's sidecar and manifests,
-# one PCA basis and every tile's quicklook, per-zone mosaics, the STAC catalogue and the report.
+# one PCA basis and every tile's quicklook, per-zone mosaics, the STAC catalogue, the Zarr store in
+# geotessera's layout and the report.
 # One job: the PCA basis depends on every tile, and everything after it on the quicklooks, so any
 # tile that changes remakes them all anyway, and fewer jobs keep the DAG small. Its folders are
 # directory outputs: Snakemake compares each requested file with every output of a candidate rule,
@@ -22,6 +23,7 @@ PUBLISHED = dict(
     if MOSAICS
     else [],
     stac=str(RESULTS.stac_collection),
+    zarr=str(RESULTS.zarr_store),
     run_report=str(RESULTS.report(YEAR)),
 )
 
@@ -35,7 +37,16 @@ rule publish:
         cogs=expand_tiles(COG) if CFG["export"]["cog"] else [],
         checkpoint=CHECKPOINT,
     output:
-        **{**PUBLISHED, "quicklooks": directory(PUBLISHED["quicklooks"])},
+        **{
+            **PUBLISHED,
+            # In `snakemake --report`: the quicklook PNGs (a directory output: one pattern, not a file
+            # each) and our HTML report, with captions from workflow/report/.
+            "quicklooks": report(directory(PUBLISHED["quicklooks"]), patterns=[f"{{name}}_{YEAR}.png"],
+                                 caption="../workflow/report/quicklooks.rst", category="Quicklooks"),
+            "zarr": directory(PUBLISHED["zarr"]),
+            "run_report": report(PUBLISHED["run_report"], caption="../workflow/report/report.rst",
+                                 category="Report"),
+        },
     params:
         options=" ".join(
             [f"--year {YEAR} --family {FAMILY} --variant {CFG['export']['variant']} --source {CFG['source']}"]

@@ -3,7 +3,7 @@
 In order (each reads what the one before wrote): geotessera's sidecar and manifests
 (``manifest``), one PCA basis and every tile's quicklook (``quicklook``), per-zone mosaics of the
 tile COGs and quicklooks (``mosaic``), the STAC catalogue (``stac``) and the HTML report
-(``report``). ``verify`` checks any output directory, whatever made it.
+(``report``), and the Zarr store in geotessera's layout (``zarr_store``). ``verify`` checks any output directory, whatever made it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tessera.errors import UserError
 from tessera.grid import Tile
 from tessera.io import sha256_file
 from tessera.layout import Results, TileFiles
+from tessera.models import family_entry
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def publish(
     from tessera.publish.quicklook import write_quicklooks
     from tessera.publish.report import write_report
     from tessera.publish.stac import write_stac
+    from tessera.publish.zarr_store import write_zarr_store
 
     tiles, scene_ids = tiles_of_stacks(results, stack_indexes)
     write_manifests(results, tiles)
@@ -69,4 +71,6 @@ def publish(
                 log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
     write_stac(results, tiles, year=year, family=family, checkpoint_sha256=sha256_file(checkpoint), source=source,
                variant=variant, scene_ids=scene_ids)
+    write_zarr_store(results, tiles, dataset_version=family_entry(family).dataset_version)
+    log.info("wrote %s", results.zarr_store)
     write_report(results, tiles, year, scene_ids=scene_ids, benchmarks_dir=benchmarks_dir)
