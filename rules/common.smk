@@ -1,6 +1,7 @@
 # Config validation, the parse-time plan, and what several rules share. Every path comes from
 # tessera.layout (the same module the Python code uses), so a path is spelled once.
 import json
+import os
 import shlex
 import sys
 
@@ -52,6 +53,16 @@ DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, YEAR))
 CHECKPOINT = (str(layout.demo_checkpoint(WORK_DIR, FAMILY)) if CFG["model"]["checkpoint"] == "demo"
               else checkpoint_path(CFG["model"]["checkpoint"], CFG["model"]["cache_dir"]))
 ENV = "../envs/tessera.yaml"
+# With `--sdm apptainer`, every job runs in this image (one with tessera-workflow installed; README,
+# "Containers"); without the flag Snakemake ignores it.
+if CFG["container"]:
+
+    container: CFG["container"]
+
+
+# envs/tessera.yaml installs this checkout by this absolute path (pip expands it): Snakemake creates
+# environments from a copy of the file under .snakemake/conda/, where a relative path would not lead here.
+os.environ["TESSERA_WORKFLOW_DIR"] = workflow.basedir
 # Flags every job of a stage shares, built once from the config.
 TILE_ARGS = f"--tile {{wildcards.tile}} --year {YEAR} --work-dir {shlex.quote(WORK_DIR)}"
 ROI_ARGS = f"--roi {shlex.quote(CFG['roi'])} --patch-size {CFG['patch_size']}"

@@ -5,6 +5,8 @@
 if needs_download(CFG["model"]["checkpoint"], CFG["model"]["cache_dir"]):
 
     rule download:
+        # On the driver's machine (a cluster's login node usually has the internet, compute nodes may not).
+        localrule: True
         output:
             CHECKPOINT,
         params:
