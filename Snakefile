@@ -21,6 +21,15 @@ report: "workflow/report/workflow.rst"
 
 
 include: "rules/common.smk"
+
+
+# With `--sdm apptainer`, every job runs in this image (one with tessera-workflow installed; README,
+# "Containers"); without the flag Snakemake ignores it.
+if CFG["container"]:
+
+    container: CFG["container"]
+
+
 include: "rules/demo.smk"
 include: "rules/download.smk"
 include: "rules/fetch.smk"

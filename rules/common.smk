@@ -1,7 +1,6 @@
 # Config validation, the parse-time plan, and what several rules share. Every path comes from
 # tessera.layout (the same module the Python code uses), so a path is spelled once.
 import json
-import os
 import shlex
 import sys
 
@@ -47,22 +46,15 @@ SCALES = str(RESULTS.scales("{tile}", YEAR))
 LANDMASK = str(RESULTS.landmask("{tile}"))
 COG = str(RESULTS.cog("{tile}", YEAR))
 DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, YEAR))
-# The checkpoint every model-reading rule takes as input: the demo's, a file as given, or the fixed
-# cache path of a published name / hf:// reference (tessera.download: resolved offline; rule
-# download fetches it when it is not there yet).
+# The checkpoint every model-reading job reads (an input of their rules): the demo's, a file as
+# given, or the fixed cache path of a published name / hf:// reference (tessera.download: resolved
+# offline; the download job fetches it while it is not there).
 CHECKPOINT = (str(layout.demo_checkpoint(WORK_DIR, FAMILY)) if CFG["model"]["checkpoint"] == "demo"
               else checkpoint_path(CFG["model"]["checkpoint"], CFG["model"]["cache_dir"]))
 ENV = "../envs/tessera.yaml"
-# With `--sdm apptainer`, every job runs in this image (one with tessera-workflow installed; README,
-# "Containers"); without the flag Snakemake ignores it.
-if CFG["container"]:
-
-    container: CFG["container"]
-
-
 # envs/tessera.yaml installs this checkout by this absolute path (pip expands it): Snakemake creates
 # environments from a copy of the file under .snakemake/conda/, where a relative path would not lead here.
-os.environ["TESSERA_WORKFLOW_DIR"] = workflow.basedir
+tessera_config.export_workflow_dir(workflow.basedir)
 # Flags every job of a stage shares, built once from the config.
 TILE_ARGS = f"--tile {{wildcards.tile}} --year {YEAR} --work-dir {shlex.quote(WORK_DIR)}"
 ROI_ARGS = f"--roi {shlex.quote(CFG['roi'])} --patch-size {CFG['patch_size']}"

@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from conftest import REPO
+from tessera.config import WORKFLOW_DIR_VARIABLE, export_workflow_dir
 
 ENV_FILE = REPO / "envs" / "tessera.yaml"
 
@@ -32,14 +33,16 @@ def _env():
     return conda, pip
 
 
-def test_pip_section_resolves_to_this_checkout_from_snakemakes_copy(tmp_path):
+def test_pip_section_resolves_to_this_checkout_from_snakemakes_copy(tmp_path, monkeypatch):
     _, pip = _env()
+    monkeypatch.delenv(WORKFLOW_DIR_VARIABLE, raising=False)
+    export_workflow_dir(REPO)  # what rules/common.smk does with workflow.basedir when Snakemake reads it
     copy_dir = tmp_path / "work" / ".snakemake" / "conda"  # where Snakemake puts the env file's copy
     copy_dir.mkdir(parents=True)
     shutil.copy(ENV_FILE, copy_dir / "0123abcd.yaml")
     requirements = copy_dir / "condaenv.requirements.txt"  # what conda writes for pip
     requirements.write_text("\n".join(pip) + "\n")
-    env = {**os.environ, "TESSERA_WORKFLOW_DIR": str(REPO)}  # as rules/common.smk sets it
+    env = dict(os.environ)  # conda and pip inherit the driver's environment
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--no-build-isolation",
          "--quiet", "--report", "-", "-r", requirements.name],
@@ -57,7 +60,7 @@ def test_the_snakefile_sets_the_checkout_path_the_env_file_names():
     _, pip = _env()
     assert any("${TESSERA_WORKFLOW_DIR}" in entry for entry in pip)
     common = (REPO / "rules" / "common.smk").read_text()
-    assert 'os.environ["TESSERA_WORKFLOW_DIR"] = workflow.basedir' in common
+    assert "tessera_config.export_workflow_dir(workflow.basedir)" in common
     assert (REPO / "rules" / "common.smk").read_text().count("../envs/tessera.yaml") == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
@@ -109,6 +110,16 @@ def _family_of_published_checkpoint(config: dict) -> None:
         published = published_checkpoint(model["checkpoint"])
         if published is not None:
             model["family"] = published.family
+
+
+WORKFLOW_DIR_VARIABLE = "TESSERA_WORKFLOW_DIR"
+
+
+def export_workflow_dir(path: str | Path) -> None:
+    """Name the workflow's checkout in the environment of everything Snakemake starts: envs/tessera.yaml
+    installs it by ``${TESSERA_WORKFLOW_DIR}``, because Snakemake creates conda environments from a
+    copy of the file under .snakemake/conda/, where a relative path would not lead to the checkout."""
+    os.environ[WORKFLOW_DIR_VARIABLE] = str(Path(path).resolve())
 
 
 def load(paths: list[str | Path], overrides: dict | None = None) -> dict[str, Any]:
