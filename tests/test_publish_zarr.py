@@ -76,3 +76,41 @@ def test_values_and_pixel_positions_match_the_tile_cogs(store):
         outside = np.ones(ds["scales"].shape[1:], bool)
         outside[row, col] = False
         assert np.isinf(ds["scales"].isel(time=0).values[outside]).all()
+
+
+def test_tiles_either_side_of_the_equator_share_one_zone_axis(tmp_path):
+    """A zone's group holds its northern and southern tiles on one northing axis (south - 10,000 km)."""
+    from tessera.layout import TileFiles
+    from tessera.publish.zarr_store import write_zarr_store
+
+    results = Results(tmp_path / "results")
+    rng = np.random.default_rng(0)
+    files = []
+    for name in ("grid_3.05_0.05", "grid_3.05_-0.05"):
+        tile = Tile.from_name(name)
+        f = TileFiles.locate(results, tile, 2024)
+        f.embedding.parent.mkdir(parents=True, exist_ok=True)
+        codes = rng.integers(-128, 128, (tile.height, tile.width, 16), dtype=np.int8)
+        scales = np.full((tile.height, tile.width), np.nan, np.float32)
+        scales[:40, 10:50] = rng.uniform(0.01, 0.02, (40, 40)).astype(np.float32)
+        np.save(f.embedding, codes)
+        np.save(f.scales, scales)
+        f.landmask.parent.mkdir(parents=True, exist_ok=True)
+        f.landmask.write_bytes(b"")  # not read here
+        files.append((f, codes, scales))
+    write_zarr_store(results, [f for f, _, _ in files], dataset_version="2.0")
+    assert sorted(zarr.open_group(str(results.zarr_store), mode="r").group_keys()) == ["utm31"]
+    ds = xr.open_zarr(results.zarr_store, group="utm31")
+    assert ds.attrs["proj:code"] == "EPSG:32631" and ds.sizes["band"] == 16
+    for f, codes, scales in files:
+        tile = f.tile
+        top = tile.transform.f - (10_000_000 if tile.epsg >= 32700 else 0)
+        row = int(np.floor((ds["y"].values[0] + 5 - top) / 10 + 1e-9))  # the row whose footprint holds the top edge
+        col = int(np.floor((tile.transform.c - (ds["x"].values[0] - 5)) / 10 + 1e-9))
+        assert 0 <= ds["y"].values[row] + 5 - top < 10  # moved north by less than a pixel
+        stored = ds["embeddings"].isel(time=0, y=slice(row, row + 40), x=slice(col + 10, col + 50)).values
+        np.testing.assert_array_equal(stored, np.moveaxis(codes[:40, 10:50], -1, 0))
+        np.testing.assert_array_equal(ds["scales"].isel(time=0, y=slice(row, row + 40), x=slice(col + 10, col + 50)),
+                                      scales[:40, 10:50])
+    south_row = int(np.floor((ds["y"].values[0] + 5 - 0.0) / 10))
+    assert ds["y"].values[south_row] == pytest.approx(-5.0)  # the equator is northing 0 on the zone's axis
