@@ -11,13 +11,16 @@ What it reproduces is what huggingface_hub (2.x) asks of the Hub and reads from 
   signed URL on another origin (the CDN) carrying ``X-Linked-Etag`` (the file's SHA-256, quoted),
   ``X-Linked-Size`` and ``ETag`` (the pointer's git oid): the client reads the metadata from the
   redirect itself and does not follow it on ``HEAD``; it ``GET``s the CDN URL, with ``Range`` when
-  it resumes a partial file.
+  it resumes a partial file; the CDN answers with ``Content-Disposition`` naming the file.
 * A plain git file is a ``200`` with ``ETag`` (git blob oid) and ``Content-Length``.
 * Errors as the Hub sends them, by ``X-Error-Code``: an unknown repository is ``401``
   ``RepoNotFound`` (the Hub does not tell anonymous clients whether a private repo exists), an
   unknown revision ``404`` ``RevisionNotFound``, an unknown file ``404`` ``EntryNotFound`` (with
   ``X-Repo-Commit``).
 * No Xet headers (``X-Xet-Hash``): the client then takes the plain HTTP path above.
+
+Not reproduced: ``GET /api/agent-harnesses`` (``huggingface_hub/utils/_detect_agent.py`` fetches a
+registry once a day for its user agent) is answered 404, which the client treats as "no registry".
 """
 
 from __future__ import annotations
@@ -134,6 +137,9 @@ class HubStandIn:
             handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         handler.send_header("Content-Length", str(len(data) - start))
         handler.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        # The signed URL asks the store for this header; huggingface_hub names its progress bar after it.
+        name = found[1].rsplit("/", 1)[-1]
+        handler.send_header("Content-Disposition", f"inline; filename*=UTF-8''{name}; filename=\"{name}\";")
         handler.end_headers()
         if body:
             handler.wfile.write(data[start:])

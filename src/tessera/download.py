@@ -145,7 +145,7 @@ def _hf_download(file: HubFile, staging: Path) -> str:
     where = f"{file.repo_id}@{file.revision}/{file.filename} on {endpoint}"
     try:
         return hf_hub_download(file.repo_id, file.filename, revision=file.revision, local_dir=staging,
-                               endpoint=endpoint)
+                               endpoint=endpoint, tqdm_class=_progress_bar())
     except GatedRepoError:
         raise UserError(f"{file.reference}: {where} is gated: accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -163,6 +163,24 @@ def _hf_download(file: HubFile, staging: Path) -> str:
     except (HfHubHTTPError, httpx2.HTTPError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{file.reference}: downloading {where} failed ({first}): rerun to resume") from None
+
+
+def _progress_bar():
+    """A tqdm bar that also shows in a job's log file (huggingface_hub's own hides itself when stderr
+    is not a terminal), updated every 15 s there; HF_HUB_DISABLE_PROGRESS_BARS turns it off."""
+    import sys
+
+    from tqdm import tqdm
+
+    quiet = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on")
+    interval = 0.1 if sys.stderr.isatty() else 15.0
+
+    class ProgressBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("mininterval", interval)
+            super().__init__(*args, disable=quiet, **kwargs)
+
+    return ProgressBar
 
 
 def _check(path: Path, file: HubFile, size: int | None, sha256: str | None) -> None:
