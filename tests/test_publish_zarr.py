@@ -23,7 +23,7 @@ def store(tiny_demo_run):
 
 
 def test_root_and_zone_groups_carry_geotessera_conventions(store):
-    results, path = store
+    _, path = store
     root = zarr.open_group(str(path), mode="r")
     attrs = root.attrs.asdict()
     assert attrs["zarr_conventions"] == [GEOEMB_CONVENTION]

@@ -138,8 +138,14 @@ def _hf_download(file: HubFile, staging: Path) -> str:
     """huggingface_hub's download into ``staging`` (a partial file there resumes), errors as one line."""
     import httpx2
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     endpoint = os.environ.get("HF_ENDPOINT", HUB).rstrip("/")
     where = f"{file.repo_id}@{file.revision}/{file.filename} on {endpoint}"
