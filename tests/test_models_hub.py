@@ -121,7 +121,7 @@ def test_models_lists_families_names_sizes_and_sources(tmp_path):
     out = subprocess.run([str(BIN / "tessera"), "models", "--cache-dir", str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout
     assert "v2-small    v2" in out and "28.5 MB" in out and "TESSERA-V-2.0-2B-S ckpt/student_small.pt" in out
-    assert "v1.1        by path only" in out and "Google Drive" in out
+    assert "v1.1        not by name" in out and "Google Drive" in out
 
 
 @pytest.mark.slow

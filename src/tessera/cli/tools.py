@@ -161,7 +161,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     print(f"{'family':<12} {'dataset':>7}  checkpoints by name (model.checkpoint)")
     for entry in REGISTRY:
         names = [p.name for p in PUBLISHED if p.family == entry.name]
-        print(f"{entry.name:<12} {entry.dataset_version:>7}  {', '.join(names) if names else '(by path only)'}")
+        print(f"{entry.name:<12} {entry.dataset_version:>7}  {', '.join(names) if names else '(by path or hf://)'}")
     print(f"\n{'name':<11} {'family':<11} {'params':>8} {'size':>10}  where from")
     for p in PUBLISHED:
         size = f"{p.size / 1e6:,.1f} MB" if p.size else "?"
@@ -169,7 +169,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{p.name:<11} {p.family:<11} {p.params:>8} {size:>10}  {HUB}/{p.repo_id} {p.filename}{cached}")
     print()
     for family, where in NOT_BY_NAME.items():
-        print(f"{family:<11} by path only: {where}")
+        print(f"{family:<11} not by name: {where}")
     print(f"\nAlso: hf://owner/repo[@revision]/path for any file on the Hub. Cache: {cache_root(args.cache_dir)}")
 
 

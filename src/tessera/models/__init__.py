@@ -78,11 +78,17 @@ PUBLISHED = (
                         "ckpt/tessera_v2_2B_teacher.pt", 8_257_134_395,
                         "bfca890a9956485edf9d6be61375fde4cd0b4cb4b47db79596f0523a289aa555", "2.06 B"),
 )
-# Families whose checkpoints are not fetched by name, and where to get them (UPSTREAM.md §4.4, §5.2).
+# Families whose checkpoints are not fetched by name, and where to get them: the file names of
+# UPSTREAM.md §4.4, §4.6, §5.2 (Google Drive links in ucam-eo/tessera's README); the Hugging Face
+# model pages geotessera/TESSERA-V-1.0 (recommending tessera-v1.0-QAT-best.pt) and -V-1.1 exist too,
+# their file lists not confirmed here: hf://geotessera/TESSERA-V-1.1/<file> fetches one.
 NOT_BY_NAME = {
-    "v1.0": "best_model_fsdp_20250427_084307.pt from the Google Drive link in ucam-eo/tessera's README",
-    "v1.0-qat": "best_model_fsdp_20250608_220648_QAT.pt from the Google Drive link in ucam-eo/tessera's README",
-    "v1.1": "tessera_v1_1_{mpc,aws}_encoder.pt from the Google Drive link in ucam-eo/tessera's README",
+    "v1.0": "best_model_fsdp_20250427_084307.pt from the Google Drive link in ucam-eo/tessera's README "
+            "(or a file of hf://geotessera/TESSERA-V-1.0)",
+    "v1.0-qat": "best_model_fsdp_20250608_220648_QAT.pt from the Google Drive link in ucam-eo/tessera's README "
+                "(or tessera-v1.0-QAT-best.pt of hf://geotessera/TESSERA-V-1.0)",
+    "v1.1": "tessera_v1_1_{mpc,aws}_encoder.pt from the Google Drive link in ucam-eo/tessera's README "
+            "(or a file of hf://geotessera/TESSERA-V-1.1)",
 }
 _PUBLISHED_BY_NAME = {entry.name: entry for entry in PUBLISHED}
 
