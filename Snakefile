@@ -15,8 +15,23 @@ min_version("9.20")
 configfile: f"{workflow.basedir}/config/config.yaml"
 
 
+# `snakemake --report report.zip` after a run: quicklooks, observation counts and our HTML report,
+# captioned from workflow/report/ (marked with report() in rules/fetch.smk and rules/publish.smk).
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
+
+
+# With `--sdm apptainer`, every job runs in this image (one with tessera-workflow installed; README,
+# "Containers"); without the flag Snakemake ignores it.
+if CFG["container"]:
+
+    container: CFG["container"]
+
+
 include: "rules/demo.smk"
+include: "rules/download.smk"
 include: "rules/fetch.smk"
 include: "rules/infer.smk"
 include: "rules/assemble.smk"

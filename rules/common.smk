@@ -6,6 +6,7 @@ import sys
 
 from tessera import config as tessera_config
 from tessera import layout
+from tessera.download import checkpoint_path, needs_download
 from tessera.errors import UserError
 from tessera.options import FetchOptions, InferOptions
 from tessera.plan import JOB_SHAPES, SHAPE_WILDCARDS, make_plan
@@ -46,10 +47,16 @@ SCALES = str(RESULTS.scales("{tile}", "{year}"))
 COG = str(RESULTS.cog("{tile}", "{year}"))
 OBSERVATIONS = str(RESULTS.observations("{tile}", "{year}"))
 DEMO_CATALOG = str(layout.demo_catalog(WORK_DIR, "{year}"))
+# The checkpoint every model-reading job reads (an input of their rules): the demo's, a file as
+# given, or the fixed cache path of a published name / hf:// reference (tessera.download: resolved
+# offline; the download job fetches it while it is not there).
 CHECKPOINT = (str(layout.demo_checkpoint(WORK_DIR, FAMILY)) if CFG["model"]["checkpoint"] == "demo"
-              else CFG["model"]["checkpoint"])
+              else checkpoint_path(CFG["model"]["checkpoint"], CFG["model"]["cache_dir"]))
 ENV = "../envs/tessera.yaml"
 PER_PATCH = CFG["infer"]["per"] == "patch"
+# envs/tessera.yaml installs this checkout by this absolute path (pip expands it): Snakemake creates
+# environments from a copy of the file under .snakemake/conda/, where a relative path would not lead here.
+tessera_config.export_workflow_dir(workflow.basedir)
 # Flags every job of a stage shares, built once from the config.
 TILE_ARGS = f"--tile {{wildcards.tile}} --year {{wildcards.year}} --work-dir {shlex.quote(WORK_DIR)}"
 ROI_ARGS = f"--roi {shlex.quote(CFG['roi'])} --patch-size {CFG['patch_size']}"

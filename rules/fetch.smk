@@ -13,7 +13,7 @@ rule fetch:
         s2=directory(str(WORK_TILE.s2)),
         s1=directory(str(WORK_TILE.s1)),
         index=str(WORK_TILE.stack_index),
-        observations=OBSERVATIONS,
+        observations=report(OBSERVATIONS, caption="../workflow/report/observations.rst", category="Observation counts"),
     resources:
         mem_mb=grows_with_attempt(2000),
         runtime=grows_with_attempt(240),

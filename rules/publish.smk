@@ -1,6 +1,6 @@
 # Once per run (tessera publish -> tessera.publish.publish), for every year of it: geotessera's
 # sidecar and manifests, one PCA basis and every tile-year's quicklook, mosaics per zone and year,
-# the STAC catalogue and the report.
+# the STAC catalogue, the Zarr store in geotessera's layout and the report.
 # One job: the PCA basis depends on every tile, and everything after it on the quicklooks, so any
 # tile that changes remakes them all anyway, and fewer jobs keep the DAG small. Its folders are
 # directory outputs: Snakemake compares each requested file with every output of a candidate rule,
@@ -24,6 +24,7 @@ PUBLISHED = dict(
     if MOSAICS
     else [],
     stac=str(RESULTS.stac_collection),
+    zarr=str(RESULTS.zarr_store),
     run_report=str(RESULTS.report),
 )
 
@@ -36,7 +37,17 @@ rule publish:
         embeddings=expand_tiles(EMBEDDING),
         checkpoint=CHECKPOINT,
     output:
-        **{**PUBLISHED, "quicklooks": [directory(folder) for folder in PUBLISHED["quicklooks"]]},
+        **{
+            **PUBLISHED,
+            # In `snakemake --report`: the quicklook PNGs (directory outputs: one pattern per year, not
+            # a file each) and our HTML report, with captions from workflow/report/.
+            "quicklooks": [report(directory(folder), patterns=[f"{{name}}_{year}.png"],
+                                  caption="../workflow/report/quicklooks.rst", category="Quicklooks")
+                           for folder, year in zip(PUBLISHED["quicklooks"], YEARS)],
+            "zarr": directory(PUBLISHED["zarr"]),
+            "run_report": report(PUBLISHED["run_report"], caption="../workflow/report/report.rst",
+                                 category="Report"),
+        },
     params:
         options=" ".join(
             [f"--family {FAMILY} --variant {CFG['export']['variant']} --source {CFG['source']}"]

@@ -12,7 +12,8 @@ def test_defaults_are_filled():
     config = cfg.validate({"roi": DEMO_ROI, "year": 2024})
     assert config["source"] == "demo"
     assert config["model"] == {"family": "v2", "checkpoint": "demo", "trust_checkpoint": False,
-                               "allow_source_mismatch": False, "allow_preprocessing_mismatch": False}
+                               "allow_source_mismatch": False, "allow_preprocessing_mismatch": False,
+                               "cache_dir": None, "sha256": None}
     assert config["patch_size"] == 512 and config["output_dir"] == "results" and config["device"] == "auto"
     assert config["fetch"]["min_coverage_pct"] == 0.01
 
@@ -47,7 +48,8 @@ def test_config_files_merge_like_snakemake(tmp_path):
     over.write_text(yaml.safe_dump({"model": {"checkpoint": "y.pt"}}))
     config = cfg.load([base, over])
     assert config["model"] == {"family": "v2", "checkpoint": "y.pt", "trust_checkpoint": False,
-                               "allow_source_mismatch": False, "allow_preprocessing_mismatch": False}
+                               "allow_source_mismatch": False, "allow_preprocessing_mismatch": False,
+                               "cache_dir": None, "sha256": None}
     with pytest.raises(UserError, match="does not exist"):
         cfg.load([tmp_path / "missing.yaml"])
     (tmp_path / "bad.yaml").write_text("roi: [unclosed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Hashable
 from importlib import resources
 from pathlib import Path
@@ -90,6 +91,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     the_schema = schema()
     config = copy.deepcopy(config)
     config.pop("years", None)  # derived from "year" below (a validated config validates again)
+    _family_of_published_checkpoint(config)
     validator = jsonschema.Draft202012Validator(the_schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
@@ -115,6 +117,27 @@ def years_of(year: int | list[int] | str) -> list[int]:
         raise UserError(f"config key 'year': range {year!r} must run forwards within {FIRST_YEAR}-{LAST_YEAR}, "
                         f"e.g. {FIRST_YEAR}-{LAST_YEAR}")
     return list(range(first, last + 1))
+
+
+def _family_of_published_checkpoint(config: dict) -> None:
+    """A published checkpoint name without a family sets the family (v2-teacher: family v2-teacher)."""
+    from tessera.models import published_checkpoint
+
+    model = config.get("model")
+    if isinstance(model, dict) and "family" not in model and isinstance(model.get("checkpoint"), str):
+        published = published_checkpoint(model["checkpoint"])
+        if published is not None:
+            model["family"] = published.family
+
+
+WORKFLOW_DIR_VARIABLE = "TESSERA_WORKFLOW_DIR"
+
+
+def export_workflow_dir(path: str | Path) -> None:
+    """Name the workflow's checkout in the environment of everything Snakemake starts: envs/tessera.yaml
+    installs it by ``${TESSERA_WORKFLOW_DIR}``, because Snakemake creates conda environments from a
+    copy of the file under .snakemake/conda/, where a relative path would not lead to the checkout."""
+    os.environ[WORKFLOW_DIR_VARIABLE] = str(Path(path).resolve())
 
 
 def load(paths: list[str | Path], overrides: dict | None = None) -> dict[str, Any]:

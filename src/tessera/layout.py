@@ -163,6 +163,11 @@ class Results:
         return self.root / "mosaic" / str(year) / f"{layer}_{year}_epsg{epsg}.{ext}"
 
     @property
+    def zarr_store(self) -> Path:
+        """Every tile-year in one Zarr v3 store in the layout of geotessera's ``tessera.zarr``."""
+        return self.root / "tessera.zarr"
+
+    @property
     def stac(self) -> Path:
         return self.root / "stac"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
+from tessera.download import hub_file, needs_download
 from tessera.errors import UserError
 from tessera.grid import Tile, patches, roi_in_tile, tiles_for_geometry, work_window
 from tessera.layout import WorkTile, patch_name
@@ -71,6 +72,7 @@ class Plan:
 JOB_SHAPES = {
     "demo_catalog": lambda config: "year" if config["source"] == "demo" else None,
     "demo_checkpoint": lambda config: "run" if config["model"]["checkpoint"] == "demo" else None,
+    "download": lambda config: "run" if needs_download(config["model"]["checkpoint"], config["model"]["cache_dir"]) else None,
     "fetch": lambda config: "tile",
     "infer": lambda config: config["infer"]["per"],
     "assemble": lambda config: "tile",
@@ -162,12 +164,17 @@ def _window_row(window: Window) -> list[int]:
     return [int(window.col_off), int(window.row_off), int(window.width), int(window.height)]
 
 
+def _check_checkpoint(model: dict) -> None:
+    """model.checkpoint is a file, demo, or a Hub file of the configured family (no network here)."""
+    file = hub_file(model["checkpoint"])
+    if file is not None and file.family is not None and file.family != model["family"]:
+        raise UserError(f"model.checkpoint {model['checkpoint']} is a {file.family} checkpoint, but model.family is "
+                        f"{model['family']}: set model.family to {file.family} (or leave it out)")
+
+
 def make_plan(config: dict) -> Plan:
     """Plan a validated config (see tessera.config.validate)."""
-    checkpoint = config["model"]["checkpoint"]
-    if checkpoint != "demo" and not Path(checkpoint).is_file():
-        raise UserError(f"model.checkpoint {checkpoint!r} is not a file: give the path of a downloaded checkpoint, "
-                        "or demo for seeded random weights")
+    _check_checkpoint(config["model"])
     roi = read_roi(config["roi"])
     west, south, east, north = roi.bounds
     approx_tiles = (math.floor(east * 10) - math.floor(west * 10) + 1) * (math.floor(north * 10) - math.floor(south * 10) + 1)

@@ -1,4 +1,4 @@
-"""The stage sub-commands, one per rule file: fetch, infer, assemble, publish, demo.
+"""The stage sub-commands, one per rule file: download, fetch, infer, assemble, publish, demo.
 
 Each takes the work and output directories (not file paths): ``tessera.layout`` names every file
 of a tile-year, for the rules and for this code alike.
@@ -184,4 +184,18 @@ def add_demo(sub) -> None:
     q.set_defaults(func=cmd_demo_checkpoint)
 
 
-PARSERS = (add_fetch, add_infer, add_assemble, add_publish, add_demo)
+def cmd_download(args: argparse.Namespace) -> None:
+    from tessera.download import download
+
+    print(download(args.checkpoint, args.cache_dir, sha256=args.sha256))
+
+
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="(rule download) fetch a checkpoint by name or hf:// reference into the cache")
+    p.add_argument("checkpoint", help="a published name (tessera models) or hf://owner/repo[@revision]/path")
+    p.add_argument("--cache-dir", help="the config's model.cache_dir (default: $HF_HOME/tessera)")
+    p.add_argument("--sha256", help="the SHA-256 the file must have, instead of the recorded one")
+    p.set_defaults(func=cmd_download)
+
+
+PARSERS = (add_download, add_fetch, add_infer, add_assemble, add_publish, add_demo)

@@ -1,4 +1,5 @@
-"""Tools around the stages: plan, search, verify, change, compare, embed-patch, export-patches, install-profile."""
+"""Tools around the stages: plan, models, search, verify, change, compare, embed-patch, export-patches,
+install-profile."""
 
 from __future__ import annotations
 
@@ -193,6 +194,32 @@ def add_install_profile(sub) -> None:
     p.set_defaults(func=cmd_install_profile)
 
 
+def cmd_models(args: argparse.Namespace) -> None:
+    from tessera.download import cache_root, cached_path, hub_file
+    from tessera.models import HUB, NOT_BY_NAME, PUBLISHED, REGISTRY
+
+    print(f"{'family':<12} {'dataset':>7}  checkpoints by name (model.checkpoint)")
+    for entry in REGISTRY:
+        names = [p.name for p in PUBLISHED if p.family == entry.name]
+        print(f"{entry.name:<12} {entry.dataset_version:>7}  {', '.join(names) if names else '(by path or hf://)'}")
+    print(f"\n{'name':<11} {'family':<11} {'params':>8} {'size':>10}  where from")
+    for p in PUBLISHED:
+        size = f"{p.size / 1e6:,.1f} MB" if p.size else "?"
+        cached = " (cached)" if cached_path(hub_file(p.name), args.cache_dir).is_file() else ""
+        print(f"{p.name:<11} {p.family:<11} {p.params:>8} {size:>10}  {HUB}/{p.repo_id} {p.filename}{cached}")
+    print()
+    for family, where in NOT_BY_NAME.items():
+        print(f"{family:<11} not by name: {where}")
+    print(f"\nAlso: hf://owner/repo[@revision]/path for any file on the Hub. Cache: {cache_root(args.cache_dir)}")
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the model families, the checkpoints published by name and where they come from")
+    p.add_argument("--cache-dir", help="the config's model.cache_dir (default: $HF_HOME/tessera)")
+    p.set_defaults(func=cmd_models)
+
+
+
 def cmd_change(args: argparse.Namespace) -> None:
     from tessera.change import write_change_maps
 
@@ -209,4 +236,4 @@ def add_change(sub) -> None:
     p.set_defaults(func=cmd_change)
 
 
-PARSERS = (add_plan, add_search, add_verify, add_change, add_compare, add_embed_patch, add_export_patches, add_install_profile)
+PARSERS = (add_plan, add_models, add_search, add_verify, add_change, add_compare, add_embed_patch, add_export_patches, add_install_profile)

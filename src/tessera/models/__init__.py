@@ -56,6 +56,57 @@ GRANULE_ORDER = "datetime, then search order"
 _BY_NAME = {entry.name: entry for entry in REGISTRY}
 
 
+@dataclass(frozen=True)
+class PublishedCheckpoint:
+    """A checkpoint published on Hugging Face that ``model.checkpoint`` accepts by name."""
+
+    name: str  # model.checkpoint: <name>
+    family: str  # a REGISTRY name
+    repo_id: str  # Hugging Face model repository
+    filename: str  # path inside the repository
+    size: int | None  # bytes, where known
+    sha256: str | None  # hex, where known
+    params: str  # parameter count as published
+
+
+HUB = "https://huggingface.co"
+# Repositories and file names: ucam-eo/tessera's tessera_infer_v2 download_weights.py (UPSTREAM.md §6).
+# Sizes and SHA-256: pins of these files in a third-party port (mere.run's TESSERAResources, at
+# revisions N 9645033, S 21760b2, M 41db8ee, L b45f244, Teacher 2621706); the sizes agree with the
+# published ones (4 MB, 28 MB, 84 MB, 175 MB, 8.26 GB). Not checked against the Hub from here.
+PUBLISHED = (
+    PublishedCheckpoint("v2-nano", "v2", "geotessera/TESSERA-V-2.0-2B-N", "ckpt/student_nano.pt", 4_288_221,
+                        "bc9929e3643dfab2744c2ce14e7c14f698703a94e9562e4e0982f9d6540b0691", "1.07 M"),
+    PublishedCheckpoint("v2-small", "v2", "geotessera/TESSERA-V-2.0-2B-S", "ckpt/student_small.pt", 28_488_531,
+                        "92619d4ffc2936895f145fdcf710140b58c23c860e02f01873828b10c6958d95", "7.11 M"),
+    PublishedCheckpoint("v2-medium", "v2", "geotessera/TESSERA-V-2.0-2B-M", "ckpt/student_medium.pt", 84_163_403,
+                        "3823be7db9d9cfc93f3c2a47c7699be82821ab4e1117d4d2befdb746941ee96e", "21.03 M"),
+    PublishedCheckpoint("v2-large", "v2", "geotessera/TESSERA-V-2.0-2B-L", "ckpt/student_large.pt", 175_363_923,
+                        "b5f20239dbb1849c01a3e407b095aafe39b0bf764300206af78cb9b85f9ec1e1", "43.83 M"),
+    PublishedCheckpoint("v2-teacher", "v2-teacher", "geotessera/TESSERA-V-2.0-2B-Teacher",
+                        "ckpt/tessera_v2_2B_teacher.pt", 8_257_134_395,
+                        "bfca890a9956485edf9d6be61375fde4cd0b4cb4b47db79596f0523a289aa555", "2.06 B"),
+)
+# Families whose checkpoints are not fetched by name, and where to get them: the file names of
+# UPSTREAM.md §4.4, §4.6, §5.2 (Google Drive links in ucam-eo/tessera's README); the Hugging Face
+# model pages geotessera/TESSERA-V-1.0 (recommending tessera-v1.0-QAT-best.pt) and -V-1.1 exist too,
+# their file lists not confirmed here: hf://geotessera/TESSERA-V-1.1/<file> fetches one.
+NOT_BY_NAME = {
+    "v1.0": "best_model_fsdp_20250427_084307.pt from the Google Drive link in ucam-eo/tessera's README "
+            "(or a file of hf://geotessera/TESSERA-V-1.0)",
+    "v1.0-qat": "best_model_fsdp_20250608_220648_QAT.pt from the Google Drive link in ucam-eo/tessera's README "
+                "(or tessera-v1.0-QAT-best.pt of hf://geotessera/TESSERA-V-1.0)",
+    "v1.1": "tessera_v1_1_{mpc,aws}_encoder.pt from the Google Drive link in ucam-eo/tessera's README "
+            "(or a file of hf://geotessera/TESSERA-V-1.1)",
+}
+_PUBLISHED_BY_NAME = {entry.name: entry for entry in PUBLISHED}
+
+
+def published_checkpoint(name: str) -> PublishedCheckpoint | None:
+    """The published checkpoint called ``name``, or None."""
+    return _PUBLISHED_BY_NAME.get(name)
+
+
 def family_names() -> list[str]:
     """Registered family names, e.g. for the config schema and CLI choices."""
     return list(_BY_NAME)

@@ -3,7 +3,7 @@
 In order (each reads what the one before wrote): the tiles' landmasks (the same for every year),
 geotessera's sidecar and manifests (``manifest``), one PCA basis and every tile's quicklook (``quicklook``), per-zone mosaics of the
 tile COGs and quicklooks (``mosaic``), the STAC catalogue (``stac``) and the HTML report
-(``report``). ``verify`` checks any output directory, whatever made it.
+(``report``), and the Zarr store in geotessera's layout (``zarr_store``). ``verify`` checks any output directory, whatever made it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tessera.grid import Tile
 from tessera.io import sha256_file
 from tessera.layout import Results, TileFiles, WorkTile
 from tessera.options import InferOptions
+from tessera.models import family_entry
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def publish(
     from tessera.publish.quicklook import write_quicklooks
     from tessera.publish.report import write_report
     from tessera.publish.stac import write_stac
+    from tessera.publish.zarr_store import write_zarr_store
 
     tiles, scene_ids, roi_masks = tiles_of_embeddings(results, work_dir, embeddings)
     preprocessing = preprocessing_of_stacks([WorkTile.at(work_dir, f.year, f.tile.name).stack_index for f in tiles])
@@ -93,4 +95,6 @@ def publish(
                 log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
     write_stac(results, tiles, family=family, checkpoint_sha256=sha256_file(checkpoint), source=source,
                variant=variant, scene_ids=scene_ids, processing=processing)
+    write_zarr_store(results, tiles, dataset_version=family_entry(family).dataset_version)
+    log.info("wrote %s", results.zarr_store)
     write_report(results, tiles, scene_ids=scene_ids, benchmarks_dir=benchmarks_dir)
