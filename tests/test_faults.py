@@ -18,6 +18,7 @@ from rasterio.windows import Window
 from shapely import box
 
 import tessera.fetch
+import tessera.fetch.reader
 import tessera.sources.stac
 from conftest import TINY_ROI
 from faults import FaultPlan, FaultyProxy, corrupt_checkpoint_tensor, corrupt_cog, corrupt_stack_chunk, flip_byte, proxied, truncate
@@ -30,7 +31,7 @@ from tessera.io import atomic_path
 from tessera.models import load_model, make_demo_checkpoint
 from tessera.roi import read_roi, write_roi_mask
 from tessera.sources.mpc import mpc_shaped_source
-from tessera.patches import read_patch_embedding, write_patch_embedding
+from tessera.layout import read_patch_embedding, write_patch_embedding
 from tessera.stack import StackGrid, open_s2, write_s1, write_s2, write_stack_index
 
 BBOX = (5.998, 52.040, 6.002, 52.042)
@@ -52,8 +53,8 @@ def tile_window():
 def quick_timeouts():
     """Stalls time out after 1 s (not 60) and retries wait 0.1 s (not 1 s, doubling): same retries, less waiting."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(tessera.fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
-        patch.setitem(tessera.fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.1")
+        patch.setitem(tessera.fetch.reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
+        patch.setitem(tessera.fetch.reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.1")
         patch.setattr(tessera.sources.stac, "_SEARCH_TIMEOUT_S", (2, 2))
         yield
 
@@ -362,7 +363,7 @@ def test_roi_mask_command_on_a_full_disk_fails_without_replacing_the_mask(tiny_d
 
 
 def test_cog_on_a_nearly_full_disk_never_replaces_the_previous_cog_with_a_broken_one(tiny_disk, tmp_path):
-    from tessera.export.cog import write_tile_cog
+    from tessera.assemble import write_tile_cog
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()

@@ -218,8 +218,8 @@ def test_stac_source_options():
     assert source.s2.asset_keys["B04"] == "red" and source.s2.asset_keys["B02"] == "B02"
     assert source.s1.collection == "s1" and source.s1.asset_keys["mask"] == "layover" and source.harmonisation == "mpc"
     # v1.1's normalisation table follows what the data are: harmonised like MPC's, or as stored like Earth Search's.
-    assert source.normalisation == "mpc"
-    assert stac_source({"url": "u", "s2_collection": "a", "s1_collection": "b"}).normalisation == "aws"
+    assert source.data_kind == "mpc"
+    assert stac_source({"url": "u", "s2_collection": "a", "s1_collection": "b"}).data_kind == "aws"
     with pytest.raises(UserError, match="source stac: missing url, s1_collection"):
         stac_source({"s2_collection": "s2"})
     with pytest.raises(UserError, match="unknown option\\(s\\) colection"):

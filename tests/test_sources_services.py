@@ -17,6 +17,7 @@ from affine import Affine
 from shapely import box
 
 import tessera.fetch as fetch
+import tessera.fetch.reader as reader
 import tessera.sources.stac as stac
 from conftest import needs_shared
 from fixtures_servers import (
@@ -33,6 +34,8 @@ from fixtures_servers import (
 from tessera.demo import generate_catalog
 from tessera.errors import UserError
 from tessera.fetch import fetch_s1, fetch_s2, print_scenes, window_bbox_lonlat
+from tessera.fetch.encode import encode_s1
+from tessera.layout import WorkTile
 from tessera.grid import roi_in_tile, tiles_for_geometry, work_window
 from tessera.sources import Source, open_source
 from tessera.sources.aws import aws_source
@@ -69,7 +72,7 @@ def services(catalog, tmp_path_factory):
         patch.setenv("GDAL_HTTP_PROXY", f"127.0.0.1:{origin.server.port}")
         patch.setenv("NO_PROXY", "127.0.0.1")
         patch.setenv("EARTHDATA_TOKEN", TOKEN)
-        patch.setitem(fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.05")
+        patch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.05")
         _fresh_planetary_computer_settings()
         yield origin, cmr, published
     _fresh_planetary_computer_settings()
@@ -140,7 +143,7 @@ def test_search_is_cached_with_scene_ids_and_print_scenes_reads_no_pixels(servic
     source = mpc_source(published.mpc_url)
     before = len(origin.traffic.responses)
     out = io.StringIO()
-    print_scenes(source, TILE, WINDOW, YEAR, cache_dir=tmp_path, file=out)
+    print_scenes(source, TILE, WINDOW, YEAR, work=WorkTile(tmp_path), file=out)
     assert not any(path.endswith(".tif") for _, path, _, _ in origin.traffic.responses[before:])
     lines = out.getvalue().splitlines()
     assert lines[0] == f"{TILE.name} {YEAR} S2 from mpc: {len(s2_scene_ids(published))} scenes"
@@ -152,7 +155,7 @@ def test_search_is_cached_with_scene_ids_and_print_scenes_reads_no_pixels(servic
     assert cached["type"] == "FeatureCollection"
     assert sorted(f["id"] for f in cached["features"]) == s2_scene_ids(published)
     searches = len(origin.traffic.search_bodies)
-    print_scenes(source, TILE, WINDOW, YEAR, cache_dir=tmp_path, file=io.StringIO())
+    print_scenes(source, TILE, WINDOW, YEAR, work=WorkTile(tmp_path), file=io.StringIO())
     assert len(origin.traffic.search_bodies) == searches
 
 
@@ -282,7 +285,7 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     # Masked (layover) pixels are no data; the rest is the 30 m ramp interpolated bilinearly at 10 m.
     x_centres = (TILE.window_transform(WINDOW) * (np.arange(WINDOW.width) + 0.5, np.zeros(WINDOW.width)))[0]
     source_col = (x_centres - transform.c) / 30 - 0.5
-    expected = fetch.encode_s1(0.05 + 0.01 * source_col)
+    expected = encode_s1(0.05 + 0.01 * source_col)
     masked = source_col < 7.5  # nearest 30 m pixel is one of the 8 masked columns
     assert (vv[:, masked] == 0).all()
     unmasked = ~masked & (source_col > 8.5)
@@ -362,8 +365,8 @@ def test_http_500s_are_retried_by_gdal(services, origin, tmp_path):
 
 def test_a_scene_failing_after_retries_or_timing_out_is_skipped_and_named(services, origin, tmp_path, monkeypatch):
     source, items = _one_date_source(origin, services[2], tmp_path, "failing")
-    monkeypatch.setitem(fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_MAX_RETRY", "1")
-    monkeypatch.setitem(fetch.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
+    monkeypatch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_MAX_RETRY", "1")
+    monkeypatch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
     broken, stalled = items
     origin.faults[broken.assets["scl"].href[len(origin.url):]] = Fault(status=500, times=100)
     origin.faults[stalled.assets["scl"].href[len(origin.url):]] = Fault(delay=4)
