@@ -5,6 +5,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -14,19 +15,25 @@ import pystac
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.enums import Resampling
 from shapely import box
 
 import tessera.fetch as fetch
 import tessera.fetch.reader as reader
+import tessera.sources.earthdata as earthdata
+import tessera.sources.mpc as mpc
 import tessera.sources.stac as stac
 from conftest import needs_shared
 from fixtures_servers import (
+    ASF_ADDRESSES,
     MPC_S2_BLOB,
+    Asf,
     Cmr,
     Fault,
     Origin,
     Served,
     clear_gdal_http_cache,
+    granule_name,
     opera_granule,
     publish,
     self_signed_certificate,
@@ -49,6 +56,7 @@ pytestmark = needs_shared
 BBOX = (5.998, 52.040, 6.002, 52.042)  # across 6°E: S2 granules in UTM zones 31 and 32
 YEAR = 2022  # dates either side of the baseline-04.00 offset (2022-01-25)
 TOKEN = "edl-token-3f9c2a"
+EDL_USER, EDL_PASSWORD = "alice", "s3cret-pw"
 TILE = next(tile for tile, _ in tiles_for_geometry(box(*BBOX)) if tile.epsg == 32632)
 WINDOW = work_window(TILE, roi_in_tile(TILE, box(*BBOX)))
 
@@ -64,17 +72,26 @@ def services(catalog, tmp_path_factory):
     folder = tmp_path_factory.mktemp("services")
     certificate = self_signed_certificate(folder)
     origin, cmr = Origin(), Cmr(certificate)
-    with origin.server, cmr.server, pytest.MonkeyPatch.context() as patch:
-        published = publish(catalog, folder / "published", origin, cmr, TOKEN)
+    asf = Asf(certificate, username=EDL_USER, password=EDL_PASSWORD, token=TOKEN)
+    with origin.server, cmr.server, asf, pytest.MonkeyPatch.context() as patch:
+        published = publish(catalog, folder / "published", origin, cmr, TOKEN, asf=asf)
         patch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # asf-search talks HTTPS to the CMR stand-in
+        patch.setenv("CURL_CA_BUNDLE", str(certificate[0]))  # and GDAL to the S3 stand-in
         patch.setenv("PC_SDK_SAS_URL", f"{origin.url}/mpc/api/sas/v1/token")
         # GDAL reaches the real *.blob.core.windows.net hrefs through the origin; loopback goes direct.
         patch.setenv("GDAL_HTTP_PROXY", f"127.0.0.1:{origin.server.port}")
-        patch.setenv("NO_PROXY", "127.0.0.1")
+        patch.setenv("NO_PROXY", ",".join(("127.0.0.1", *ASF_ADDRESSES.values())))
         patch.setenv("EARTHDATA_TOKEN", TOKEN)
+        # Earthdata Login and ASF's hosts are the stand-ins' addresses.
+        patch.setattr(earthdata, "EDL_HOST", asf.host("urs"))
+        patch.setattr(earthdata, "AUTH_DOMAINS", (asf.host("datapool"), asf.host("gateway")))
+        patch.setattr(mpc, "TOKEN_BACKOFF_BASE_S", 0.05)
+        patch.setattr(reader, "TRANSIENT_BACKOFF_S", 0.05)
+        # rasterio gives GDAL certifi's bundle: the stand-ins' certificate goes in as GDAL's option.
+        patch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_CURL_CA_BUNDLE", str(certificate[0]))
         patch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.05")
         _fresh_planetary_computer_settings()
-        yield origin, cmr, published
+        yield origin, cmr, published, asf
     _fresh_planetary_computer_settings()
 
 
@@ -243,7 +260,7 @@ def _cog(path, values, transform, nodata):
 
 
 def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, origin, tmp_path):
-    _, cmr, published = services
+    _, cmr, published, asf = services
     # 30 m bursts on the tile's UTM grid, 5 pixels of margin around the work window.
     west, north = TILE.window_transform(WINDOW) @ (0, 0)
     transform = Affine(30, 0, west - 150, 0, -30, north + 150)
@@ -258,13 +275,11 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     granules = []
     for burst, orbit, layers in (("T088_300001_IW1", "ascending", files), ("T037_300002_IW2", "descending", files),
                                  ("T088_300003_IW3", "ascending", {"_mask.tif": files["_mask.tif"]})):
-        paths = {suffix: f"/opera-2023/{burst}{suffix}" for suffix in layers}
-        for suffix, file in layers.items():
-            origin.files[paths[suffix]] = Served(file, bearer=TOKEN)
         scene = pystac.Item(burst, {"type": "Polygon", "coordinates": [list(box(*BBOX).exterior.coords)]}, list(BBOX),
                             when - dt.timedelta(hours=12 if orbit == "descending" else 0), {"sat:orbit_state": orbit,
                                                                                               "sat:relative_orbit": int(burst[1:4])})
-        granule = opera_granule(scene, {suffix: origin.url + path for suffix, path in paths.items()}, burst)
+        name = granule_name(scene, burst)
+        granule = opera_granule(scene, {suffix: asf.add(name, name + suffix, file) for suffix, file in layers.items()}, burst)
         if burst.endswith("IW3"):  # an HH/HV burst (polar regions): no VV/VH files
             for attribute in granule["umm"]["AdditionalAttributes"]:
                 if attribute["Name"] == "POLARIZATION":
@@ -293,38 +308,117 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     assert (stack.descending.arrays["sar"][0][..., 0][:, unmasked] > 0).all()
 
 
-def test_earthdata_credentials_at_the_reads(services, origin, tmp_path, monkeypatch, caplog):
-    published = services[2]
-    source = aws_source(published.earth_search_url, published.cmr_host)
-    caplog.set_level(logging.DEBUG)
-    clear_gdal_http_cache()
-    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")
-    with pytest.raises(UserError, match="usable Sentinel-1 dates") as failure:
-        fetch_tile(fetch_s1, source, tmp_path / "wrong.zarr")
-    assert "401" in str(failure.value)
-    for text in (caplog.text, str(failure.value)):
-        assert "wrong-token-77" not in text and TOKEN not in text
+def _opera_only(published):
+    return aws_source(published.earth_search_url, published.cmr_host)
 
-    # A netrc with the Earthdata Login machine: curl answers the host's challenge from it.
-    monkeypatch.delenv("EARTHDATA_TOKEN")
-    monkeypatch.setenv("EARTHDATA_TOKEN_FILE", str(tmp_path / "absent"))
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine urs.earthdata.nasa.gov login alice password s3cret\n"
-                     "machine 127.0.0.1 login alice password s3cret\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
-    opera_paths = [path for scene_paths in published.opera_paths.values() for path in scene_paths.values()]
-    for path in opera_paths:
-        origin.files[path].basic = ("alice", "s3cret")
-    clear_gdal_http_cache()
-    before = len(origin.traffic.responses)
-    try:
-        report = fetch_tile(fetch_s1, source, tmp_path / "netrc.zarr")
-    finally:
-        for path in opera_paths:
-            origin.files[path].basic = None
+
+def test_opera_reads_resolve_asf_redirects_and_give_gdal_only_the_presigned_url(services, origin, tmp_path, caplog):
+    """Issue 12 (1): the token goes to datapool and the gateway (cross-host 307), never to S3; GDAL
+    reads the presigned URL with no Authorization header (S3 would answer 400) and no token."""
+    _, _, published, asf = services
+    caplog.set_level(logging.DEBUG)
+    asf.requests.clear()
+    report = fetch_tile(fetch_s1, _opera_only(published), tmp_path / "s1.zarr")
     assert report["skipped"] == {} and report["kept"]
-    assert any(path in opera_paths and status == 206 for _, path, status, _ in origin.traffic.responses[before:])
+    datapool, gateway, s3 = asf.seen("datapool"), asf.seen("gateway"), asf.seen("s3")
+    assert datapool and all(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in datapool)
+    assert any(h.get("authorization") == f"Bearer {TOKEN}" for m, _, h in gateway if m == "GET")
+    assert s3 and all("authorization" not in h for _, _, h in s3)
+    assert all(m == "GET" for m, _, _ in s3)  # GDAL reads a presigned URL with GET, never HEAD
+    # The URL GDAL got is presigned; no log holds the token or a signature.
+    assert TOKEN not in caplog.text and "X-Amz-Signature=" not in caplog.text
+
+
+def test_the_old_way_gdal_with_a_bearer_token_on_the_datapool_url_fails(services, tmp_path):
+    """What the reader did before: the datapool URL and GDAL_HTTP_AUTH=BEARER. GDAL >= 3.10 drops
+    Authorization at the cross-host redirect (OSGeo/gdal#10857); the gateway sends it to the login
+    server, and nothing is read."""
+    import rasterio
+
+    _, _, published, asf = services
+    url = next(iter(asf.objects))
+    datapool_url = f"https://{asf.host('datapool')}/RTC/OPERA-S1/{url.rsplit('/', 1)[-1]}"
+    clear_gdal_http_cache()
+    with pytest.raises(rasterio.errors.RasterioIOError):
+        with rasterio.Env(GDAL_HTTP_AUTH="BEARER", GDAL_HTTP_BEARER=TOKEN, GDAL_HTTP_MAX_RETRY="0"), rasterio.open(datapool_url):
+            pass
+
+
+def test_a_forwarded_authorization_header_is_refused_by_s3(services):
+    import requests
+
+    _, _, _, asf = services
+    key = next(iter(asf.objects))
+    presigned = asf._presign("GET", key)
+    ca = os.environ["REQUESTS_CA_BUNDLE"]
+    assert requests.get(presigned, verify=ca, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 400
+    assert requests.get(presigned, verify=ca).status_code == 200
+    head_signed = asf._presign("HEAD", key)
+    assert requests.get(head_signed, verify=ca).status_code == 403  # signed for HEAD only
+
+
+def test_expired_presigned_urls_are_resolved_again(services, tmp_path, monkeypatch):
+    _, _, published, asf = services
+    monkeypatch.setattr(asf, "url_lifetime_s", 1)
+    monkeypatch.setattr(earthdata, "PRESIGNED_MARGIN_S", -5.0)  # keep using URLs past their expiry
+    source = _opera_only(published)
+    feed = source.s1
+    item = feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)[0]
+    first = feed.href(item, "vv")
+    time.sleep(2.1)
+    clear_gdal_http_cache()
+    from tessera.fetch.reader import WindowReader
+
+    reader = WindowReader(TILE, WINDOW, feed, 1)
+    data = reader.read(item, "vv", Resampling.nearest)
+    assert np.isfinite(data).any()
+    assert feed.href(item, "vv") != first  # resolved anew after S3's 403 "Request has expired"
+
+
+@pytest.mark.parametrize("how", ["token", "username and password", "netrc", "token file"])
+def test_each_way_of_giving_earthdata_credentials_reads_opera(services, tmp_path, monkeypatch, how, caplog):
+    _, _, published, asf = services
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "EARTHDATA_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if how == "token":
+        monkeypatch.setenv("EARTHDATA_TOKEN", TOKEN)
+    elif how == "username and password":
+        monkeypatch.setenv("EARTHDATA_USERNAME", EDL_USER)
+        monkeypatch.setenv("EARTHDATA_PASSWORD", EDL_PASSWORD)
+    elif how == "netrc":
+        netrc = tmp_path / ".netrc"
+        netrc.write_text(f"machine {asf.host('urs')} login {EDL_USER} password {EDL_PASSWORD}\n")
+        netrc.chmod(0o600)
+    else:
+        token_file = tmp_path / ".edl_bearer_token"
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+    caplog.set_level(logging.DEBUG)
+    report = fetch_tile(fetch_s1, _opera_only(published), tmp_path / "s1.zarr")
+    assert report["skipped"] == {} and report["kept"]
+    assert TOKEN not in caplog.text and EDL_PASSWORD not in caplog.text
+
+
+def test_refused_earthdata_credentials_are_one_line_naming_the_fix(services, tmp_path, monkeypatch, caplog):
+    _, _, published, asf = services
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")
+    with pytest.raises(UserError, match="did not accept the token from EARTHDATA_TOKEN") as failure:
+        fetch_tile(fetch_s1, _opera_only(published), tmp_path / "wrong.zarr")
+    assert "\n" not in str(failure.value) and "wrong-token-77" not in str(failure.value) + caplog.text
+    monkeypatch.setenv("EARTHDATA_TOKEN", TOKEN)
+    asf.eula_pending.add(TOKEN)
+    try:
+        with pytest.raises(UserError, match="EULA Acceptance Failure.*accept it at https://"):
+            fetch_tile(fetch_s1, _opera_only(published), tmp_path / "eula.zarr")
+    finally:
+        asf.eula_pending.discard(TOKEN)
+    monkeypatch.delenv("EARTHDATA_TOKEN")
+    monkeypatch.setenv("EARTHDATA_USERNAME", EDL_USER)
+    monkeypatch.setenv("EARTHDATA_PASSWORD", "not-the-password")
+    with pytest.raises(UserError, match="refused the username and password"):
+        fetch_tile(fetch_s1, _opera_only(published), tmp_path / "pw.zarr")
 
 
 # --- failures of single reads --------------------------------------------------------------------

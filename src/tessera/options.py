@@ -99,15 +99,19 @@ class FetchOptions(CommandLineOptions):
     min_scenes: int = 1
     s2_resampling: str = "bilinear"
     patch_size: int = 512
+    max_skipped_pct: float = 10.0
 
     HELP = {
         "min_coverage_pct": ("skip a date covering less than this percentage of the ROI pixels", {}),
         "min_scenes": ("fail the tile when fewer dates are usable", {}),
         "s2_resampling": ("resampling of S2 reflectance onto the tile grid", {"choices": S2_RESAMPLINGS}),
         "patch_size": ("inference patch edge (sets the stacks' chunking)", {}),
+        "max_skipped_pct": ("fail the tile when more than this percentage of a sensor's scenes had to be "
+                            "skipped (gone, refused or undecodable)", {}),
     }
 
     @classmethod
     def from_config(cls, config: dict) -> FetchOptions:
         fetch = config["fetch"]
-        return cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"], config["patch_size"])
+        return cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"], config["patch_size"],
+                   fetch["max_skipped_pct"])
