@@ -37,7 +37,7 @@ import pystac
 from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
-from shapely.geometry import shape
+from shapely.geometry import Point, shape
 from tqdm import tqdm
 
 from tessera.errors import UserError
@@ -57,10 +57,19 @@ RESAMPLING = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 
 
 def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float, float]:
-    """(west, south, east, north) in degrees of a work window (edges densified)."""
+    """(west, south, east, north) in degrees of a work window (edges densified).
+
+    Next to ±180° west > east (the box crosses the antimeridian; searches split it, see
+    ``tessera.sources.stac.split_bbox``). A window that reaches a pole spans every longitude.
+    """
     left, top = tile.window_transform(window) @ (0, 0)
     right, bottom = tile.window_transform(window) @ (window.width, window.height)
-    return transform_bounds(f"EPSG:{tile.epsg}", "EPSG:4326", left, bottom, right, top, densify_pts=21)
+    west, south, east, north = transform_bounds(f"EPSG:{tile.epsg}", "EPSG:4326", left, bottom, right, top, densify_pts=21)
+    area = tile.pixel_box(window)
+    for pole in (90.0, -90.0):
+        if area.intersects(tile.project(Point(0.0, pole))):
+            return (-180.0, min(south, pole), 180.0, max(north, pole))
+    return west, south, east, north
 
 
 def _utc_date(item: pystac.Item) -> dt.date:

@@ -109,7 +109,7 @@ def login() -> Credentials:
     """The user's Earthdata Login bearer token, found as the module docstring says."""
     token = os.environ.get("EARTHDATA_TOKEN", "").strip()
     if token:
-        return Credentials("token from EARTHDATA_TOKEN", _earthaccess_login("environment"))
+        return Credentials("token from EARTHDATA_TOKEN", _earthaccess_login("environment").strip())
     if os.environ.get("EARTHDATA_USERNAME") and os.environ.get("EARTHDATA_PASSWORD"):
         return Credentials("username and password from EARTHDATA_USERNAME/EARTHDATA_PASSWORD",
                            _earthaccess_login("environment"))
