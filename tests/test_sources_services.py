@@ -563,3 +563,16 @@ def test_earth_search_keeps_the_latest_processing_of_a_scene(services, origin):
     assert not any(item.id.endswith("_0_L2A") for item in items)
     listed = origin.earth_search.search({"collections": ["sentinel-2-l2a"], "limit": 1000})["features"]
     assert any(feature["id"].endswith("_0_L2A") for feature in listed)  # the service does list both
+
+
+def test_opera_searches_next_to_the_antimeridian_send_two_boxes(services):
+    from tessera.grid import tile_at
+
+    _, cmr, published, _ = services
+    tile = tile_at(-179.95, -16.05)
+    bbox = window_bbox_lonlat(tile, tile.full_window)
+    cmr.requests.clear()
+    _opera_only(published).s1.search(bbox, YEAR)
+    boxes = [tuple(map(float, form["bounding_box"][0].split(","))) for form in cmr.requests]
+    assert len(boxes) == 2 and all(west <= east for west, _, east, _ in boxes)
+    assert sum(east - west for west, _, east, _ in boxes) < 1.0
