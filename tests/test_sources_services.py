@@ -576,3 +576,94 @@ def test_opera_searches_next_to_the_antimeridian_send_two_boxes(services):
     boxes = [tuple(map(float, form["bounding_box"][0].split(","))) for form in cmr.requests]
     assert len(boxes) == 2 and all(west <= east for west, _, east, _ in boxes)
     assert sum(east - west for west, _, east, _ in boxes) < 1.0
+
+
+# --- issue 12 (f): tessera check-source against the stand-ins -------------------------------------
+
+
+def _check(source):
+    from tessera.sources.check import check_source
+
+    out = io.StringIO()
+    report = check_source(source, TILE, WINDOW, YEAR, file=out)
+    return report, out.getvalue()
+
+
+def test_check_source_passes_for_demo_mpc_aws_and_stac(services, origin, catalog, monkeypatch, caplog):
+    from tessera.sources import stac_source
+
+    published = services[2]
+    caplog.set_level(logging.DEBUG)
+    with open_source("demo", demo_catalog=catalog) as demo:
+        sources = {"demo": demo, "mpc": mpc_source(published.mpc_url),
+                   "aws": aws_source(published.earth_search_url, published.cmr_host),
+                   "stac": stac_source({"url": published.mpc_url, "s2_collection": "sentinel-2-l2a",
+                                        "s1_collection": "sentinel-1-rtc", "harmonisation": "mpc",
+                                        "signing": "planetary-computer"})}
+        for name, source in sources.items():
+            started = time.monotonic()
+            report, text = _check(source)
+            assert report.ok, text
+            assert time.monotonic() - started < 60
+            assert report.scenes["S2"] > 0 and report.scenes["S1"] > 0 and report.bytes_per_tile_year["S2"] > 0, text
+            assert "S2 read    ok  11 assets" in text and "all checks passed" in text
+    assert "credentials: Earthdata Login: token from EARTHDATA_TOKEN" in _check(sources["aws"])[1]
+    assert "credentials: Planetary Computer: anonymous SAS tokens" in _check(sources["mpc"])[1]
+    assert TOKEN not in caplog.text
+
+
+def _one_failure(report, text, *needles):
+    assert not report.ok and len(report.failures) == 1, text
+    line = report.failures[0]
+    assert line.startswith("FAILED ") and "\n" not in line
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def test_check_source_names_each_failure_and_its_fix(services, origin, tmp_path, monkeypatch):
+    _, cmr, published, asf = services
+    aws = lambda: aws_source(published.earth_search_url, published.cmr_host)  # noqa: E731
+
+    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")  # refused by the gateway
+    report, text = _check(aws())
+    line = _one_failure(report, text, "S1 read of vv", "did not accept the token from EARTHDATA_TOKEN", "Generate Token")
+    assert "wrong-token-77" not in text
+
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "EARTHDATA_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    report, text = _check(aws())
+    assert "credentials: Earthdata Login: none found" in text
+    _one_failure(report, text, "S1 search", "needs Earthdata Login credentials", "EARTHDATA_TOKEN")
+    monkeypatch.setenv("EARTHDATA_TOKEN", TOKEN)
+
+    cmr.short_pages = 1
+    import asf_search.constants.INTERNAL as internal
+
+    monkeypatch.setattr(internal, "CMR_PAGE_SIZE", 2)
+    try:
+        report, text = _check(aws())
+    finally:
+        cmr.short_pages = 0
+    _one_failure(report, text, "S1 search", "incompletely", "try again later")
+
+    origin.sas_errors = 1000
+    monkeypatch.setattr(mpc, "TOKEN_BACKOFF_BASE_S", 0.0)
+    try:
+        report, text = _check(mpc_source(published.mpc_url))
+    finally:
+        origin.sas_errors = 0
+    assert not report.ok and all("token service" in line and "try again later" in line for line in report.failures)
+
+    # An asset the catalogue lists but the host no longer has (404): named, with the fix.
+    items = aws().s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    latest = max((i for i in items if i.properties["eo:cloud_cover"] < 100), key=lambda i: (i.datetime, i.id))
+    path = latest.assets["red"].href[len(origin.url):]
+    served = origin.files.pop(path)
+    clear_gdal_http_cache()  # GDAL remembers the file from the reads above
+    try:
+        report, text = _check(aws())
+    finally:
+        origin.files[path] = served
+    _one_failure(report, text, "S2 read of B04", "404", latest.id)

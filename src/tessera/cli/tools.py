@@ -1,4 +1,4 @@
-"""Tools around the stages: plan, search, verify, embed-patch, export-patches, install-profile."""
+"""Tools around the stages: plan, search, check-source, verify, embed-patch, export-patches, install-profile."""
 
 from __future__ import annotations
 
@@ -74,6 +74,36 @@ def add_search(sub) -> None:
     p.add_argument("--config", action="append", required=True, metavar="FILE")
     p.add_argument("--tile", required=True)
     p.set_defaults(func=cmd_search)
+
+
+def cmd_check_source(args: argparse.Namespace) -> int:
+    from tessera import config
+    from tessera.plan import make_plan
+    from tessera.sources import open_source
+    from tessera.sources.check import check_source
+
+    plan = make_plan(config.load(args.config))
+    cfg = plan.config
+    if args.tile is None:
+        tile_plan = plan.tiles[0]
+    elif args.tile in plan.by_name:
+        tile_plan = plan.by_name[args.tile]
+    else:
+        raise UserError(f"tile {args.tile} is not in this config's plan: pick one of {', '.join(sorted(plan.by_name))}")
+    catalog = layout.demo_catalog(cfg["work_dir"], cfg["year"])
+    if cfg["source"] == "demo" and not catalog.exists():
+        raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
+    with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
+        report = check_source(source, tile_plan.tile, tile_plan.window, cfg["year"])
+    return 0 if report.ok else 1
+
+
+def add_check_source(sub) -> None:
+    p = sub.add_parser("check-source", help="check the configured source in about a minute: credentials, search, "
+                                            "one block of every asset kind, scenes and bytes per tile-year")
+    p.add_argument("--config", action="append", required=True, metavar="FILE")
+    p.add_argument("--tile", help="a tile of the plan (default: the first)")
+    p.set_defaults(func=cmd_check_source)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -154,4 +184,4 @@ def add_install_profile(sub) -> None:
     p.set_defaults(func=cmd_install_profile)
 
 
-PARSERS = (add_plan, add_search, add_verify, add_embed_patch, add_export_patches, add_install_profile)
+PARSERS = (add_plan, add_search, add_check_source, add_verify, add_embed_patch, add_export_patches, add_install_profile)
