@@ -334,3 +334,25 @@ def test_demo_source_end_to_end_and_rerun_from_the_search_cache(tmp_path, monkey
         again = fetch_s2(tile, window, 2024, demo, work / "s2.zarr", search_cache=work / "search_s2.json", patch_size=16)
     assert again["kept"] == s2["kept"]
     np.testing.assert_array_equal(open_s2(work / "s2.zarr").bands[:], stack.bands[:])
+
+
+def test_verify_lists_the_scenes_each_tiles_fetch_skipped(tmp_path, monkeypatch, capsys):
+    """Issue 12 (e): skipped scenes are in stack.json and in `tessera verify --work-dir`'s output."""
+    import json
+    from types import SimpleNamespace
+
+    import tessera.publish.verify as verify
+    from tessera.cli import main
+    from tessera.grid import Tile
+    from tessera.layout import WorkTile
+
+    tile = Tile.from_name("grid_6.05_52.05")
+    work = WorkTile.at(tmp_path / "work", 2024, tile.name)
+    work.root.mkdir(parents=True)
+    work.stack_index.write_text(json.dumps({"s2": {"skipped": {"S2A_X": "B04: HTTP response code: 404"}},
+                                            "s1": {"skipped": {}}}))
+    monkeypatch.setattr(verify, "find_tiles", lambda results: [SimpleNamespace(year=2024, tile=tile)])
+    monkeypatch.setattr(verify, "verify_output", lambda output_dir: [])
+    assert main(["verify", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: 2024/{tile.name}: 1 S2 scene(s) skipped (S2A_X: B04: HTTP response code: 404)" in printed

@@ -110,6 +110,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from tessera.publish.verify import verify_output
 
     problems = verify_output(Path(args.output_dir))
+    if args.work_dir:
+        from tessera.publish.verify import skipped_scenes
+
+        for line in skipped_scenes(Path(args.output_dir), Path(args.work_dir)):
+            print(f"note: {line}")
     for problem in problems:
         print(problem)
     if problems:
@@ -122,6 +127,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
     p.add_argument("output_dir")
+    p.add_argument("--work-dir", help="the run's work_dir: also list the scenes each tile's fetch skipped, and why")
     p.set_defaults(func=cmd_verify)
 
 
