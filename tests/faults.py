@@ -56,6 +56,9 @@ class FaultPlan:
     broken: tuple[str, ...] = ()
     broken_status: int = 404
     stall_seconds: float = 5.0
+    # An outage: after this many requests to ``targets``, every such request answers 503 until
+    # ``FaultyProxy.end_outage()`` (a service down for minutes, as far as the fetch can tell).
+    outage_after: int | None = None
 
     def __post_init__(self):
         unknown = set(self.kinds) - set(FAULT_KINDS)
@@ -93,6 +96,8 @@ class FaultyProxy:
         self.rewrite = rewrite
         self.log = ProxyLog()
         self._attempts: Counter = Counter()
+        self._target_requests = 0
+        self._outage_over = False
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -110,6 +115,17 @@ class FaultyProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+    def end_outage(self) -> None:
+        self._outage_over = True
+
+    def _in_outage(self, url: str) -> bool:
+        plan = self.plan
+        if plan.outage_after is None or self._outage_over or (plan.targets and not any(t in url for t in plan.targets)):
+            return False
+        with self._lock:
+            self._target_requests += 1
+            return self._target_requests > plan.outage_after
 
     def _next_attempt(self, key: str) -> int:
         with self._lock:
@@ -144,6 +160,10 @@ class FaultyProxy:
                     with proxy._lock:
                         proxy.log.broken_hits += 1
                     return self._answer(proxy.plan.broken_status, b"broken on purpose", {})
+                if proxy._in_outage(self.path):
+                    with proxy._lock:
+                        proxy.log.faults["outage"] += 1
+                    return self._answer(503, b"service unavailable", {})
                 # Not the host: the demo API listens on a new port every run.
                 target = urlsplit(self.path)
                 key = f"{self.command} {target.path}?{target.query} {self.headers.get('Range', '')} {hashlib.sha256(body).hexdigest()}"

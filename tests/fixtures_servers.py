@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import ctypes
 import itertools
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -51,6 +54,9 @@ EARTH_SEARCH_ROOT = "https://earth-search.aws.element84.com/v1"
 MPC_S2_BLOB = ("sentinel2l2a01", "sentinel2-l2")
 MPC_S1_BLOB = ("sentinel1euwestrtc", "sentinel1-grd-rtc")
 OPERA_CONCEPT_ID = "C2777436413-ASF"
+# ASF's hosts, each on its own loopback address (port 443, as the real ones: earthaccess compares
+# the Earthdata Login host name without a port, so the login server must not need one).
+ASF_ADDRESSES = {"datapool": "127.0.0.42", "gateway": "127.0.0.43", "urs": "127.0.0.44", "s3": "127.0.0.45"}
 
 
 def fixture(name: str):
@@ -68,13 +74,19 @@ def clear_gdal_http_cache() -> None:
 
 
 class LoopbackServer:
-    """An ASGI app under uvicorn in a daemon thread on 127.0.0.1 (HTTPS with ``tls=(cert, key)``)."""
+    """An ASGI app under uvicorn in a daemon thread on 127.0.0.1 (HTTPS with ``tls=(cert, key)``), or
+    on another loopback address and port (``host``, ``port``): distinct addresses are distinct hosts
+    to clients, so a redirect between them is a cross-host redirect."""
 
-    def __init__(self, app, tls: tuple[Path, Path] | None = None):
+    def __init__(self, app, tls: tuple[Path, Path] | None = None, host: str = "127.0.0.1", port: int = 0):
         self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
         self.port = self._socket.getsockname()[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        scheme = "https" if tls else "http"
+        default = 443 if tls else 80
+        self.host = host if self.port == default else f"{host}:{self.port}"
+        self.url = f"{scheme}://{self.host}"
         # Clients keep connections alive (GDAL's curl pool): do not wait for them when stopping.
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1,
                                 ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None)
@@ -100,7 +112,7 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
          "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
+         "-addext", "subjectAltName=" + ",".join(f"IP:{ip}" for ip in ("127.0.0.1", *ASF_ADDRESSES.values()))],
         check=True, capture_output=True,
     )
     return cert, key
@@ -207,6 +219,13 @@ class Origin:
         self.accept_new_tokens = True
         self.revoke_after_blob_reads: int | None = None  # revoke every token after this many blob reads
         self.subscription_keys: list[str | None] = []
+        # The SAS API throttles (429 with Retry-After) and fails (5xx) like the real one; its
+        # tokens expire ("msft:expiry", the "se" field) and blob storage refuses them after that.
+        self.sas_throttle = 0  # the next N token requests answer 429
+        self.sas_retry_after = "1"
+        self.sas_errors = 0  # the next N token requests answer 503
+        self.token_lifetime = timedelta(hours=1)
+        self.token_expiry: dict[str, datetime] = {}
         self.server = LoopbackServer(self)
 
     @property
@@ -264,13 +283,25 @@ class Origin:
     def _sas_token(self, request: Request) -> Response:
         self.subscription_keys.append(request.headers.get("ocp-apim-subscription-key"))
         self.traffic.sas_requests.append(request.url.path)
+        # Throttling: the SAS API is rate limited per client IP; the planetary-computer SDK retries
+        # 429 (and 5xx) for this reason (microsoft/planetary-computer-sdk-for-python,
+        # planetary_computer/sas.py get_token: Retry(status_forcelist=[429, 500, 502, 503, 504])),
+        # and urllib3 honours Retry-After.
+        if self.sas_throttle > 0:
+            self.sas_throttle -= 1
+            return PlainTextResponse("Rate limit is exceeded. Try again later.", status_code=429,
+                                     headers={"Retry-After": self.sas_retry_after})
+        if self.sas_errors > 0:
+            self.sas_errors -= 1
+            return PlainTextResponse("upstream unavailable", status_code=503)
         response = fixture("mpc-sas-token-response-docs-example.json")
         signature = secrets.token_urlsafe(16)
         self.issued_signatures.append(signature)
         if self.accept_new_tokens:
             self.valid_tokens.add(signature)
-        expiry = datetime.now(UTC) + timedelta(hours=1)
-        response["msft:expiry"] = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+        expiry = datetime.now(UTC) + self.token_lifetime
+        self.token_expiry[signature] = expiry
+        response["msft:expiry"] = expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # The documented example with its redacted signature replaced by a live one.
         query = parse_qs(response["token"], keep_blank_values=True)
         query["sig"] = [signature]
@@ -281,7 +312,10 @@ class Origin:
     def _blob(self, request: Request, account: str, path: str) -> Response:
         container, _, blob = path.lstrip("/").partition("/")
         signature = parse_qs(request.url.query).get("sig", [None])[0]
-        if signature not in self.valid_tokens:
+        expired = signature in self.token_expiry and datetime.now(UTC) > self.token_expiry[signature]
+        if signature not in self.valid_tokens or expired:
+            # Azure answers an expired or revoked SAS with 403 AuthenticationFailed ("Signed expiry
+            # time ... must be after signed start time" / "Signature not valid in the specified time frame").
             return Response("<Error><Code>AuthenticationFailed</Code></Error>", status_code=403, media_type="application/xml")
         file = self.blobs.get((account, container, blob))
         if file is None:
@@ -310,6 +344,11 @@ class Cmr:
     def __init__(self, certificate: tuple[Path, Path]):
         self.granules: list[dict] = []
         self.requests: list[dict] = []
+        # CMR sometimes answers a page with fewer items than asked while counting more hits, and
+        # its CMR-Search-After still points past the whole page: the missing items are lost to the
+        # client (asfadmin/Discovery-asf_search, asf_search/search/search_generator.py: "CMR
+        # returned page of incomplete results", logged, and searchComplete stays False).
+        self.short_pages = 0  # the next N pages lose their last item
         self.server = LoopbackServer(self, tls=certificate)
 
     @property
@@ -334,11 +373,191 @@ class Cmr:
         offset = json.loads(after)[0] if after else 0
         size = int(form["page_size"][0])
         page = matching[offset:offset + size]
+        if self.short_pages > 0 and len(page) > 1:
+            self.short_pages -= 1
+            page = page[:-1]
         headers = {"CMR-Hits": str(len(matching))}
         if offset + size < len(matching):
             headers["CMR-Search-After"] = json.dumps([offset + size])
         body = {"hits": len(matching), "took": 3, "items": page}
         await JSONResponse(body, headers=headers, media_type="application/vnd.nasa.cmr.umm_results+json")(scope, receive, send)
+
+
+class Asf:
+    """ASF's download chain for OPERA products, one loopback host per real host (``ASF_ADDRESSES``),
+    HTTPS on port 443 like the real ones.
+
+    * datapool (``datapool.asf.alaska.edu``): ``/RTC/OPERA-S1/<file>`` answers 307 to the gateway's
+      ``/OPERA/OPERA_L2_RTC-S1/<granule>/<file>``, for GET and HEAD alike, without credentials.
+    * gateway (ASF's thin-egress-app, ``cumulus.asf.alaska.edu`` / ``cumulus.asf.earthdatacloud.nasa.gov``),
+      after asfadmin/thin-egress-app src/thin_egress_app/app.py:
+      - GET with ``Authorization: Bearer <EDL token>`` (``get_profile``: bearer checked with EDL)
+        or its ``asf-urs`` cookie (``JWT_COOKIE_NAME = "asf-urs"``, set on a bearer success by
+        ``get_header_to_set_auth_cookie``) answers 303 to a presigned S3 GET URL valid
+        ``3600 - offset`` s (``try_download_from_bucket``: ``make_redirect(presigned_url, ..., 303)``);
+      - without credentials, or with a token EDL rejects, 302 to Earthdata Login's
+        ``/oauth/authorize`` (``do_auth_and_return``);
+      - a user who has not accepted a EULA: 403 with JSON ``error_description`` and
+        ``resolution_url`` (``_get_profile_and_response_from_bearer``, ``EulaException``);
+      - HEAD needs no credentials and answers 303 to a URL presigned for HEAD only
+        (``dynamic_url_head`` -> ``try_download_head``: ``get_presigned_url(..., "HEAD")``).
+    * login server (``urs.earthdata.nasa.gov``): ``/oauth/authorize`` without a session answers 401
+      "HTTP Basic: Access denied." (nsidc/earthaccess#212); ``POST /api/users/find_or_create_token``
+      with HTTP Basic answers the user's token, as earthaccess's ``Auth._find_or_create_token`` uses it.
+    * S3: a presigned URL works for its method until ``X-Amz-Date + X-Amz-Expires`` (then 403
+      "Request has expired"); the other method is 403 SignatureDoesNotMatch; any ``Authorization``
+      header alongside the query signature is 400 "Only one auth mechanism allowed"
+      (asfadmin/Discovery-asf_search#46; nasa/harmony-service-lib-py#55; oras-project/oras-java#334).
+    """
+
+    BUCKET = "asf-cumulus-prod-opera-products"
+
+    def __init__(self, certificate: tuple[Path, Path], *, username: str, password: str, token: str):
+        self.users = {username: (password, token)}
+        self.tokens = {token: username}
+        self.eula_pending: set[str] = set()  # tokens of users who must accept a EULA first
+        self.cookies: set[str] = set()
+        self.objects: dict[str, Path] = {}  # "OPERA_L2_RTC-S1/<granule>/<file>" -> file
+        self.url_lifetime_s = 3600
+        self.requests: list[tuple[str, str, str, dict]] = []  # (host, method, path, headers)
+        self._secret = secrets.token_bytes(16)
+        self.servers = {name: LoopbackServer(self._app(name), tls=certificate, host=address, port=443)
+                        for name, address in ASF_ADDRESSES.items()}
+
+    def __enter__(self):
+        for server in self.servers.values():
+            server.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for server in self.servers.values():
+            server.__exit__(*exc)
+
+    def host(self, name: str) -> str:
+        return self.servers[name].host
+
+    def add(self, granule: str, file_name: str, path: Path) -> str:
+        """Publish a file of a granule; returns its datapool URL (as CMR lists it)."""
+        self.objects[f"OPERA_L2_RTC-S1/{granule}/{file_name}"] = path
+        return f"https://{self.host('datapool')}/RTC/OPERA-S1/{file_name}"
+
+    def cumulus_url(self, granule: str, file_name: str) -> str:
+        """The newer form CMR lists: the gateway directly."""
+        return f"https://{self.host('gateway')}/OPERA/OPERA_L2_RTC-S1/{granule}/{file_name}"
+
+    def seen(self, name: str) -> list[tuple[str, str, dict]]:
+        return [(method, path, headers) for host, method, path, headers in self.requests if host == name]
+
+    def _app(self, name: str):
+        handler = getattr(self, f"_{name}")
+
+        async def app(scope, receive, send):
+            request = Request(scope, receive)
+            self.requests.append((name, request.method, request.url.path + ("?" + request.url.query if request.url.query else ""),
+                                  {k.lower(): v for k, v in request.headers.items()}))
+            response = await handler(request)
+            await response(scope, receive, send)
+
+        return app
+
+    async def _datapool(self, request: Request) -> Response:
+        prefix = "/RTC/OPERA-S1/"
+        path = request.url.path
+        if not path.startswith(prefix):
+            return PlainTextResponse("Not Found", status_code=404)
+        file_name = path[len(prefix):]
+        granule = re.sub(r"(_VV|_VH|_mask)\.tif$|\.h5$", "", file_name)
+        return Response(status_code=307, headers={"Location": self.cumulus_url(granule, file_name)})
+
+    async def _gateway(self, request: Request) -> Response:
+        prefix = "/OPERA/"
+        key = request.url.path[len(prefix):] if request.url.path.startswith(prefix) else None
+        if key is None or key not in self.objects:
+            return PlainTextResponse("File not found", status_code=404)
+        if request.method == "HEAD":
+            return Response(status_code=303, headers={"Location": self._presign("HEAD", key)})
+        headers = {}
+        authorization = request.headers.get("authorization", "")
+        cookie = request.cookies.get("asf-urs")
+        if authorization.lower().startswith("bearer "):
+            token = authorization.split(None, 1)[1]
+            if token not in self.tokens:
+                return self._to_login(request)
+            if token in self.eula_pending:
+                return JSONResponse({"error": "invalid_token", "status_code": 403,
+                                     "error_description": "EULA Acceptance Failure",
+                                     "resolution_url": f"https://{self.host('urs')}/approve_app?client_id=BO_n7nTIlMljdvU6kRRB3g"},
+                                    status_code=403)
+            session = secrets.token_urlsafe(24)
+            self.cookies.add(session)
+            headers["Set-Cookie"] = f"asf-urs={session}; Path=/; Secure; HttpOnly"
+        elif cookie not in self.cookies:
+            return self._to_login(request)
+        headers["Location"] = self._presign("GET", key)
+        headers["Cache-Control"] = f"private, max-age={self.url_lifetime_s - 60}"
+        return Response(status_code=303, headers=headers)
+
+    def _to_login(self, request: Request) -> Response:
+        state = request.url.path
+        return Response(status_code=302, headers={"Location": (
+            f"https://{self.host('urs')}/oauth/authorize?splash=false&client_id=BO_n7nTIlMljdvU6kRRB3g&response_type=code"
+            f"&redirect_uri=https%3A%2F%2F{self.host('gateway')}%2Flogin&state={state}")})
+
+    async def _urs(self, request: Request) -> Response:
+        if request.url.path == "/api/users/find_or_create_token" and request.method == "POST":
+            user = _basic_user(request.headers.get("authorization", ""))
+            if user is None or self.users.get(user[0], (None,))[0] != user[1]:
+                return JSONResponse({"error": "invalid_credentials",
+                                     "error_description": "Invalid user credentials"}, status_code=401)
+            token = self.users[user[0]][1]
+            return JSONResponse({"access_token": token, "token_type": "Bearer",
+                                 "expiration_date": (datetime.now(UTC) + timedelta(days=60)).strftime("%m/%d/%Y")})
+        if request.url.path == "/oauth/authorize":
+            return PlainTextResponse("HTTP Basic: Access denied.", status_code=401)
+        return PlainTextResponse("Not Found", status_code=404)
+
+    def _signature(self, method: str, key: str, date: str, expires: str) -> str:
+        return hmac.new(self._secret, f"{method}\n{key}\n{date}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def _presign(self, method: str, key: str) -> str:
+        date = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        expires = str(self.url_lifetime_s)
+        query = (f"A-userid=alice&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=ASIATEST%2F{date[:8]}%2Fus-west-2%2Fs3%2Faws4_request"
+                 f"&X-Amz-Date={date}&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host"
+                 f"&X-Amz-Security-Token={secrets.token_urlsafe(12)}&X-Amz-Signature={self._signature(method, key, date, expires)}")
+        return f"https://{self.host('s3')}/{self.BUCKET}/{key}?{query}"
+
+    async def _s3(self, request: Request) -> Response:
+        query = {k: v for k, v in request.query_params.items()}
+        bucket, _, key = request.url.path.lstrip("/").partition("/")
+        if "X-Amz-Signature" in query and "authorization" in request.headers:
+            return _s3_error(400, "InvalidArgument", "Only one auth mechanism allowed; only the X-Amz-Algorithm query "
+                             "parameter, Signature query string parameter or the Authorization header should be specified")
+        if "X-Amz-Signature" not in query or bucket != self.BUCKET:
+            return _s3_error(403, "AccessDenied", "Access Denied")
+        method = "HEAD" if request.method == "HEAD" else "GET"
+        if not hmac.compare_digest(query["X-Amz-Signature"],
+                                   self._signature(method, key, query.get("X-Amz-Date", ""), query.get("X-Amz-Expires", ""))):
+            return _s3_error(403, "SignatureDoesNotMatch", "The request signature we calculated does not match the "
+                             "signature you provided. Check your key and signing method.")
+        signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        if datetime.now(UTC) > signed + timedelta(seconds=int(query["X-Amz-Expires"])):
+            return _s3_error(403, "AccessDenied", "Request has expired")
+        if key not in self.objects:
+            return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        return FileResponse(self.objects[key])
+
+
+def _basic_user(authorization: str) -> tuple[str, str] | None:
+    if not authorization.lower().startswith("basic "):
+        return None
+    user, _, password = base64.b64decode(authorization.split(None, 1)[1]).decode().partition(":")
+    return user, password
+
+
+def _s3_error(status: int, code: str, message: str) -> Response:
+    return Response(f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>",
+                    status_code=status, media_type="application/xml")
 
 
 def _granule_footprint(granule: dict):
@@ -405,6 +624,7 @@ def earth_search_s2_item(scene: pystac.Item, root: str, href_of) -> dict:
     item["properties"]["proj:epsg"] = _epsg(scene)
     item["properties"]["platform"] = scene.properties["platform"].lower()
     item["properties"]["earthsearch:boa_offset_applied"] = scene.properties["s2:processing_baseline"] >= "04.00"
+    item["properties"]["grid:code"] = f"MGRS-{scene.properties['s2:mgrs_tile']}"
     for band, key in EARTH_SEARCH_ASSET_KEYS.items():
         item["assets"][key]["href"] = href_of(band)
         item["assets"][key]["proj:shape"] = scene.assets[band].extra_fields["proj:shape"]
@@ -415,12 +635,17 @@ def earth_search_s2_item(scene: pystac.Item, root: str, href_of) -> dict:
 _granule_numbers = itertools.count(2810724460)
 
 
+def granule_name(scene: pystac.Item, burst: str) -> str:
+    when = scene.datetime.astimezone(UTC)
+    return f"OPERA_L2_RTC-S1_{burst.replace('_', '-')}_{when:%Y%m%dT%H%M%S}Z_{when + timedelta(hours=7):%Y%m%dT%H%M%S}Z_S1A_30_v1.0"
+
+
 def opera_granule(scene: pystac.Item, hrefs: dict[str, str], burst: str) -> dict:
     """The OPERA RTC-S1 UMM-G record re-dressed as ``scene``; ``hrefs`` maps "_VV.tif" etc. to URLs."""
     record = fixture("cmr-umm-g-opera-l2-rtc-s1-granule-G2810724460-ASF.json")
     old_name = record["umm"]["GranuleUR"]
     when = scene.datetime.astimezone(UTC)
-    name = f"OPERA_L2_RTC-S1_{burst.replace('_', '-')}_{when:%Y%m%dT%H%M%S}Z_{when + timedelta(hours=7):%Y%m%dT%H%M%S}Z_S1A_30_v1.0"
+    name = granule_name(scene, burst)
     text = json.dumps(record).replace(old_name, name)
     record = json.loads(text)
     record["meta"]["concept-id"] = f"G{next(_granule_numbers)}-ASF"
@@ -474,6 +699,12 @@ def _earth_search_band(scene: pystac.Item, band: str, folder: Path) -> Path:
                        folder / scene.id / f"{band}.tif", nodata=0)
 
 
+def _raw_path(origin: Origin, scene: pystac.Item, band: str) -> str:
+    path = f"/sentinel-cogs/sentinel-s2-l2a-cogs/older/{scene.id}/{EARTH_SEARCH_ASSET_KEYS[band]}.tif"
+    origin.files[path] = Served(Path(scene.assets[band].get_absolute_href()))
+    return path
+
+
 def _opera_mask(scene: pystac.Item, folder: Path) -> Path:
     """A mask with no layover or shadow, so that the burst's pixels equal the scene's."""
     vv = Path(scene.assets["vv"].get_absolute_href())
@@ -494,7 +725,7 @@ class Published:
     opera_paths: dict[str, dict[str, str]]  # scene id -> layer suffix -> URL path
 
 
-def publish(catalog_json: Path, folder: Path, origin: Origin, cmr: Cmr, earthdata_token: str) -> Published:
+def publish(catalog_json: Path, folder: Path, origin: Origin, cmr: Cmr, earthdata_token: str, asf: Asf | None = None) -> Published:
     """Serve every scene of a demo catalog as an MPC item (signed blobs), an Earth Search S2 item (and
     a Landsat item of another collection, which a query-less page would return) and an OPERA burst."""
     scenes = sorted(pystac.Catalog.from_file(str(catalog_json)).get_items(recursive=True), key=lambda s: (s.datetime, s.id))
@@ -521,8 +752,16 @@ def publish(catalog_json: Path, folder: Path, origin: Origin, cmr: Cmr, earthdat
                    if f["collection"] == "landsat-c2-l2")
     landsat = {**landsat, "geometry": s2[0].geometry, "bbox": s2[0].bbox,
                "properties": {**landsat["properties"], "datetime": pystac.utils.datetime_to_str(s2[0].datetime)}}
+    # Earth Search lists every processing of a scene: the first late-2022 scene again as an older
+    # processing "..._0_L2A", made before the offset was removed from its DN (the raw files) while
+    # its earthsearch:boa_offset_applied says True (element84/earth-search #66, #71).
+    late = next(scene for scene in s2 if scene.properties["s2:processing_baseline"] >= "04.00")
+    older = earth_search_s2_item(late, es_root, lambda band, scene=late: origin.url + _raw_path(origin, scene, band))
+    older["id"] = f"S2{late.properties['platform'][-1]}_{late.properties['s2:mgrs_tile']}_{late.datetime:%Y%m%d}_0_L2A"
+    for key in ("created", "updated"):
+        older["properties"][key] = "2022-01-01T00:00:00.000Z"
     origin.earth_search = StacApi(es_root, EARTH_SEARCH_ROOT, "earthsearch-landing-page-2025-07-31.json", "earthsearch",
-                                  es_items + [landsat])
+                                  es_items + [older, landsat])
 
     opera_paths = {}
     passes = Counter()
@@ -533,6 +772,12 @@ def publish(catalog_json: Path, folder: Path, origin: Origin, cmr: Cmr, earthdat
         layers = {"_VV.tif": Path(scene.assets["vv"].get_absolute_href()),
                   "_VH.tif": Path(scene.assets["vh"].get_absolute_href()),
                   "_mask.tif": _opera_mask(scene, folder / "opera")}
+        if asf is not None:  # ASF's chain: datapool -> gateway -> S3
+            name = granule_name(scene, burst)
+            urls = {suffix: asf.add(name, f"{name}{suffix}", file) for suffix, file in layers.items()}
+            opera_paths[scene.id] = {suffix: f"OPERA_L2_RTC-S1/{name}/{name}{suffix}" for suffix in layers}
+            cmr.granules.append(opera_granule(scene, urls, burst))
+            continue
         paths = {suffix: f"/RTC/OPERA-S1/{scene.id}{suffix}" for suffix in layers}
         for suffix, file in layers.items():
             origin.files[paths[suffix]] = Served(file, bearer=earthdata_token)

@@ -124,6 +124,43 @@ def test_dropped_connections_are_retried_to_the_clean_stack(clean, dropped_conne
     assert_same_stack(out, clean)
 
 
+def test_an_outage_mid_tile_fails_the_tile_and_a_rerun_after_it_gives_the_clean_stack(
+        catalog, tile_window, clean, quick_timeouts, tmp_path, monkeypatch):
+    """Issue 12 (4, e): the source goes down in the middle of a tile's reads and stays down past
+    every retry (minutes, shortened here by quick retry delays). Before, each failed read skipped
+    its scene and the tile completed with fewer dates, for good."""
+    from tessera.errors import SourceUnavailable
+
+    monkeypatch.setitem(tessera.fetch.reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_MAX_RETRY", "2")
+    monkeypatch.setattr(tessera.fetch.reader, "TRANSIENT_BACKOFF_S", 0.05)
+    tile, window = tile_window
+    out = tmp_path / "s2.zarr"
+    with serve_catalog(catalog) as url:
+        source = mpc_shaped_source("demo", url, ephemeral_url=True)
+        with FaultyProxy(FaultPlan(targets=(".tif",), outage_after=40)) as proxy, proxied(proxy.url):
+            with pytest.raises(SourceUnavailable) as failure:
+                fetch_s2(tile, window, 2024, source, out, patch_size=16, search_cache=tmp_path / "search.json")
+            assert proxy.log.faults["outage"] > 0 and "503" in str(failure.value) and "\n" not in str(failure.value)
+            assert not out.exists()  # no partial stack, no scene recorded as skipped
+            proxy.end_outage()
+            report = fetch_s2(tile, window, 2024, source, out, patch_size=16, search_cache=tmp_path / "search.json")
+    assert report["skipped"] == {}
+    assert_same_stack(out, clean)
+
+
+def test_the_cli_reports_an_outage_in_one_line_with_a_nonzero_exit(capsys, monkeypatch):
+    from tessera.cli import main
+    from tessera.errors import EXIT_SOURCE_UNAVAILABLE, SourceUnavailable
+
+    def fail(args):
+        raise SourceUnavailable("reading S2X B04 failed 4 times, each after GDAL's retries (HTTP response code: 503)")
+
+    monkeypatch.setattr("tessera.cli.tools.cmd_plan", fail)  # looked up when the parser is built
+    assert main(["plan", "--config", "x.yaml"]) == EXIT_SOURCE_UNAVAILABLE != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unavailable" in err[0] and "rerunning continues" in err[0] and "free space" not in err[0]
+
+
 def _search(url: str, plan: FaultPlan) -> list[str]:
     feed = mpc_shaped_source("demo", url, ephemeral_url=True).s2
     with FaultyProxy(plan) as proxy, proxied(proxy.url):

@@ -405,3 +405,25 @@ def test_opera_layover_pixels_are_kept_by_default_and_encoded_in_float32(tmp_pat
     mpc_radar = s1_item(tmp_path, "mpc", utc(2024, 6, 3, 5), "ascending", vv, vv / 10)
     fetch_s1(TILE, WINDOW, 2024, source([mpc_radar]), tmp_path / "mpc.zarr")
     assert (open_s1(tmp_path / "mpc.zarr").ascending.arrays["sar"][0, :, :, 0] == 9747).all()
+
+
+def test_verify_lists_the_scenes_each_tiles_fetch_skipped(tmp_path, monkeypatch, capsys):
+    """Issue 12 (e): skipped scenes are in stack.json and in `tessera verify --work-dir`'s output."""
+    import json
+    from types import SimpleNamespace
+
+    import tessera.publish.verify as verify
+    from tessera.cli import main
+    from tessera.grid import Tile
+    from tessera.layout import WorkTile
+
+    tile = Tile.from_name("grid_6.05_52.05")
+    work = WorkTile.at(tmp_path / "work", 2024, tile.name)
+    work.root.mkdir(parents=True)
+    work.stack_index.write_text(json.dumps({"s2": {"skipped": {"S2A_X": "B04: HTTP response code: 404"}},
+                                            "s1": {"skipped": {}}}))
+    monkeypatch.setattr(verify, "find_tiles", lambda results: [SimpleNamespace(year=2024, tile=tile)])
+    monkeypatch.setattr(verify, "verify_output", lambda output_dir: [])
+    assert main(["verify", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: 2024/{tile.name}: 1 S2 scene(s) skipped (S2A_X: B04: HTTP response code: 404)" in printed

@@ -136,8 +136,8 @@ def test_signed_reads_leave_no_signature_in_logs_errors_or_the_stack(tmp_path, c
 @pytest.fixture
 def opera(monkeypatch, tmp_path):
     """The OPERA source's credential lookup, with a fresh HOME and no Earthdata variables."""
-    module = pytest.importorskip("tessera.sources.opera")
-    for name in ("EARTHDATA_TOKEN", "EARTHDATA_TOKEN_FILE", "NETRC"):
+    module = pytest.importorskip("tessera.sources.earthdata")
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_TOKEN_FILE", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
@@ -154,18 +154,18 @@ def test_credential_files_readable_by_others_are_refused_without_showing_the_sec
     path.write_text(text)
     path.chmod(0o644)
     with pytest.raises(UserError) as error:
-        opera.earthdata_gdal_options()
+        opera.login()
     message = str(error.value)
     assert f"chmod 600 {path}" in message and EARTHDATA_TOKEN not in message and "\n" not in message
-    path.chmod(0o600)
-    options = opera.earthdata_gdal_options()
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert options.get("GDAL_HTTP_BEARER") == EARTHDATA_TOKEN or options.get("GDAL_HTTP_NETRC_FILE") == str(path)
+    if kind == "token file":  # a netrc's login is exchanged at Earthdata Login: tested against the stand-in
+        path.chmod(0o600)
+        assert opera.login().token == EARTHDATA_TOKEN
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_missing_credentials_name_every_way_to_give_them(opera):
-    with pytest.raises(UserError, match="EARTHDATA_TOKEN.*edl_bearer_token.*netrc"):
-        opera.earthdata_gdal_options()
+    with pytest.raises(UserError, match="EARTHDATA_TOKEN.*EARTHDATA_USERNAME.*edl_bearer_token.*netrc"):
+        opera.login()
 
 
 # --- checkpoints run no code ---------------------------------------------------------------------

@@ -10,6 +10,8 @@ import urllib.request
 
 import numpy as np
 import pystac
+import shapely
+from shapely.geometry import shape
 import pytest
 from urllib3.util.retry import Retry
 
@@ -18,7 +20,8 @@ from tessera.errors import UserError
 from tessera.sources import Source, cached_search, open_source, redact, stac_source
 from tessera.sources.aws import EARTH_SEARCH_ASSET_KEYS
 from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
-from tessera.sources.opera import OperaFeed, _burst_item, _latest_per_burst, earthdata_gdal_options
+from tessera.sources import earthdata
+from tessera.sources.opera import OperaFeed, _burst_item, _latest_per_burst
 from tessera.sources.stac import RedactingFilter, StacFeed, UnusableAsset
 
 from conftest import STAC_FIXTURES as FIXTURES, needs_shared
@@ -246,7 +249,6 @@ def test_a_real_opera_granule_becomes_an_s1_item():
     base = "https://datapool.asf.alaska.edu/RTC/OPERA-S1/" + item.id
     assert {key: asset.href for key, asset in item.assets.items()} == {
         "vv": base + "_VV.tif", "vh": base + "_VH.tif", "mask": base + "_mask.tif"}
-    assert OperaFeed().href(item, "vv") == base + "_VV.tif"
     del item.assets["vv"]
     with pytest.raises(UnusableAsset, match="burst has no VV layer \\(polarisations VV\\+VH\\)"):
         OperaFeed().href(item, "vv")
@@ -263,7 +265,7 @@ def test_only_the_latest_processing_of_a_burst_is_kept():
 
 @pytest.fixture
 def no_earthdata_credentials(tmp_path, monkeypatch):
-    for name in ("EARTHDATA_TOKEN", "EARTHDATA_TOKEN_FILE", "NETRC"):
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_TOKEN_FILE", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
@@ -271,9 +273,12 @@ def no_earthdata_credentials(tmp_path, monkeypatch):
 
 def test_earthdata_token_from_the_environment_first(no_earthdata_credentials, monkeypatch):
     with pytest.raises(UserError, match="needs Earthdata Login credentials: set EARTHDATA_TOKEN"):
-        earthdata_gdal_options()
-    monkeypatch.setenv("EARTHDATA_TOKEN", " tok \n")
-    assert earthdata_gdal_options() == {"GDAL_HTTP_AUTH": "BEARER", "GDAL_HTTP_BEARER": "tok"}
+        earthdata.login()
+    assert earthdata.credentials_kind() is None
+    monkeypatch.setenv("EARTHDATA_TOKEN", " secret-77 \n")
+    credentials = earthdata.login()
+    assert credentials.token == "secret-77" and credentials.kind == "token from EARTHDATA_TOKEN"
+    assert "secret-77" not in repr(credentials)
 
 
 def test_earthdata_token_file_must_be_private(no_earthdata_credentials):
@@ -281,23 +286,30 @@ def test_earthdata_token_file_must_be_private(no_earthdata_credentials):
     token_file.write_text("file-token\n")
     token_file.chmod(0o644)
     with pytest.raises(UserError, match=f"Earthdata token file {token_file} is readable by others \\(mode 0644\\): run chmod 600"):
-        earthdata_gdal_options()
+        earthdata.login()
     token_file.chmod(0o600)
-    assert earthdata_gdal_options()["GDAL_HTTP_BEARER"] == "file-token"
+    assert earthdata.login().token == "file-token"
 
 
 def test_netrc_needs_the_earthdata_login_machine(no_earthdata_credentials):
     netrc = no_earthdata_credentials / ".netrc"
     netrc.write_text("machine example.org login a password b\n")
     netrc.chmod(0o600)
-    with pytest.raises(UserError, match="has no entry for urs.earthdata.nasa.gov"):
-        earthdata_gdal_options()
-    netrc.write_text("machine urs.earthdata.nasa.gov login a password b\n")
-    options = earthdata_gdal_options()
-    assert options["GDAL_HTTP_NETRC"] == "YES" and options["GDAL_HTTP_NETRC_FILE"] == str(netrc)
+    with pytest.raises(UserError, match="gives no Earthdata Login credentials"):
+        earthdata.login()
     netrc.chmod(0o640)
     with pytest.raises(UserError, match="readable by others"):
-        earthdata_gdal_options()
+        earthdata.login()
+
+
+def test_the_token_goes_only_to_earthdata_and_asf_hosts():
+    assert earthdata.may_see_token("https://datapool.asf.alaska.edu/RTC/OPERA-S1/x_VV.tif")
+    assert earthdata.may_see_token("https://cumulus.asf.earthdatacloud.nasa.gov/OPERA/x/x_VV.tif")
+    assert earthdata.may_see_token("https://urs.earthdata.nasa.gov/oauth/authorize")
+    assert not earthdata.may_see_token("https://asf-cumulus-prod-opera-products.s3.us-west-2.amazonaws.com/x?X-Amz-Signature=1")
+    assert not earthdata.may_see_token("https://evilasf.alaska.edu.example.com/x")
+    url = "https://b.s3.amazonaws.com/k?X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-Signature=s"
+    assert earthdata.presigned_expiry(url) == dt.datetime(2024, 1, 1, 1, tzinfo=dt.timezone.utc).timestamp()
 
 
 def test_pre_signed_hrefs_are_cached_without_their_signature_and_searched_again(tmp_path):
@@ -319,3 +331,68 @@ def test_pre_signed_hrefs_are_cached_without_their_signature_and_searched_again(
     assert json.loads(written)["features"][0]["assets"]["B04"]["href"] == "https://a.blob.core.windows.net/c/B04.tif"
     cached_search(source, feed, BBOX, 2024, cache)
     assert feed.searches == [2024, 2024]
+
+
+# --- issue 12: tiles next to ±180° and at the grid's highest latitudes -----------------------------
+
+
+@pytest.mark.parametrize("lon", [179.95, -179.95])
+def test_searches_next_to_the_antimeridian_split_the_box_and_keep_only_nearby_items(lon, monkeypatch):
+    """Issue 12 (3): before, the wrapped box (e.g. 179.898 ... -179.999) went out as one box and
+    shapely.box of it spans the globe: the whole latitude band matched."""
+    from shapely.geometry import mapping
+
+    from tessera.fetch import window_bbox_lonlat
+    from tessera.grid import tile_at
+
+    tile = tile_at(lon, 10.05)
+    bbox = window_bbox_lonlat(tile, tile.full_window)
+    assert bbox[0] > bbox[2]  # the box crosses ±180°
+    sent = []
+
+    def item(item_id, x):
+        geometry = mapping(shapely.box(x - 0.05, 10.0, x + 0.05, 10.1))
+        return pystac.Item(item_id, geometry, list(shapely.box(x - 0.05, 10.0, x + 0.05, 10.1).bounds),
+                           dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc), {}, collection="c")
+
+    near = {"east": item("east", 179.95), "west": item("west", -179.95), "far": item("far", 0.0)}
+
+    def all_pages(self, box_lonlat, start, end):
+        sent.append(box_lonlat)
+        west, _, east, _ = box_lonlat
+        return [i for i in near.values() if shapely.box(*box_lonlat).intersects(shape(i.geometry))] + [near["far"]]
+
+    monkeypatch.setattr(StacFeed, "_all_pages", all_pages)
+    items = StacFeed("https://example.org", "c", MPC_ASSET_KEYS).search(bbox, 2024)
+    assert len(sent) == 2 and all(west <= east for west, _, east, _ in sent)
+    assert {b[2] for b in sent} | {b[0] for b in sent} >= {180.0, -180.0}
+    kept = {i.id for i in items}
+    assert "far" not in kept and kept == {"east", "west"} & kept and kept
+    assert stac.bbox_area(bbox).area < 1.0  # square degrees: not a band around the globe
+
+
+def test_split_bbox():
+    assert stac.split_bbox((1, 2, 3, 4)) == [(1, 2, 3, 4)]
+    assert stac.split_bbox((179.9, 10, -179.99, 10.1)) == [(179.9, 10, 180.0, 10.1), (-180.0, 10, -179.99, 10.1)]
+
+
+@pytest.mark.parametrize("lon, lat", [(6.05, 89.95), (179.95, 89.95), (-179.95, -89.95), (6.05, 83.95)])
+def test_windows_at_the_grids_highest_latitudes_are_searched_where_they_are(lon, lat):
+    from tessera.fetch import window_bbox_lonlat
+    from tessera.grid import tile_at
+
+    tile = tile_at(lon, lat)
+    bbox = window_bbox_lonlat(tile, tile.full_window)
+    area = stac.bbox_area(bbox)
+    # Every pixel of the window lies inside the searched area (a 9 x 9 sample, corners included).
+    from rasterio.warp import transform as warp
+
+    cols, rows = np.meshgrid(np.linspace(0, tile.width, 9), np.linspace(0, tile.height, 9))
+    xs, ys = tile.transform * (cols.ravel(), rows.ravel())
+    lons, lats = warp(f"EPSG:{tile.epsg}", "EPSG:4326", xs, ys)
+    assert all(area.buffer(1e-6).contains(shapely.Point(x, y)) for x, y in zip(lons, lats))
+    assert -90 <= bbox[1] < bbox[3] <= 90
+    # A window reaching the pole spans every longitude.
+    pole = tile.project(shapely.Point(0, 90 if lat > 0 else -90))
+    if tile.pixel_box(tile.full_window).intersects(pole):
+        assert (bbox[0], bbox[2]) == (-180.0, 180.0)

@@ -5,6 +5,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -14,27 +15,34 @@ import pystac
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.enums import Resampling
 from shapely import box
 
-import tessera.fetch.reader as fetch_reader
+import tessera.fetch.reader as reader
+import tessera.sources.earthdata as earthdata
+import tessera.sources.mpc as mpc
 import tessera.sources.stac as stac
 from conftest import needs_shared
 from fixtures_servers import (
+    ASF_ADDRESSES,
     MPC_S2_BLOB,
+    Asf,
     Cmr,
     Fault,
     Origin,
     Served,
     clear_gdal_http_cache,
+    granule_name,
     opera_granule,
     publish,
     self_signed_certificate,
 )
 from tessera.demo import generate_catalog
-from tessera.errors import UserError
-from tessera.fetch import encode_s1, fetch_s1, fetch_s2, print_scenes, window_bbox_lonlat
-from tessera.grid import roi_in_tile, tiles_for_geometry, work_window
+from tessera.errors import SourceUnavailable, UserError
+from tessera.fetch import fetch_s1, fetch_s2, print_scenes, window_bbox_lonlat
+from tessera.fetch.encode import encode_s1
 from tessera.layout import WorkTile
+from tessera.grid import roi_in_tile, tiles_for_geometry, work_window
 from tessera.sources import Source, open_source
 from tessera.sources.aws import aws_source
 from tessera.sources.mpc import mpc_source
@@ -47,6 +55,7 @@ pytestmark = needs_shared
 BBOX = (5.998, 52.040, 6.002, 52.042)  # across 6°E: S2 granules in UTM zones 31 and 32
 YEAR = 2022  # dates either side of the baseline-04.00 offset (2022-01-25)
 TOKEN = "edl-token-3f9c2a"
+EDL_USER, EDL_PASSWORD = "alice", "s3cret-pw"
 TILE = next(tile for tile, _ in tiles_for_geometry(box(*BBOX)) if tile.epsg == 32632)
 WINDOW = work_window(TILE, roi_in_tile(TILE, box(*BBOX)))
 
@@ -62,17 +71,26 @@ def services(catalog, tmp_path_factory):
     folder = tmp_path_factory.mktemp("services")
     certificate = self_signed_certificate(folder)
     origin, cmr = Origin(), Cmr(certificate)
-    with origin.server, cmr.server, pytest.MonkeyPatch.context() as patch:
-        published = publish(catalog, folder / "published", origin, cmr, TOKEN)
+    asf = Asf(certificate, username=EDL_USER, password=EDL_PASSWORD, token=TOKEN)
+    with origin.server, cmr.server, asf, pytest.MonkeyPatch.context() as patch:
+        published = publish(catalog, folder / "published", origin, cmr, TOKEN, asf=asf)
         patch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))  # asf-search talks HTTPS to the CMR stand-in
+        patch.setenv("CURL_CA_BUNDLE", str(certificate[0]))  # and GDAL to the S3 stand-in
         patch.setenv("PC_SDK_SAS_URL", f"{origin.url}/mpc/api/sas/v1/token")
         # GDAL reaches the real *.blob.core.windows.net hrefs through the origin; loopback goes direct.
         patch.setenv("GDAL_HTTP_PROXY", f"127.0.0.1:{origin.server.port}")
-        patch.setenv("NO_PROXY", "127.0.0.1")
+        patch.setenv("NO_PROXY", ",".join(("127.0.0.1", *ASF_ADDRESSES.values())))
         patch.setenv("EARTHDATA_TOKEN", TOKEN)
-        patch.setitem(fetch_reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.05")
+        # Earthdata Login and ASF's hosts are the stand-ins' addresses.
+        patch.setattr(earthdata, "EDL_HOST", asf.host("urs"))
+        patch.setattr(earthdata, "AUTH_DOMAINS", (asf.host("datapool"), asf.host("gateway")))
+        patch.setattr(mpc, "TOKEN_BACKOFF_BASE_S", 0.05)
+        patch.setattr(reader, "TRANSIENT_BACKOFF_S", 0.05)
+        # rasterio gives GDAL certifi's bundle: the stand-ins' certificate goes in as GDAL's option.
+        patch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_CURL_CA_BUNDLE", str(certificate[0]))
+        patch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.05")
         _fresh_planetary_computer_settings()
-        yield origin, cmr, published
+        yield origin, cmr, published, asf
     _fresh_planetary_computer_settings()
 
 
@@ -219,8 +237,8 @@ def test_sas_tokens_never_reach_logs_errors_caches_or_stacks(services, origin, t
     assert "Retrying" in caplog.text and "?<redacted>" in caplog.text
     _fresh_planetary_computer_settings()
     origin.accept_new_tokens = False  # every signature is refused from now on
-    with pytest.raises(UserError) as failure:
-        fetch_tile(fetch_s2, source, tmp_path / "refused.zarr", min_scenes=1)
+    with pytest.raises(UserError) as failure:  # a new source: a new signer, without the tokens it holds
+        fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "refused.zarr", min_scenes=1)
     assert "403" in str(failure.value)
     issued = set(origin.issued_signatures)
     texts = [caplog.text, str(failure.value), (tmp_path / "search_s2.json").read_text(),
@@ -241,7 +259,7 @@ def _cog(path, values, transform, nodata):
 
 
 def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, origin, tmp_path):
-    _, cmr, published = services
+    _, cmr, published, asf = services
     # 30 m bursts on the tile's UTM grid, 5 pixels of margin around the work window.
     west, north = TILE.window_transform(WINDOW) @ (0, 0)
     transform = Affine(30, 0, west - 150, 0, -30, north + 150)
@@ -256,13 +274,11 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     granules = []
     for burst, orbit, layers in (("T088_300001_IW1", "ascending", files), ("T037_300002_IW2", "descending", files),
                                  ("T088_300003_IW3", "ascending", {"_mask.tif": files["_mask.tif"]})):
-        paths = {suffix: f"/opera-2023/{burst}{suffix}" for suffix in layers}
-        for suffix, file in layers.items():
-            origin.files[paths[suffix]] = Served(file, bearer=TOKEN)
         scene = pystac.Item(burst, {"type": "Polygon", "coordinates": [list(box(*BBOX).exterior.coords)]}, list(BBOX),
                             when - dt.timedelta(hours=12 if orbit == "descending" else 0), {"sat:orbit_state": orbit,
                                                                                               "sat:relative_orbit": int(burst[1:4])})
-        granule = opera_granule(scene, {suffix: origin.url + path for suffix, path in paths.items()}, burst)
+        name = granule_name(scene, burst)
+        granule = opera_granule(scene, {suffix: asf.add(name, name + suffix, file) for suffix, file in layers.items()}, burst)
         if burst.endswith("IW3"):  # an HH/HV burst (polar regions): no VV/VH files
             for attribute in granule["umm"]["AdditionalAttributes"]:
                 if attribute["Name"] == "POLARIZATION":
@@ -302,38 +318,117 @@ def test_opera_bursts_30m_mask_orbit_directions_and_polarisations(services, orig
     assert np.abs(kept_vv[:, inside].astype(int) - expected[inside]).max() <= 2
 
 
-def test_earthdata_credentials_at_the_reads(services, origin, tmp_path, monkeypatch, caplog):
-    published = services[2]
-    source = aws_source(published.earth_search_url, published.cmr_host)
-    caplog.set_level(logging.DEBUG)
-    clear_gdal_http_cache()
-    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")
-    with pytest.raises(UserError, match="usable Sentinel-1 dates") as failure:
-        fetch_tile(fetch_s1, source, tmp_path / "wrong.zarr")
-    assert "401" in str(failure.value)
-    for text in (caplog.text, str(failure.value)):
-        assert "wrong-token-77" not in text and TOKEN not in text
+def _opera_only(published):
+    return aws_source(published.earth_search_url, published.cmr_host)
 
-    # A netrc with the Earthdata Login machine: curl answers the host's challenge from it.
-    monkeypatch.delenv("EARTHDATA_TOKEN")
-    monkeypatch.setenv("EARTHDATA_TOKEN_FILE", str(tmp_path / "absent"))
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine urs.earthdata.nasa.gov login alice password s3cret\n"
-                     "machine 127.0.0.1 login alice password s3cret\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
-    opera_paths = [path for scene_paths in published.opera_paths.values() for path in scene_paths.values()]
-    for path in opera_paths:
-        origin.files[path].basic = ("alice", "s3cret")
-    clear_gdal_http_cache()
-    before = len(origin.traffic.responses)
-    try:
-        report = fetch_tile(fetch_s1, source, tmp_path / "netrc.zarr")
-    finally:
-        for path in opera_paths:
-            origin.files[path].basic = None
+
+def test_opera_reads_resolve_asf_redirects_and_give_gdal_only_the_presigned_url(services, origin, tmp_path, caplog):
+    """Issue 12 (1): the token goes to datapool and the gateway (cross-host 307), never to S3; GDAL
+    reads the presigned URL with no Authorization header (S3 would answer 400) and no token."""
+    _, _, published, asf = services
+    caplog.set_level(logging.DEBUG)
+    asf.requests.clear()
+    report = fetch_tile(fetch_s1, _opera_only(published), tmp_path / "s1.zarr")
     assert report["skipped"] == {} and report["kept"]
-    assert any(path in opera_paths and status == 206 for _, path, status, _ in origin.traffic.responses[before:])
+    datapool, gateway, s3 = asf.seen("datapool"), asf.seen("gateway"), asf.seen("s3")
+    assert datapool and all(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in datapool)
+    assert any(h.get("authorization") == f"Bearer {TOKEN}" for m, _, h in gateway if m == "GET")
+    assert s3 and all("authorization" not in h for _, _, h in s3)
+    assert all(m == "GET" for m, _, _ in s3)  # GDAL reads a presigned URL with GET, never HEAD
+    # The URL GDAL got is presigned; no log holds the token or a signature.
+    assert TOKEN not in caplog.text and "X-Amz-Signature=" not in caplog.text
+
+
+def test_the_old_way_gdal_with_a_bearer_token_on_the_datapool_url_fails(services, tmp_path):
+    """What the reader did before: the datapool URL and GDAL_HTTP_AUTH=BEARER. GDAL >= 3.10 drops
+    Authorization at the cross-host redirect (OSGeo/gdal#10857); the gateway sends it to the login
+    server, and nothing is read."""
+    import rasterio
+
+    _, _, published, asf = services
+    url = next(iter(asf.objects))
+    datapool_url = f"https://{asf.host('datapool')}/RTC/OPERA-S1/{url.rsplit('/', 1)[-1]}"
+    clear_gdal_http_cache()
+    with pytest.raises(rasterio.errors.RasterioIOError):
+        with rasterio.Env(GDAL_HTTP_AUTH="BEARER", GDAL_HTTP_BEARER=TOKEN, GDAL_HTTP_MAX_RETRY="0"), rasterio.open(datapool_url):
+            pass
+
+
+def test_a_forwarded_authorization_header_is_refused_by_s3(services):
+    import requests
+
+    _, _, _, asf = services
+    key = next(iter(asf.objects))
+    presigned = asf._presign("GET", key)
+    ca = os.environ["REQUESTS_CA_BUNDLE"]
+    assert requests.get(presigned, verify=ca, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 400
+    assert requests.get(presigned, verify=ca).status_code == 200
+    head_signed = asf._presign("HEAD", key)
+    assert requests.get(head_signed, verify=ca).status_code == 403  # signed for HEAD only
+
+
+def test_expired_presigned_urls_are_resolved_again(services, tmp_path, monkeypatch):
+    _, _, published, asf = services
+    monkeypatch.setattr(asf, "url_lifetime_s", 1)
+    monkeypatch.setattr(earthdata, "PRESIGNED_MARGIN_S", -5.0)  # keep using URLs past their expiry
+    source = _opera_only(published)
+    feed = source.s1
+    item = feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)[0]
+    first = feed.href(item, "vv")
+    time.sleep(2.1)
+    clear_gdal_http_cache()
+    from tessera.fetch.reader import WindowReader
+
+    reader = WindowReader(TILE, WINDOW, feed, 1)
+    data = reader.read(item, "vv", Resampling.nearest)
+    assert np.isfinite(data).any()
+    assert feed.href(item, "vv") != first  # resolved anew after S3's 403 "Request has expired"
+
+
+@pytest.mark.parametrize("how", ["token", "username and password", "netrc", "token file"])
+def test_each_way_of_giving_earthdata_credentials_reads_opera(services, tmp_path, monkeypatch, how, caplog):
+    _, _, published, asf = services
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "EARTHDATA_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if how == "token":
+        monkeypatch.setenv("EARTHDATA_TOKEN", TOKEN)
+    elif how == "username and password":
+        monkeypatch.setenv("EARTHDATA_USERNAME", EDL_USER)
+        monkeypatch.setenv("EARTHDATA_PASSWORD", EDL_PASSWORD)
+    elif how == "netrc":
+        netrc = tmp_path / ".netrc"
+        netrc.write_text(f"machine {asf.host('urs')} login {EDL_USER} password {EDL_PASSWORD}\n")
+        netrc.chmod(0o600)
+    else:
+        token_file = tmp_path / ".edl_bearer_token"
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+    caplog.set_level(logging.DEBUG)
+    report = fetch_tile(fetch_s1, _opera_only(published), tmp_path / "s1.zarr")
+    assert report["skipped"] == {} and report["kept"]
+    assert TOKEN not in caplog.text and EDL_PASSWORD not in caplog.text
+
+
+def test_refused_earthdata_credentials_are_one_line_naming_the_fix(services, tmp_path, monkeypatch, caplog):
+    _, _, published, asf = services
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")
+    with pytest.raises(UserError, match="did not accept the token from EARTHDATA_TOKEN") as failure:
+        fetch_tile(fetch_s1, _opera_only(published), tmp_path / "wrong.zarr")
+    assert "\n" not in str(failure.value) and "wrong-token-77" not in str(failure.value) + caplog.text
+    monkeypatch.setenv("EARTHDATA_TOKEN", TOKEN)
+    asf.eula_pending.add(TOKEN)
+    try:
+        with pytest.raises(UserError, match="EULA Acceptance Failure.*accept it at https://"):
+            fetch_tile(fetch_s1, _opera_only(published), tmp_path / "eula.zarr")
+    finally:
+        asf.eula_pending.discard(TOKEN)
+    monkeypatch.delenv("EARTHDATA_TOKEN")
+    monkeypatch.setenv("EARTHDATA_USERNAME", EDL_USER)
+    monkeypatch.setenv("EARTHDATA_PASSWORD", "not-the-password")
+    with pytest.raises(UserError, match="refused the username and password"):
+        fetch_tile(fetch_s1, _opera_only(published), tmp_path / "pw.zarr")
 
 
 # --- failures of single reads --------------------------------------------------------------------
@@ -372,20 +467,24 @@ def test_http_500s_are_retried_by_gdal(services, origin, tmp_path):
     assert origin.traffic.statuses(red)[500] == 2
 
 
-def test_a_scene_failing_after_retries_or_timing_out_is_skipped_and_named(services, origin, tmp_path, monkeypatch):
-    source, items = _one_date_source(origin, services[2], tmp_path, "failing")
-    monkeypatch.setitem(fetch_reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_MAX_RETRY", "1")
-    monkeypatch.setitem(fetch_reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
-    broken, stalled = items
-    origin.faults[broken.assets["scl"].href[len(origin.url):]] = Fault(status=500, times=100)
-    origin.faults[stalled.assets["scl"].href[len(origin.url):]] = Fault(delay=4)
-    start = time.monotonic()
-    with pytest.raises(UserError, match="0 usable Sentinel-2 dates") as failure:
+@pytest.mark.parametrize("fault", ["500", "stall"])
+def test_a_read_failing_past_the_retries_fails_the_tile_instead_of_skipping_its_scene(services, origin, tmp_path,
+                                                                                      monkeypatch, fault):
+    """Issue 12 (4): before, the scene was "skipped" and the tile completed without it, for good."""
+    source, items = _one_date_source(origin, services[2], tmp_path, f"failing-{fault}")
+    monkeypatch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_MAX_RETRY", "1")
+    monkeypatch.setitem(reader.GDAL_HTTP_OPTIONS, "GDAL_HTTP_TIMEOUT", "1")
+    path = items[0].assets["scl"].href[len(origin.url):]
+    origin.faults[path] = Fault(status=500, times=100) if fault == "500" else Fault(delay=3)
+    with pytest.raises(SourceUnavailable) as failure:
         fetch_tile(fetch_s2, source, tmp_path / "s2.zarr")
-    assert time.monotonic() - start < 8  # the stalled read is tried twice, each attempt cut after 1 s
-    assert broken.id in str(failure.value) and stalled.id in str(failure.value)
-    assert "500" in str(failure.value) and "timed out" in str(failure.value).lower()
-    assert origin.traffic.statuses(broken.assets["scl"].href[len(origin.url):])[500] == 2  # 1 + 1 retry
+    message = str(failure.value)
+    assert items[0].id in message and "\n" not in message
+    assert ("500" in message) if fault == "500" else ("timed out" in message.lower())
+    assert not (tmp_path / "s2.zarr").exists()  # nothing partial, no scene recorded as skipped
+    origin.faults.clear()  # the outage ends: the rerun completes the tile with every scene
+    report = fetch_tile(fetch_s2, source, tmp_path / "s2.zarr")
+    assert report["skipped"] == {} and report["kept"]
 
 
 def test_a_truncated_cog_skips_its_scene_only(services, origin, tmp_path):
@@ -397,3 +496,184 @@ def test_a_truncated_cog_skips_its_scene_only(services, origin, tmp_path):
     report = fetch_tile(fetch_s2, source, tmp_path / "s2.zarr")
     assert list(report["skipped"]) == [items[0].id] and "B08" in report["skipped"][items[0].id]
     assert report["kept"] and open_s2(tmp_path / "s2.zarr").series.scenes == ((items[1].id,),)
+
+
+# --- issue 12: Planetary Computer's token service, CMR, Earth Search, the antimeridian -------------
+
+
+def test_throttled_token_requests_are_retried_honouring_retry_after(services, origin, tmp_path, monkeypatch):
+    published = services[2]
+    origin.sas_throttle, origin.sas_retry_after = 2, "1"
+    sleeps = []
+    monkeypatch.setattr(mpc.time, "sleep", lambda seconds: sleeps.append(seconds))
+    report = fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "s2.zarr")
+    assert report["skipped"] == {} and report["kept"]
+    assert origin.sas_throttle == 0 and len(sleeps) >= 2 and all(wait >= 1 for wait in sleeps[:2])
+
+
+def test_a_token_service_down_past_the_retries_is_a_source_failure_not_a_disk_error(services, origin, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Issue 12 (2): before, requests' HTTPError (an OSError) escaped and the CLI said "check free space"."""
+    from tessera.cli import main
+    from tessera.errors import EXIT_SOURCE_UNAVAILABLE
+
+    published = services[2]
+    origin.sas_errors = 100
+    monkeypatch.setattr(mpc, "TOKEN_BACKOFF_BASE_S", 0.0)
+    try:
+        with pytest.raises(SourceUnavailable, match="token service .* failed 6 times \\(HTTP 503\\)"):
+            fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "s2.zarr")
+        assert not (tmp_path / "s2.zarr").exists()
+
+        class Args:
+            def func(self, _):
+                fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "cli.zarr")
+
+        monkeypatch.setattr("tessera.cli.build_parser", lambda: type("P", (), {"parse_args": lambda self, argv: type(
+            "A", (), {"quiet": True, "func": lambda self, args: Args().func(args)})()})())
+        assert main([]) == EXIT_SOURCE_UNAVAILABLE
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "free space" not in err and "rerunning continues" in err
+    finally:
+        origin.sas_errors = 0
+
+
+def test_tokens_expiring_mid_tile_are_renewed(services, origin, tmp_path, monkeypatch):
+    published = services[2]
+    origin.token_lifetime = dt.timedelta(seconds=0.5)
+    monkeypatch.setattr(mpc, "TOKEN_REFRESH_MARGIN_S", 0.0)  # use a token to its last second
+    try:
+        report = fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "s2.zarr")
+    finally:
+        origin.token_lifetime = dt.timedelta(hours=1)
+    assert report["skipped"] == {} and report["kept"]
+    assert len(origin.traffic.sas_requests) >= 2
+
+
+def test_an_incomplete_cmr_answer_fails_the_search_instead_of_losing_bursts(services, monkeypatch):
+    """Issue 12 (5): asf-search logs an incomplete page and returns what it has."""
+    import asf_search.constants.INTERNAL as internal
+
+    _, cmr, published, _ = services
+    monkeypatch.setattr(internal, "CMR_PAGE_SIZE", 2)
+    feed = _opera_only(published).s1
+    complete = feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    assert len(complete) > 2  # more than one page
+    cmr.short_pages = 1
+    try:
+        with pytest.raises(SourceUnavailable, match="incompletely"):
+            feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    finally:
+        cmr.short_pages = 0
+
+
+def test_earth_search_keeps_the_latest_processing_of_a_scene(services, origin):
+    published = services[2]
+    items = aws_source(published.earth_search_url, published.cmr_host).s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    assert not any(item.id.endswith("_0_L2A") for item in items)
+    listed = origin.earth_search.search({"collections": ["sentinel-2-l2a"], "limit": 1000})["features"]
+    assert any(feature["id"].endswith("_0_L2A") for feature in listed)  # the service does list both
+
+
+def test_opera_searches_next_to_the_antimeridian_send_two_boxes(services):
+    from tessera.grid import tile_at
+
+    _, cmr, published, _ = services
+    tile = tile_at(-179.95, -16.05)
+    bbox = window_bbox_lonlat(tile, tile.full_window)
+    cmr.requests.clear()
+    _opera_only(published).s1.search(bbox, YEAR)
+    boxes = [tuple(map(float, form["bounding_box"][0].split(","))) for form in cmr.requests]
+    assert len(boxes) == 2 and all(west <= east for west, _, east, _ in boxes)
+    assert sum(east - west for west, _, east, _ in boxes) < 1.0
+
+
+# --- issue 12 (f): tessera check-source against the stand-ins -------------------------------------
+
+
+def _check(source):
+    from tessera.sources.check import check_source
+
+    out = io.StringIO()
+    report = check_source(source, TILE, WINDOW, YEAR, file=out)
+    return report, out.getvalue()
+
+
+def test_check_source_passes_for_demo_mpc_aws_and_stac(services, origin, catalog, monkeypatch, caplog):
+    from tessera.sources import stac_source
+
+    published = services[2]
+    caplog.set_level(logging.DEBUG)
+    with open_source("demo", demo_catalog=catalog) as demo:
+        sources = {"demo": demo, "mpc": mpc_source(published.mpc_url),
+                   "aws": aws_source(published.earth_search_url, published.cmr_host),
+                   "stac": stac_source({"url": published.mpc_url, "s2_collection": "sentinel-2-l2a",
+                                        "s1_collection": "sentinel-1-rtc", "harmonisation": "mpc",
+                                        "signing": "planetary-computer"})}
+        for name, source in sources.items():
+            started = time.monotonic()
+            report, text = _check(source)
+            assert report.ok, text
+            assert time.monotonic() - started < 60
+            assert report.scenes["S2"] > 0 and report.scenes["S1"] > 0 and report.bytes_per_tile_year["S2"] > 0, text
+            assert "S2 read    ok  11 assets" in text and "all checks passed" in text
+    assert "credentials: Earthdata Login: token from EARTHDATA_TOKEN" in _check(sources["aws"])[1]
+    assert "credentials: Planetary Computer: anonymous SAS tokens" in _check(sources["mpc"])[1]
+    assert TOKEN not in caplog.text
+
+
+def _one_failure(report, text, *needles):
+    assert not report.ok and len(report.failures) == 1, text
+    line = report.failures[0]
+    assert line.startswith("FAILED ") and "\n" not in line
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def test_check_source_names_each_failure_and_its_fix(services, origin, tmp_path, monkeypatch):
+    _, cmr, published, asf = services
+    aws = lambda: aws_source(published.earth_search_url, published.cmr_host)  # noqa: E731
+
+    monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")  # refused by the gateway
+    report, text = _check(aws())
+    line = _one_failure(report, text, "S1 read of vv", "did not accept the token from EARTHDATA_TOKEN", "Generate Token")
+    assert "wrong-token-77" not in text
+
+    for name in ("EARTHDATA_TOKEN", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "EARTHDATA_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    report, text = _check(aws())
+    assert "credentials: Earthdata Login: none found" in text
+    _one_failure(report, text, "S1 search", "needs Earthdata Login credentials", "EARTHDATA_TOKEN")
+    monkeypatch.setenv("EARTHDATA_TOKEN", TOKEN)
+
+    cmr.short_pages = 1
+    import asf_search.constants.INTERNAL as internal
+
+    monkeypatch.setattr(internal, "CMR_PAGE_SIZE", 2)
+    try:
+        report, text = _check(aws())
+    finally:
+        cmr.short_pages = 0
+    _one_failure(report, text, "S1 search", "incompletely", "try again later")
+
+    origin.sas_errors = 1000
+    monkeypatch.setattr(mpc, "TOKEN_BACKOFF_BASE_S", 0.0)
+    try:
+        report, text = _check(mpc_source(published.mpc_url))
+    finally:
+        origin.sas_errors = 0
+    assert not report.ok and all("token service" in line and "try again later" in line for line in report.failures)
+
+    # An asset the catalogue lists but the host no longer has (404): named, with the fix.
+    items = aws().s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    latest = max((i for i in items if i.properties["eo:cloud_cover"] < 100), key=lambda i: (i.datetime, i.id))
+    path = latest.assets["red"].href[len(origin.url):]
+    served = origin.files.pop(path)
+    clear_gdal_http_cache()  # GDAL remembers the file from the reads above
+    try:
+        report, text = _check(aws())
+    finally:
+        origin.files[path] = served
+    _one_failure(report, text, "S2 read of B04", "404", latest.id)

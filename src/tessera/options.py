@@ -115,6 +115,7 @@ class FetchOptions(CommandLineOptions):
     s1_mask_layover: bool = False
     patch_size: int = 512
     family: str | None = "v2"
+    max_skipped_pct: float = 10.0
 
     HELP = {
         "min_coverage_pct": ("skip a date covering less than this percentage of the ROI pixels", {}),
@@ -124,6 +125,8 @@ class FetchOptions(CommandLineOptions):
         "s1_mask_layover": ("drop the pixels of OPERA's layover/shadow mask (the reference keeps them)", {}),
         "patch_size": ("inference patch edge (sets the stacks' chunking)", {}),
         "family": ("model family the stacks are for (the defaults of the choices that follow it)", {"type": str}),
+        "max_skipped_pct": ("fail the tile when more than this percentage of a sensor's scenes had to be "
+                            "skipped (gone, refused or undecodable)", {}),
     }
 
     @property
@@ -141,5 +144,5 @@ class FetchOptions(CommandLineOptions):
         that switching to a family trained on the same preprocessing does not fetch again."""
         fetch = config["fetch"]
         given = cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"] or "family",
-                    fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"])
+                    fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"], fetch["max_skipped_pct"])
         return replace(given, s2_resampling=given.s2_method, family=None)

@@ -15,7 +15,7 @@ import sys
 
 from tessera import __version__
 from tessera.cli import stages, tools
-from tessera.errors import DamagedIntermediate, UserError
+from tessera.errors import EXIT_SOURCE_UNAVAILABLE, DamagedIntermediate, SourceUnavailable, UserError
 from tessera.io import remove_path
 
 
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         return 2
+    except SourceUnavailable as exc:
+        # Before OSError: requests' errors are OSErrors, and an outage is not a full disk.
+        print(f"tessera: error: {exc}: the source was unavailable; nothing partial was kept and rerunning "
+              "continues (Snakemake: --retries)", file=sys.stderr)
+        return EXIT_SOURCE_UNAVAILABLE
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,5 @@
-"""Tools around the stages: plan, models, search, verify, change, compare, embed-patch, export-patches,
-install-profile."""
+"""Tools around the stages: plan, models, search, check-source, verify, change, compare, embed-patch,
+export-patches, install-profile."""
 
 from __future__ import annotations
 
@@ -83,12 +83,47 @@ def add_search(sub) -> None:
     p.set_defaults(func=cmd_search)
 
 
+def cmd_check_source(args: argparse.Namespace) -> int:
+    from tessera import config
+    from tessera.plan import make_plan
+    from tessera.sources import open_source
+    from tessera.sources.check import check_source
+
+    plan = make_plan(config.load(args.config))
+    cfg = plan.config
+    if args.tile is None:
+        tile_plan = plan.tiles[0]
+    elif args.tile in plan.by_name:
+        tile_plan = plan.by_name[args.tile]
+    else:
+        raise UserError(f"tile {args.tile} is not in this config's plan: pick one of {', '.join(sorted(plan.by_name))}")
+    catalog = layout.demo_catalog(cfg["work_dir"], cfg["year"])
+    if cfg["source"] == "demo" and not catalog.exists():
+        raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
+    with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
+        report = check_source(source, tile_plan.tile, tile_plan.window, cfg["year"])
+    return 0 if report.ok else 1
+
+
+def add_check_source(sub) -> None:
+    p = sub.add_parser("check-source", help="check the configured source in about a minute: credentials, search, "
+                                            "one block of every asset kind, scenes and bytes per tile-year")
+    p.add_argument("--config", action="append", required=True, metavar="FILE")
+    p.add_argument("--tile", help="a tile of the plan (default: the first)")
+    p.set_defaults(func=cmd_check_source)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from tessera.publish.verify import describe_processing, verify_output
 
     for line in describe_processing(Path(args.output_dir)):
         print(f"made with: {line}")
     problems = verify_output(Path(args.output_dir))
+    if args.work_dir:
+        from tessera.publish.verify import skipped_scenes
+
+        for line in skipped_scenes(Path(args.output_dir), Path(args.work_dir)):
+            print(f"note: {line}")
     for problem in problems:
         print(problem)
     if problems:
@@ -101,6 +136,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="check an output directory: files, checksums, shapes, scales, manifest")
     p.add_argument("output_dir")
+    p.add_argument("--work-dir", help="the run's work_dir: also list the scenes each tile's fetch skipped, and why")
     p.set_defaults(func=cmd_verify)
 
 
@@ -236,4 +272,4 @@ def add_change(sub) -> None:
     p.set_defaults(func=cmd_change)
 
 
-PARSERS = (add_plan, add_models, add_search, add_verify, add_change, add_compare, add_embed_patch, add_export_patches, add_install_profile)
+PARSERS = (add_plan, add_models, add_search, add_check_source, add_verify, add_change, add_compare, add_embed_patch, add_export_patches, add_install_profile)

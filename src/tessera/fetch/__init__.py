@@ -23,8 +23,11 @@ Every one of these choices is recorded in the stacks (``stack.Preprocessing``).
 Dates are processed in ascending order and appended to the stack as they come; the band reads of
 one date run a few at a time (``PARALLEL_READS``), so memory holds the date being built and the
 reads in flight. Each read signs its href anew (MPC SAS tokens expire), and a failed signed read
-is signed again and retried once. A scene that cannot be read (after GDAL's own HTTP retries) is
-skipped and recorded in the stack's ``skipped``, with any credential cut out of the reason.
+is signed again and retried. A scene that cannot be read for a permanent reason (gone, refused after
+signing anew, undecodable after fresh reads) is skipped and recorded in the stack's ``skipped``,
+with any credential cut out of the reason; a transient failure (an outage, throttling) that
+outlasts the retries fails the tile with ``SourceUnavailable`` instead, so that a rerun completes
+it. A tile that skipped more than ``max_skipped_pct`` of its scenes fails.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import pystac
 from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
-from shapely.geometry import shape
+from shapely.geometry import Point, shape
 from tqdm import tqdm
 
 from tessera.errors import UserError
@@ -61,10 +64,19 @@ RESAMPLING = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 
 
 def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float, float]:
-    """(west, south, east, north) in degrees of a work window (edges densified)."""
+    """(west, south, east, north) in degrees of a work window (edges densified).
+
+    Next to ±180° west > east (the box crosses the antimeridian; searches split it, see
+    ``tessera.sources.stac.split_bbox``). A window that reaches a pole spans every longitude.
+    """
     left, top = tile.window_transform(window) @ (0, 0)
     right, bottom = tile.window_transform(window) @ (window.width, window.height)
-    return transform_bounds(f"EPSG:{tile.epsg}", "EPSG:4326", left, bottom, right, top, densify_pts=21)
+    west, south, east, north = transform_bounds(f"EPSG:{tile.epsg}", "EPSG:4326", left, bottom, right, top, densify_pts=21)
+    area = tile.pixel_box(window)
+    for pole in (90.0, -90.0):
+        if area.intersects(tile.project(Point(0.0, pole))):
+            return (-180.0, min(south, pole), 180.0, max(north, pole))
+    return west, south, east, north
 
 
 def _utc_date(item: pystac.Item) -> dt.date:
@@ -134,6 +146,18 @@ def _too_few(tile: Tile, sensor: str, year: int, usable: int, min_scenes: int, s
     )
 
 
+def _too_many_skipped(tile: Tile, sensor: str, skipped: dict[str, str], found: int, max_skipped_pct: float) -> None:
+    """A tile that lost more than ``max_skipped_pct`` of its scenes fails: its time series would
+    differ from a clean one's by more than a few dates."""
+    if found and 100.0 * len(skipped) / found > max_skipped_pct:
+        listed = "; ".join(f"{item_id}: {reason}" for item_id, reason in list(skipped.items())[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        raise UserError(
+            f"tile {tile.name}: {len(skipped)} of {found} {sensor} scenes were skipped, more than "
+            f"fetch.max_skipped_pct={max_skipped_pct:g}% ({listed}{more}): check these scenes at the source; "
+            "raise fetch.max_skipped_pct to accept the tile without them")
+
+
 def _store_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -172,6 +196,7 @@ def fetch_s2(
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
+    max_skipped_pct: float = 100.0,
 ) -> dict:
     """Build ``out`` (s2.zarr) for a work window of a tile; returns a small report.
 
@@ -220,6 +245,7 @@ def fetch_s2(
             kept.append(date.isoformat())
         if len(stack) < min_scenes:
             raise _too_few(tile, "Sentinel-2", year, len(stack), min_scenes, stack.skipped, len(items))
+        _too_many_skipped(tile, "Sentinel-2", stack.skipped, len(items), max_skipped_pct)
         skipped = dict(stack.skipped)
     return _report(tile, "s2", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped,
                    excluded_full_cloud=len(found) - len(items))
@@ -248,6 +274,7 @@ def fetch_s1(
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
+    max_skipped_pct: float = 100.0,
 ) -> dict:
     """Build ``out`` (s1.zarr) for a work window of a tile; returns a small report.
 
@@ -310,6 +337,7 @@ def fetch_s1(
             kept.append(f"{date.isoformat()} {orbit}")
         if len(stack) < min_scenes:
             raise _too_few(tile, "Sentinel-1", year, len(stack), min_scenes, stack.skipped, len(found))
+        _too_many_skipped(tile, "Sentinel-1", stack.skipped, len(found), max_skipped_pct)
         skipped = dict(stack.skipped)
     return _report(tile, "s1", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped)
 
@@ -361,7 +389,8 @@ def fetch_tile(tile: Tile, window: Window, year: int, roi: str, source_config: M
     write_roi_mask(read_roi(roi), tile, work.roi_mask)
     roi_mask = read_roi_mask(work.roi_mask, window=window)
     common = dict(roi_mask=roi_mask, min_coverage_pct=options.min_coverage_pct, min_scenes=options.min_scenes,
-                  patch_size=options.patch_size, mask_layover=options.s1_mask_layover)
+                  patch_size=options.patch_size, mask_layover=options.s1_mask_layover,
+                  max_skipped_pct=options.max_skipped_pct)
     with open_source(source_config, demo_catalog=demo_catalog) as source:
         fetch_s2(tile, window, year, source, work.s2, search_cache=work.search("s2"),
                  resampling=options.s2_method, **common)

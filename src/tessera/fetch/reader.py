@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -25,6 +26,7 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from tessera.errors import SourceUnavailable
 from tessera.grid import Tile
 from tessera.sources import UnusableAsset, redact
 from tessera.sources.stac import Feed, RedactingFilter
@@ -47,8 +49,15 @@ GDAL_HTTP_OPTIONS = {
     "GDAL_HTTP_MAX_RETRY": "5",
     "GDAL_HTTP_RETRY_DELAY": "1",
 }
-# Attempts of a read that fails for a reason GDAL does not retry (see WindowReader.read).
+# Attempts of a read (each after GDAL's own retries), and the first wait after a transient failure.
 READ_ATTEMPTS = 4
+TRANSIENT_BACKOFF_S = 5.0
+# What a failed read's message says: the scene is gone, the provider refuses it, or the network or
+# the service failed (curl's errors and the HTTP statuses GDAL retries).
+_GONE_STATUSES = {"404", "410"}
+_REFUSED_STATUSES = {"401", "403"}
+_TRANSIENT_MARKERS = ("timed out", "timeout", "curl error", "connection reset", "couldn't connect", "could not connect",
+                      "recv failure", "send failure", "connection refused", "empty reply", "ssl", "resolve host")
 _HTTP_STATUS = re.compile(r"HTTP response code: (\d+)")
 # GDAL errors and libtiff warnings that mean a read got fewer or other bytes than the file holds.
 _HIDDEN_READ_FAILURE = re.compile(r"GDAL signalled an error: err_no=(?!11\b)|IO error during reading")
@@ -84,11 +93,19 @@ class WindowReader:
     def read(self, item: pystac.Item, band: str, resampling: Resampling) -> np.ndarray:
         """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata).
 
-        GDAL retries HTTP errors and timeouts itself. A read that fails otherwise (a reset
-        connection, a body cut short, hence a block that does not decode) is tried again, up to
-        ``READ_ATTEMPTS`` in all, bypassing GDAL's cache, which would repeat the failure without a
-        request. A signed href is signed anew first: an expired SAS token shows as HTTP 403, or,
-        when it expires between the requests of one open, as a file GDAL cannot recognise.
+        Failures are told apart by what they say about the scene:
+
+        * permanent, the scene is skipped (``SceneUnreadable``): the asset is gone (404/410) or
+          unusable; the provider refuses it (401/403) even after signing or resolving it anew; the
+          file does not decode after ``READ_ATTEMPTS`` fresh reads (bypassing GDAL's cache, which
+          would repeat the failure without a request);
+        * transient, the tile fails (``SourceUnavailable``): throttling, server errors, timeouts,
+          refused or reset connections that outlast GDAL's own retries and ours (``READ_ATTEMPTS``,
+          with ``TRANSIENT_BACKOFF_S`` doubling between them). Skipping would make the tile lose
+          dates for good because of an outage; failing lets a rerun finish it.
+
+        An expired SAS token or presigned URL shows as HTTP 403, or, when it expires between the
+        requests of one open, as a file GDAL cannot recognise: both are signed anew first.
         """
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
@@ -99,11 +116,26 @@ class WindowReader:
                 return self._warped(href, resampling, cached=attempt == 1)
             except RasterioError as exc:
                 reason = _one_line(exc)
-                status = _HTTP_STATUS.search(reason)
-                signed_anew = (status is None or status.group(1) == "403") and self.feed.forget(href)
-                not_retried_by_gdal = status is None and "timed out" not in reason.lower()
-                if attempt == READ_ATTEMPTS or not (signed_anew or not_retried_by_gdal):
+                kind = failure_kind(reason)
+                last = attempt == READ_ATTEMPTS
+                if kind == "gone":
                     raise SceneUnreadable({item.id: f"{band}: {redact(reason)}"}) from None
+                if kind == "refused":
+                    if not self.feed.forget(href) or last:
+                        raise SceneUnreadable({item.id: f"{band}: refused after signing anew: {redact(reason)}"}) from None
+                    continue
+                if kind == "transient":
+                    if last:
+                        raise SourceUnavailable(f"reading {item.id} {band} failed {READ_ATTEMPTS} times, each after "
+                                                f"GDAL's retries ({redact(reason)})") from None
+                    self.feed.forget(href)
+                    time.sleep(TRANSIENT_BACKOFF_S * 2 ** (attempt - 1))
+                    continue
+                # Undecodable: a body cut short, or an expired signature mid-open; sign anew, read fresh.
+                self.feed.forget(href)
+                if last:
+                    raise SceneUnreadable({item.id: f"{band}: {redact(reason)}"}) from None
+        raise AssertionError("unreachable")
 
     def _warped(self, href: str, resampling: Resampling, *, cached: bool) -> np.ndarray:
         options = self.options
@@ -138,17 +170,38 @@ class WindowReader:
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(self.parallel_reads, thread_name_prefix="read") as pool:
             futures = {pool.submit(self.read, *read): read for read in reads}
-            for future in as_completed(futures):
-                try:
-                    data = future.result()
-                except SceneUnreadable as failure:
-                    for item_id, reason in failure.failures.items():
-                        failures.setdefault(item_id, reason)
-                    continue
-                if not failures:  # the batch is rebuilt without the failed items anyway
-                    yield futures[future], data
+            try:
+                for future in as_completed(futures):
+                    try:
+                        data = future.result()
+                    except SceneUnreadable as failure:
+                        for item_id, reason in failure.failures.items():
+                            failures.setdefault(item_id, reason)
+                        continue
+                    if not failures:  # the batch is rebuilt without the failed items anyway
+                        yield futures[future], data
+            except BaseException:
+                for future in futures:  # the tile fails: reads not started yet are not made
+                    future.cancel()
+                raise
         if failures:
             raise SceneUnreadable(failures)
+
+
+def failure_kind(reason: str) -> str:
+    """``gone``, ``refused``, ``transient`` or ``undecodable`` for a failed read's message."""
+    status = _HTTP_STATUS.search(reason)
+    if status is not None:
+        code = status.group(1)
+        if code in _GONE_STATUSES:
+            return "gone"
+        if code in _REFUSED_STATUSES:
+            return "refused"
+        return "transient"  # 429, 5xx, and anything else a server says instead of the bytes
+    lowered = reason.lower()
+    if any(marker in lowered for marker in _TRANSIENT_MARKERS):
+        return "transient"
+    return "undecodable"
 
 
 def _one_line(exc: BaseException) -> str:

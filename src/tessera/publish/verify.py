@@ -75,6 +75,30 @@ def describe_processing(output_dir: Path) -> list[str]:
     return lines
 
 
+def skipped_scenes(output_dir: Path, work_dir: Path) -> list[str]:
+    """One line per tile of ``output_dir`` whose fetch skipped scenes (from the work folder's
+    ``stack.json``): the scenes, and why. Information, not problems: a tile that skipped too many
+    already failed its fetch (``fetch.max_skipped_pct``)."""
+    from tessera.layout import WorkTile
+
+    lines = []
+    for files in find_tiles(Results(output_dir)):
+        index = WorkTile.at(work_dir, files.year, files.tile.name).stack_index
+        if not index.exists():
+            continue
+        try:
+            described = json.loads(index.read_text())
+        except (OSError, json.JSONDecodeError):
+            lines.append(f"{files.year}/{files.tile.name}: {index} is unreadable; skipped scenes unknown")
+            continue
+        for sensor in ("s2", "s1"):
+            skipped = described.get(sensor, {}).get("skipped") or {}
+            if skipped:
+                reasons = "; ".join(f"{scene}: {reason}" for scene, reason in sorted(skipped.items()))
+                lines.append(f"{files.year}/{files.tile.name}: {len(skipped)} {sensor.upper()} scene(s) skipped ({reasons})")
+    return lines
+
+
 def verify_output(output_dir: Path) -> list[str]:
     """Every problem found, one line each; empty when the directory is sound."""
     results = Results(output_dir)

@@ -17,12 +17,12 @@ EARTH_SEARCH_ASSET_KEYS = {
 }
 
 
-def aws_source(earth_search_url: str = EARTH_SEARCH_URL, cmr_host: str | None = None) -> Source:
+def aws_source(earth_search_url: str | None = None, cmr_host: str | None = None) -> Source:
     """Earth Search S2 (no signing) and OPERA RTC-S1 from CMR (Earthdata Login for the reads)."""
     opera = OperaFeed() if cmr_host is None else OperaFeed(cmr_host)
     return Source(
         name="aws",
-        s2=StacFeed(earth_search_url, EARTH_SEARCH_S2_COLLECTION, EARTH_SEARCH_ASSET_KEYS),
+        s2=StacFeed(earth_search_url or EARTH_SEARCH_URL, EARTH_SEARCH_S2_COLLECTION, EARTH_SEARCH_ASSET_KEYS),
         s1=opera,
         harmonisation="none",
     )

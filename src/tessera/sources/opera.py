@@ -1,5 +1,5 @@
 """Sentinel-1 from OPERA RTC-S1 (``OPERA_L2_RTC-S1_V1``): bursts found in NASA CMR with asf-search,
-read as COGs with Earthdata Login credentials.
+read as COGs through Earthdata Login (``tessera.sources.earthdata``).
 
 Each burst product has ``_VV.tif`` and ``_VH.tif`` (linear gamma0 power, float32, 30 m, UTM) and
 ``_mask.tif`` (0 = valid; layover, shadow and no-data otherwise). A burst becomes a pystac Item with
@@ -7,20 +7,14 @@ assets ``vv``, ``vh`` and ``mask`` and ``sat:orbit_state`` from the granule's AS
 attribute, so the fetch treats it like any other S1 item. Unlike the reference, which ignores the
 mask, the fetch drops masked pixels.
 
-Credentials, first found wins: ``EARTHDATA_TOKEN`` (an EDL bearer token); a token file
-(``EARTHDATA_TOKEN_FILE``, default ``~/.edl_bearer_token`` as the reference) that only its owner
-may read; a ``~/.netrc`` (or ``NETRC``) with an ``urs.earthdata.nasa.gov`` entry, also owner-only.
-They go to GDAL as configuration options of the reads (never into a file, a URL or a log).
+An href is resolved right before its read into a presigned URL that GDAL reads without credentials
+(see ``earthdata``): the token never goes to GDAL, a file or a log.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import netrc
-import os
-import stat
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import asf_search
@@ -30,56 +24,14 @@ import shapely
 from asf_search.constants import INTERNAL
 from shapely.geometry import shape
 
-from tessera.errors import UserError
-from tessera.sources.stac import S1_MASK, UnusableAsset
+from tessera.errors import SourceUnavailable, UserError
+from tessera.sources.earthdata import EarthdataResolver
+from tessera.sources.stac import S1_MASK, UnusableAsset, split_bbox
 
 OPERA_SHORT_NAME = "OPERA_L2_RTC-S1_V1"
 # Our band -> asset key of the items made from bursts, and the file name suffix of each layer.
 OPERA_ASSET_KEYS = {"vv": "vv", "vh": "vh", S1_MASK: S1_MASK}
 _LAYER_SUFFIXES = {"_VV.tif": "vv", "_VH.tif": "vh", "_mask.tif": S1_MASK}
-EARTHDATA_LOGIN_HOST = "urs.earthdata.nasa.gov"
-DEFAULT_TOKEN_FILE = "~/.edl_bearer_token"
-
-_CREDENTIALS_HELP = (
-    "set EARTHDATA_TOKEN to an Earthdata Login token, write it to ~/.edl_bearer_token (chmod 600), "
-    f"or add 'machine {EARTHDATA_LOGIN_HOST} login USER password PASS' to ~/.netrc (chmod 600)"
-)
-
-
-def earthdata_gdal_options() -> dict[str, str]:
-    """GDAL configuration options that authenticate reads of Earthdata-hosted files."""
-    token = os.environ.get("EARTHDATA_TOKEN", "").strip()
-    if token:
-        return _bearer(token)
-    token_file = Path(os.environ.get("EARTHDATA_TOKEN_FILE") or DEFAULT_TOKEN_FILE).expanduser()
-    if token_file.exists():
-        _refuse_if_shared(token_file, "Earthdata token file")
-        token = token_file.read_text().strip()
-        if not token:
-            raise UserError(f"Earthdata token file {token_file} is empty: write your Earthdata Login token into it")
-        return _bearer(token)
-    netrc_file = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
-    if netrc_file.exists():
-        _refuse_if_shared(netrc_file, "netrc file")
-        try:
-            entry = netrc.netrc(netrc_file).authenticators(EARTHDATA_LOGIN_HOST)
-        except netrc.NetrcParseError as exc:
-            raise UserError(f"netrc file {netrc_file} cannot be parsed (line {exc.lineno}): fix its syntax") from None
-        if entry is None:
-            raise UserError(f"netrc file {netrc_file} has no entry for {EARTHDATA_LOGIN_HOST}: {_CREDENTIALS_HELP}")
-        # Earthdata Login answers with redirects that set session cookies; "" keeps them in memory.
-        return {"GDAL_HTTP_NETRC": "YES", "GDAL_HTTP_NETRC_FILE": str(netrc_file), "GDAL_HTTP_COOKIEFILE": ""}
-    raise UserError(f"reading OPERA RTC-S1 needs Earthdata Login credentials: {_CREDENTIALS_HELP}")
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"GDAL_HTTP_AUTH": "BEARER", "GDAL_HTTP_BEARER": token}
-
-
-def _refuse_if_shared(path: Path, what: str) -> None:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UserError(f"{what} {path} is readable by others (mode {mode:04o}): run chmod 600 {path}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +39,7 @@ class OperaFeed:
     """OPERA RTC-S1 bursts from NASA CMR (``cmr_host``), read with Earthdata Login credentials."""
 
     cmr_host: str = INTERNAL.CMR_HOST
+    resolver: EarthdataResolver = field(default_factory=EarthdataResolver, compare=False, repr=False)
     asset_keys = OPERA_ASSET_KEYS
 
     @property
@@ -99,32 +52,49 @@ class OperaFeed:
     def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
         # asf-search would otherwise post failed queries to ASF's error-report endpoint.
         asf_search.REPORT_ERRORS = False
+        products = []
+        for box_lonlat in split_bbox(bbox_lonlat):  # two boxes next to ±180°
+            products += self._search_box(box_lonlat, year)
+        unique = {product.properties["fileID"]: product for product in products}
+        return _latest_per_burst(_burst_item(product) for product in unique.values())
+
+    def _search_box(self, bbox_lonlat, year: int) -> list:
         try:
-            products = asf_search.search(
+            results = asf_search.search(
                 shortName=OPERA_SHORT_NAME,
                 intersectsWith=shapely.box(*bbox_lonlat).wkt,
                 start=dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc),
                 end=dt.datetime(year, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),
                 opts=asf_search.ASFSearchOptions(host=self.cmr_host),
             )
-        except (asf_search.ASFError, requests.RequestException, ValueError) as exc:
+        except asf_search.exceptions.ASFSearch4xxError as exc:
+            raise UserError(f"CMR at {self.cmr_host} refused the search for {OPERA_SHORT_NAME} "
+                            f"({str(exc).splitlines()[0]}): check the source configuration") from None
+        except (asf_search.ASFError, asf_search.exceptions.CMRError, requests.RequestException, ValueError) as exc:
+            # CMRError covers CMRIncompleteError, which asf-search raises outside its ASFError tree.
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"searching {OPERA_SHORT_NAME} in CMR at {self.cmr_host} failed ({reason}): "
-                            "check the network and rerun") from None
-        return _latest_per_burst(_burst_item(product) for product in products)
+            raise SourceUnavailable(f"searching {OPERA_SHORT_NAME} in CMR at {self.cmr_host} failed ({reason})") from None
+        if not getattr(results, "searchComplete", True):
+            # A page shorter than asked while CMR counts more hits: asf-search logs it and returns
+            # what it has. A tile built on it would silently lack bursts.
+            raise SourceUnavailable(f"CMR at {self.cmr_host} answered {OPERA_SHORT_NAME} incompletely "
+                                    f"({len(results)} bursts, fewer than it counted)")
+        return list(results)
 
     def href(self, item: pystac.Item, band: str) -> str:
         asset = item.assets.get(self.asset_keys[band])
         if asset is None:
             polarisations = "+".join(item.properties.get("sar:polarizations") or []) or "unknown"
             raise UnusableAsset(f"burst has no {band.upper() if band != S1_MASK else band} layer (polarisations {polarisations})")
-        return asset.href
+        return self.resolver.resolve(asset.href)
 
     def forget(self, href: str) -> bool:
-        return False
+        """After a 403 on a presigned URL (expired): resolve its href again on the next read."""
+        return any(self.resolver.forget(original) for original in self.resolver.hrefs_resolved_to(href))
 
     def read_options(self) -> dict[str, str]:
-        return earthdata_gdal_options()
+        self.resolver.credentials  # noqa: B018 - missing or refused credentials fail the fetch before any read
+        return {}
 
     def rebase(self, items: list[pystac.Item], cached_from: str) -> list[pystac.Item]:
         return items

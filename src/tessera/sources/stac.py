@@ -29,7 +29,7 @@ from pystac_client.stac_api_io import StacApiIO
 from shapely.geometry import shape
 from urllib3.util.retry import Retry
 
-from tessera.errors import UserError
+from tessera.errors import SourceUnavailable, UserError
 from tessera.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -182,26 +182,40 @@ class StacFeed:
         return items
 
     def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
-        """Every page of a POST /search, then only items that really match (see ``_MergingStacApiIO``).
+        """Every page of a POST /search per box of the bbox (two next to ±180°, see ``split_bbox``),
+        then only items that really match (see ``_MergingStacApiIO``) and the latest processing of
+        each scene (see ``latest_processing``).
 
         Each request is retried by urllib3 (connection errors, 429, 5xx); a response cut short
         after its headers is not, so the whole search is run again, with the reference's backoff.
+        A source still failing with 429/5xx or timeouts after that is unavailable (transient);
+        other failures (a wrong URL or collection) are the user's to fix.
         """
         start = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
         end = dt.datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+        items = []
+        boxes = split_bbox(bbox_lonlat)
+        for box_lonlat in boxes:
+            items += self._search_box(box_lonlat, start, end)
+        if len(boxes) > 1:  # a scene across ±180° is found from both sides
+            items = list({item.id: item for item in items}.values())
+        return latest_processing(_matching(items, self.collection, bbox_lonlat, start, end))
+
+    def _search_box(self, bbox_lonlat, start: dt.datetime, end: dt.datetime) -> list[pystac.Item]:
         for attempt in range(1, _SEARCH_ATTEMPTS + 1):
             try:
-                items = self._all_pages(bbox_lonlat, start, end)
-                break
+                return self._all_pages(bbox_lonlat, start, end)
             except (pystac_client.exceptions.APIError, pystac_client.warnings.DoesNotConformTo, OSError, ValueError) as exc:
                 if attempt < _SEARCH_ATTEMPTS and _cut_short(exc):
                     time.sleep(min(60.0, _SEARCH_BACKOFF_BASE_S ** attempt) * random.uniform(0.8, 1.2))
                     continue
                 reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+                if _transient(exc):
+                    raise SourceUnavailable(f"searching {self.collection} at {self.url} failed ({reason})") from None
                 raise UserError(
                     f"searching {self.collection} at {self.url} failed ({reason}): check the network or the source and rerun"
                 ) from None
-        return _matching(items, self.collection, bbox_lonlat, start, end)
+        raise AssertionError("unreachable")
 
     def _all_pages(self, bbox_lonlat, start: dt.datetime, end: dt.datetime) -> list[pystac.Item]:
         stac_io = _MergingStacApiIO(timeout=_SEARCH_TIMEOUT_S, max_retries=_SEARCH_RETRY)
@@ -214,6 +228,75 @@ class StacFeed:
             method="POST",
         )
         return [pystac.Item.from_dict(d, preserve_dict=False) for d in found.items_as_dicts()]
+
+
+def split_bbox(bbox_lonlat: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
+    """The bbox as boxes that do not cross ±180°.
+
+    A window next to the antimeridian has a lon/lat box whose west edge is east of its east edge
+    (e.g. 179.898 ... -179.999, as ``transform_bounds`` gives it): taken as a shapely box, or sent
+    to a server that does not read it the GeoJSON way (RFC 7946 §5.2), it spans the globe and the
+    search returns the whole latitude band. Split, it is one box each side of ±180°.
+    """
+    west, south, east, north = bbox_lonlat
+    if west <= east:
+        return [(west, south, east, north)]
+    return [(west, south, 180.0, north), (-180.0, south, east, north)]
+
+
+def bbox_area(bbox_lonlat: tuple[float, float, float, float]):
+    """The bbox as a (Multi)Polygon in lon/lat that does not cross ±180°."""
+    boxes = [shapely.box(*b) for b in split_bbox(bbox_lonlat)]
+    return boxes[0] if len(boxes) == 1 else shapely.MultiPolygon(boxes)
+
+
+# Earth Search ids end in the processing version: S2A_13TDE_20231008_0_L2A, ..._1_L2A. A scene
+# reprocessed keeps both items, with different DN and earthsearch:boa_offset_applied set unreliably
+# (element84/earth-search issues #66, #71).
+_PROCESSING_VERSION = re.compile(r"_(?P<version>\d+)_L[12][AC]$")
+
+
+def latest_processing(items: list[pystac.Item]) -> list[pystac.Item]:
+    """One item per acquisition: of items of the same collection, grid square (``grid:code``, which
+    Earth Search gives and MPC does not), platform and datetime, the latest processing (``updated``, else ``created``,
+    then the id's processing version).
+
+    Reading both processings would put one acquisition in a date twice, with DN that differ by the
+    baseline-04.00 offset where only one had it removed. Items without a grid square pass unchanged.
+    """
+    latest: dict[tuple, pystac.Item] = {}
+    kept: list[pystac.Item] = []
+    for item in items:
+        square = item.properties.get("grid:code")
+        if square is None or item.datetime is None:
+            kept.append(item)
+            continue
+        key = (item.collection_id, square, str(item.properties.get("platform", "")).lower(), item.datetime)
+        if key not in latest or _processing_rank(item) > _processing_rank(latest[key]):
+            latest[key] = item
+    dropped = len(items) - len(kept) - len(latest)
+    if dropped:
+        log.info("%d older processing(s) of scenes also listed in a newer one ignored", dropped)
+    return kept + list(latest.values())
+
+
+def _processing_rank(item: pystac.Item) -> tuple[str, int]:
+    version = _PROCESSING_VERSION.search(item.id)
+    return (str(item.properties.get("updated") or item.properties.get("created") or ""),
+            int(version["version"]) if version else -1)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A search failure that a later attempt may not meet: throttling, server errors, timeouts."""
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return int(status) == 429 or int(status) >= 500
+    text = str(exc)
+    if any(marker in text for marker in ("NameResolution", "Name or service not known", "NewConnectionError",
+                                         "Connection refused", "InvalidURL", "MissingSchema")):
+        return False  # nothing answers at that address: most likely a wrong URL
+    return any(marker in text for marker in ("too many 5", "too many 429", "timed out", "RemoteDisconnected",
+                                             "Connection reset", "Connection aborted"))
 
 
 def _cut_short(exc: BaseException) -> bool:
@@ -245,7 +328,7 @@ def _matching(items: list[pystac.Item], collection: str, bbox_lonlat, start: dt.
     A server that loses the query while paging would otherwise flood the fetch with scenes from
     anywhere; they are dropped here and counted in a warning.
     """
-    area = shapely.box(*bbox_lonlat)
+    area = bbox_area(bbox_lonlat)
     kept: dict[str, pystac.Item] = {}
     for item in items:
         when = item.datetime or item.common_metadata.start_datetime
