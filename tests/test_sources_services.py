@@ -203,7 +203,12 @@ def test_one_tile_through_demo_mpc_and_aws_gives_identical_stacks(services, orig
         np.testing.assert_array_equal(s2.masks[:], demo_s2.masks[:])
         for orbit in ("ascending", "descending"):
             assert s1.orbit(orbit).dates == demo_s1.orbit(orbit).dates
-            np.testing.assert_array_equal(s1.orbit(orbit).arrays["sar"][:], demo_s1.orbit(orbit).arrays["sar"][:])
+            ours, demo = s1.orbit(orbit).arrays["sar"][:], demo_s1.orbit(orbit).arrays["sar"][:]
+            if name == "mpc":
+                np.testing.assert_array_equal(ours, demo)
+            else:  # OPERA's gamma0 is encoded in float32 as the reference does (MPC's in float64): codes may differ by 1
+                differ = ours.astype(np.int32) != demo
+                assert np.abs(ours.astype(np.int32) - demo).max() <= 1 and differ.mean() < 1e-3, orbit
         assert s2.grid.source == name
     assert stacks["aws"][1].ascending.scenes[0][0].startswith("OPERA_L2_RTC-S1_T088-")
 

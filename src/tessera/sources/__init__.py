@@ -61,7 +61,7 @@ def open_source(source_config: Mapping | str, *, demo_catalog: Path | None = Non
         from tessera.demo import serve_catalog  # the demo generator is only needed by this source
 
         with serve_catalog(demo_catalog) as url:
-            yield mpc_shaped_source("demo", url, ephemeral_url=True)
+            yield mpc_shaped_source("demo", url, ephemeral_url=True, pgstac_order=True)
         return
     if name == "mpc":
         yield mpc_source()

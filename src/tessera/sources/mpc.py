@@ -136,14 +136,17 @@ def _retry_after(response: requests.Response) -> float | None:
     return min(float(value), TOKEN_BACKOFF_MAX_S) if value.isdigit() else None
 
 
-def mpc_shaped_source(name: str, url: str, signer: Signer | None = None, *, ephemeral_url: bool = False) -> Source:
+def mpc_shaped_source(name: str, url: str, signer: Signer | None = None, *, ephemeral_url: bool = False,
+                      pgstac_order: bool = False) -> Source:
     """A source whose items look like MPC's (collections, asset keys, the "mpc" harmonisation and the
     reference's nearest resampling of MPC's RTC)."""
     signer = signer or NoSigning()
     return Source(
         name=name,
-        s2=StacFeed(url, MPC_S2_COLLECTION, MPC_ASSET_KEYS, signer, ephemeral_url=ephemeral_url),
-        s1=StacFeed(url, MPC_S1_COLLECTION, MPC_ASSET_KEYS, signer, ephemeral_url=ephemeral_url),
+        s2=StacFeed(url, MPC_S2_COLLECTION, MPC_ASSET_KEYS, signer, ephemeral_url=ephemeral_url,
+                    pgstac_order=pgstac_order),
+        s1=StacFeed(url, MPC_S1_COLLECTION, MPC_ASSET_KEYS, signer, ephemeral_url=ephemeral_url,
+                    pgstac_order=pgstac_order),
         harmonisation="mpc",
         s1_resampling="nearest",
     )

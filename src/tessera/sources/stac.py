@@ -146,6 +146,10 @@ class StacFeed:
     # The demo API listens on a new port every run: its cache is keyed without the URL and its
     # asset hrefs are moved onto the current root when reused.
     ephemeral_url: bool = False
+    # The demo's API (stac-fastapi-static) lists items by id, ascending; Planetary Computer's pgstac,
+    # which it stands in for, by datetime, then id, descending. The fetch keeps the server's order
+    # among same-datetime granules (as the reference), so the demo's results are put in pgstac's.
+    pgstac_order: bool = False
 
     def describe(self) -> dict:
         described = {"collection": self.collection}
@@ -199,7 +203,11 @@ class StacFeed:
             items += self._search_box(box_lonlat, start, end)
         if len(boxes) > 1:  # a scene across ±180° is found from both sides
             items = list({item.id: item for item in items}.values())
-        return latest_processing(_matching(items, self.collection, bbox_lonlat, start, end))
+        found = latest_processing(_matching(items, self.collection, bbox_lonlat, start, end))
+        if self.pgstac_order:
+            found.sort(key=lambda item: (_as_utc(item.datetime or item.common_metadata.start_datetime), item.id),
+                       reverse=True)
+        return found
 
     def _search_box(self, bbox_lonlat, start: dt.datetime, end: dt.datetime) -> list[pystac.Item]:
         for attempt in range(1, _SEARCH_ATTEMPTS + 1):
