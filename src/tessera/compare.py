@@ -20,7 +20,7 @@ import numpy as np
 
 from tessera.errors import UserError
 from tessera.io import atomic_path
-from tessera.layout import Results, TileFiles, find_tiles
+from tessera.layout import EMBEDDINGS_DIR, Results, TileFiles, find_tiles
 
 ROWS_PER_BLOCK = 64  # rows of a tile dequantised at once: a full tile in float64 would be 1.2 GB per side
 HISTOGRAM_BINS = 100
@@ -106,8 +106,8 @@ def common_tiles(dir_a: Path, dir_b: Path, year: int | None = None) -> list[tupl
     if not shared:
         which = "" if year is None else f" of {year}"
         raise UserError(f"{dir_a} ({len(in_a)} tiles{which}) and {dir_b} ({len(in_b)} tiles{which}) have no tile-year "
-                        "in common: give directories with the same tiles (geotessera layout: "
-                        "embeddings/<year>/<tile>/<tile>.npy and _scales.npy)")
+                        f"in common: give directories with the same tiles (geotessera layout: {EMBEDDINGS_DIR}/"
+                        "<year>/<tile>/<tile>.npy and _scales.npy)")
     return [(in_a[key], in_b[key]) for key in shared]
 
 
