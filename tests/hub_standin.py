@@ -17,6 +17,8 @@ What it reproduces is what huggingface_hub (2.x) asks of the Hub and reads from 
   ``RepoNotFound`` (the Hub does not tell anonymous clients whether a private repo exists), an
   unknown revision ``404`` ``RevisionNotFound``, an unknown file ``404`` ``EntryNotFound`` (with
   ``X-Repo-Commit``).
+* The CDN honours ``Range: bytes=N-`` with ``206`` and ``Content-Range`` (how the client resumes);
+  ``cut_after`` drops its first answer's connection after that many bytes.
 * No Xet headers (``X-Xet-Hash``): the client then takes the plain HTTP path above.
 
 Not reproduced: ``GET /api/agent-harnesses`` (``huggingface_hub/utils/_detect_agent.py`` fetches a
@@ -53,8 +55,10 @@ class _Server:
 class HubStandIn:
     """``files``: {repo_id: {path: bytes}}; ``.url`` goes into ``HF_ENDPOINT``."""
 
-    def __init__(self, files: dict[str, dict[str, bytes]], branch: str = "main"):
+    def __init__(self, files: dict[str, dict[str, bytes]], branch: str = "main", cut_after: int | None = None):
         self.files = files
+        self.cut_after = cut_after  # the CDN's first answer stops after this many bytes (a dropped connection)
+        self.ranges: list[str] = []  # Range headers the CDN was sent
         self.branch = branch
         self.commits = {repo: secrets.token_hex(20) for repo in files}
         self.requests: Counter = Counter()  # (method, host, path) -> count
@@ -130,6 +134,8 @@ class HubStandIn:
         data = self.files[found[0]][found[1]]
         start = 0
         ranged = handler.headers.get("Range", "")
+        if ranged:
+            self.ranges.append(ranged)
         if ranged.startswith("bytes=") and ranged[6:].split("-")[0].isdigit():
             start = int(ranged[6:].split("-")[0])
         handler.send_response(206 if start else 200)
@@ -141,7 +147,11 @@ class HubStandIn:
         name = found[1].rsplit("/", 1)[-1]
         handler.send_header("Content-Disposition", f"inline; filename*=UTF-8''{name}; filename=\"{name}\";")
         handler.end_headers()
-        if body:
+        if body and self.cut_after is not None:
+            handler.wfile.write(data[start:start + self.cut_after])
+            handler.close_connection = True
+            self.cut_after = None
+        elif body:
             handler.wfile.write(data[start:])
 
     def _hub_handler(self):

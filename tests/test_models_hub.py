@@ -87,6 +87,17 @@ def test_download_once_through_the_cdn_redirect(hub, demo_small, tmp_path, monke
     assert sum(hub.requests.values()) == before  # once: a cached file costs no request
 
 
+def test_a_dropped_connection_resumes_where_it_stopped(demo_small, tmp_path, monkeypatch):
+    # huggingface_hub writes what it reads in 10 MB pieces and, after a dropped connection, asks for
+    # the rest from the last whole piece (file_download.http_get): cut the 28 MB file after 15 MB.
+    with HubStandIn({SMALL.repo_id: {SMALL.filename: demo_small}}, cut_after=15_000_000) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        path = download("v2-small", tmp_path, sha256=hashlib.sha256(demo_small).hexdigest())
+        assert path.read_bytes() == demo_small
+        (asked,) = hub.ranges  # one more request, for the rest only
+        assert 0 < int(asked.removeprefix("bytes=").rstrip("-")) <= 15_000_000
+
+
 def test_a_file_that_differs_from_the_recorded_one_is_refused_and_removed(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     with pytest.raises(UserError, match=f"not the recorded {SMALL.size}"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tessera.errors import UserError
 from tessera.io import atomic_path, sha256_file
-from tessera.models import HUB, NOT_BY_NAME, PUBLISHED, published_checkpoint
+from tessera.models import HUB, NOT_BY_NAME, PUBLISHED, PublishedCheckpoint, published_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def hub_file(checkpoint: str) -> HubFile | None:
         return None
     published = published_checkpoint(checkpoint)
     if published is not None:
-        return HubFile(checkpoint, published.repo_id, published.filename, DEFAULT_REVISION, published.size,
-                       published.sha256, published.family)
+        return published_file(published)
     if checkpoint.startswith(HF_PREFIX):
         return _parse_hf_reference(checkpoint)
     for family in sorted(NOT_BY_NAME, key=len, reverse=True):
@@ -70,6 +69,12 @@ def hub_file(checkpoint: str) -> HubFile | None:
     names = ", ".join(entry.name for entry in PUBLISHED)
     raise UserError(f"model.checkpoint {checkpoint!r} is not a file, a published name ({names}) or an "
                     "hf://owner/repo/path reference: give the path of a downloaded checkpoint, one of those, or demo")
+
+
+def published_file(published: PublishedCheckpoint) -> HubFile:
+    """The Hub file of a published checkpoint (``models.PUBLISHED``)."""
+    return HubFile(published.name, published.repo_id, published.filename, DEFAULT_REVISION, published.size,
+                   published.sha256, published.family)
 
 
 def _parse_hf_reference(checkpoint: str) -> HubFile:

@@ -231,7 +231,7 @@ def add_install_profile(sub) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from tessera.download import cache_root, cached_path, hub_file
+    from tessera.download import cache_root, cached_path, published_file
     from tessera.models import HUB, NOT_BY_NAME, PUBLISHED, REGISTRY
 
     print(f"{'family':<12} {'dataset':>7}  checkpoints by name (model.checkpoint)")
@@ -241,7 +241,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     print(f"\n{'name':<11} {'family':<11} {'params':>8} {'size':>10}  where from")
     for p in PUBLISHED:
         size = f"{p.size / 1e6:,.1f} MB" if p.size else "?"
-        cached = " (cached)" if cached_path(hub_file(p.name), args.cache_dir).is_file() else ""
+        cached = " (cached)" if cached_path(published_file(p), args.cache_dir).is_file() else ""
         print(f"{p.name:<11} {p.family:<11} {p.params:>8} {size:>10}  {HUB}/{p.repo_id} {p.filename}{cached}")
     print()
     for family, where in NOT_BY_NAME.items():
