@@ -91,7 +91,7 @@ def _utm_coordinates_labelled_wgs84(path: Path) -> Path:
 CONFIG_CASES = [
     ("unknown key", {"yeer": 2024}, ["unknown key 'yeer'", "known keys"]),
     ("unknown nested key", {"model": {"famly": "v2"}}, ["unknown key 'famly' in 'model'"]),
-    ("year as text", {"year": "2024"}, ["'year'", "not of type integer"]),
+    ("year as text", {"year": "2024"}, ["'year'", "is not a year, a list of years or a range"]),
     ("year out of range", {"year": 2030}, ["'year'", "maximum of 2025"]),
     ("year before Sentinel-2", {"year": 2014}, ["'year'", "minimum of 2017"]),
     ("patch size as float", {"patch_size": 64.5}, ["'patch_size'", "integer"]),
