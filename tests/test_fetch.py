@@ -405,3 +405,16 @@ def test_opera_layover_pixels_are_kept_by_default_and_encoded_in_float32(tmp_pat
     mpc_radar = s1_item(tmp_path, "mpc", utc(2024, 6, 3, 5), "ascending", vv, vv / 10)
     fetch_s1(TILE, WINDOW, 2024, source([mpc_radar]), tmp_path / "mpc.zarr")
     assert (open_s1(tmp_path / "mpc.zarr").ascending.arrays["sar"][0, :, :, 0] == 9747).all()
+
+
+def test_search_results_keep_the_servers_order_through_deduplication():
+    """pgstac and stac-server return one datatake's granules id-descending: dropping repeats (a
+    server paging over a moving result set) must not reorder them, or same-datetime merging would
+    follow another order than the reference's."""
+    from tessera.sources.stac import _matching
+
+    when = utc(2024, 5, 1, 10, 30)
+    ids = ["S2B_T32ULC_20240501T150000", "S2B_T32ULC_20240501T120000", "S2A_T32ULC_20240501T130000"]
+    items = [pystac.Item(item_id, None, None, when, {}, collection="sentinel-2-l2a") for item_id in ids]
+    kept = _matching([*items, items[0]], "sentinel-2-l2a", (5.0, 52.0, 7.0, 53.0), utc(2024, 1, 1), utc(2024, 12, 31))
+    assert [item.id for item in kept] == ids
