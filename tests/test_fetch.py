@@ -427,3 +427,16 @@ def test_verify_lists_the_scenes_each_tiles_fetch_skipped(tmp_path, monkeypatch,
     assert main(["verify", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]) == 0
     printed = capsys.readouterr().out
     assert f"note: 2024/{tile.name}: 1 S2 scene(s) skipped (S2A_X: B04: HTTP response code: 404)" in printed
+
+
+def test_search_results_keep_the_servers_order_through_deduplication():
+    """pgstac and stac-server return one datatake's granules id-descending: dropping repeats (a
+    server paging over a moving result set) must not reorder them, or same-datetime merging would
+    follow another order than the reference's."""
+    from tessera.sources.stac import _matching
+
+    when = utc(2024, 5, 1, 10, 30)
+    ids = ["S2B_T32ULC_20240501T150000", "S2B_T32ULC_20240501T120000", "S2A_T32ULC_20240501T130000"]
+    items = [pystac.Item(item_id, None, None, when, {}, collection="sentinel-2-l2a") for item_id in ids]
+    kept = _matching([*items, items[0]], "sentinel-2-l2a", (5.0, 52.0, 7.0, 53.0), utc(2024, 1, 1), utc(2024, 12, 31))
+    assert [item.id for item in kept] == ids
