@@ -70,13 +70,13 @@ def _results(workdir: Path) -> dict[str, bytes]:
     # The sidecar records when it was generated and the report how long jobs took; every data
     # product must match byte for byte.
     return {str(p.relative_to(workdir)): p.read_bytes() for p in (workdir / "results").rglob("*")
-            if p.is_file() and p.name != "tessera_metadata.json" and not p.name.startswith("report_")}
+            if p.is_file() and p.name not in ("tessera_metadata.json", "report.html")}
 
 
 def test_killed_runs_resume_to_identical_outputs_without_redoing_finished_work(tmp_path, tiny_demo_run):
     config = write_tiny_config(tmp_path)
     kill_points = {
-        "fetch": lambda: any(f.stat().st_size > 200 for f in (tmp_path / "logs/fetch").glob("*.log")),
+        "fetch": lambda: any(f.stat().st_size > 200 for f in (tmp_path / "logs/fetch").rglob("*.log")),
         "inference": lambda: any("/patches/" in f for f in _finished_files(tmp_path)),
         "export": lambda: any(f.startswith("results/cog/") for f in _finished_files(tmp_path)),
     }
@@ -130,7 +130,7 @@ def test_a_failing_tile_does_not_stop_the_others_and_only_it_reruns(tmp_path):
     assert first.returncode != 0
     log = first.stdout + first.stderr
     assert "Error in rule fetch" in log and "grid_6.05_52.05" in log
-    assert "Traceback" not in (tmp_path / "logs/fetch/grid_6.05_52.05.log").read_text()
+    assert "Traceback" not in (tmp_path / "logs/fetch/2024/grid_6.05_52.05.log").read_text()
     west = tmp_path / "results/global_0.1_degree_representation/2024/grid_5.95_52.05/grid_5.95_52.05.npy"
     assert west.exists() and (tmp_path / "results/cog/2024/grid_5.95_52.05_2024.tif").exists()
     assert not (tmp_path / "results/global_0.1_degree_representation/2024/grid_6.05_52.05").exists()
@@ -160,7 +160,7 @@ def test_a_damaged_patch_is_removed_when_found_and_rebuilt_by_the_next_run(tmp_p
 
     found = run_snakemake(workdir, "--configfile", str(config), "--cores", "2")
     assert found.returncode != 0
-    log = (workdir / f"logs/assemble/{tile}.log").read_text()
+    log = (workdir / f"logs/assemble/2024/{tile}.log").read_text()
     assert f"{patch.relative_to(workdir)} is damaged" in log and "removed it; run the workflow again" in log and "Traceback" not in log
     assert not patch.exists()
 
