@@ -40,7 +40,10 @@ include: "rules/publish.smk"
 
 rule all:
     input:
-        # The per-tile outputs (embeddings, COGs, observation counts) follow from publish's inputs.
+        # Every tile-year's embedding (asked for, so that a lost or removed one is made again even when
+        # the run-level products are present), then the run-level products. Sorted, the embeddings
+        # come first: `--batch all=k/N` makes parts of whole tile-years, and the last part publishes.
+        embeddings=expand_tiles(EMBEDDING),
         **PUBLISHED,
     default_target: True
 

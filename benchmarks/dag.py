@@ -48,6 +48,7 @@ def grows(base):
 
 rule all:
     input:
+        expand(R + "/global_0.1_degree_representation/{year}/{tile}/{tile}.npy", tile=TILES, year=YEARS),
         R + "/tessera_metadata.json",
 
 
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--patch-size", type=int, default=512)
     parser.add_argument("--batches", type=int, default=0,
-                        help="also time the preview of the first of N parts (--batch publish=1/N): a country in parts")
+                        help="also time the preview of the first of N parts (--batch all=1/N): a country in parts")
     args = parser.parse_args()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     print(f"years {', '.join(map(str, args.years))}")
@@ -162,7 +163,7 @@ def main() -> None:
             part = ""
             if args.batches:
                 seconds, _, _ = dry_run(REPO / "Snakefile", scratch / "ours", config, env, "--batch",
-                                        f"publish=1/{args.batches}")
+                                        f"all=1/{args.batches}")
                 part = f" {seconds:>8.1f}"
             print(f"{tiles:>6} {jobs:>6} {mine:>8.1f} {base:>8.1f} {mine / base:>6.2f} {max(peaks) / 1024:>9.0f}{part}")
 

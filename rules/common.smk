@@ -27,7 +27,7 @@ if len(PLAN.tiles) * len(CFG["years"]) > COMFORTABLE_TILES:
         f"tessera: warning: {len(PLAN.tiles)} tiles x {len(CFG['years'])} years make a DAG of about "
         f"{3 * len(PLAN.tiles) * len(CFG['years']):,} jobs; Snakemake "
         f"handles up to ~{COMFORTABLE_TILES} tiles comfortably. Consider splitting the ROI into several runs "
-        "(outputs join without seams), or building in parts with --batch publish=1/4 ... 4/4.",
+        "(outputs join without seams), or building in parts with --batch all=1/4 ... 4/4.",
         file=sys.stderr,
     )
 

@@ -32,8 +32,7 @@ PUBLISHED = dict(
 rule publish:
     input:
         # One file per tile-year: its assemble job's other outputs (scales, COG) and what that job
-        # needs (the fetch's stack index and ROI mask) come with it, and `--batch publish=1/N`
-        # then cuts a run into N parts of whole tile-years (README, "Country-size runs").
+        # needs (the fetch's stack index and ROI mask) come with it.
         embeddings=expand_tiles(EMBEDDING),
         checkpoint=CHECKPOINT,
     output:
