@@ -229,6 +229,20 @@ def test_unreadable_scene_is_recorded_and_skipped(tmp_path):
     assert (stack.bands[0, :, :, 0] == 700).all()
 
 
+def test_a_tile_that_lost_more_than_max_skipped_pct_of_its_scenes_fails(tmp_path, monkeypatch):
+    import tessera.fetch.reader as reader
+
+    monkeypatch.setattr(reader, "TRANSIENT_BACKOFF_S", 0.0)
+    broken = s2_item(tmp_path, "broken", utc(2024, 4, 1, 10, 0), CONSTANT, CLEAR)
+    good = s2_item(tmp_path, "good", utc(2024, 4, 11, 10), CONSTANT, CLEAR)
+    (tmp_path / "broken" / "B04.tif").write_bytes((tmp_path / "broken" / "B04.tif").read_bytes()[:600])
+    with pytest.raises(UserError, match=r"1 of 2 Sentinel-2 scenes were skipped, more than fetch.max_skipped_pct=10%.*broken"):
+        fetch_s2(TILE, WINDOW, 2024, source([broken, good]), tmp_path / "s2.zarr", max_skipped_pct=10)
+    assert not (tmp_path / "s2.zarr").exists()
+    report = fetch_s2(TILE, WINDOW, 2024, source([broken, good]), tmp_path / "s2.zarr", max_skipped_pct=50)
+    assert list(report["skipped"]) == ["broken"]
+
+
 def test_too_few_usable_dates_fail_the_tile_naming_the_failed_scenes(tmp_path):
     broken = s2_item(tmp_path, "S2A_broken", utc(2024, 4, 1, 10), CONSTANT, CLEAR)
     (tmp_path / "S2A_broken" / "SCL.tif").write_bytes(b"not a tiff")

@@ -53,7 +53,7 @@ def files_holding_secrets(root: Path, secrets=SECRETS) -> dict[str, list[str]]:
 def secret_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("secrets")
     # Sparse synthetic dates: every code path of the tiny demo, fewer reads.
-    # The broken asset makes its scenes skipped, many of a tile's: accepted here (fetch.max_skipped_pct).
+    # The broken asset skips every zone-31 granule: accepted here (fetch.max_skipped_pct), the run is about secrets.
     config = write_tiny_config(workdir, demo={"s2_revisit_days": 60, "s1_revisit_days": 90},
                                fetch={"max_skipped_pct": 100})
     plan = FaultPlan(share=0.05, kinds=("5xx",), max_consecutive=1, broken=(BROKEN_ASSET,))
