@@ -1,0 +1,211 @@
+"""One whole 0.1° tile through every stage, with a year of demo scenes, on this machine.
+
+    .venv/bin/python benchmarks/fulltile.py [--tile grid_6.05_52.05] [--year 2024] [--patch-size 512]
+        [--s2-revisit-days 5] [--s1-revisit-days 12] [--scratch DIR] [--keep] [--no-forward]
+
+Runs the stages' own sub-commands in subprocesses, one after the other, as the rules run them:
+``tessera demo catalog``, ``tessera demo checkpoint`` (the small v2 demo checkpoint), ``tessera fetch``,
+``tessera infer``, ``tessera assemble --cog``, ``tessera publish``. Per stage: wall, CPU (user + sys
+of the process and the children it waited for, from wait4), peak RSS (the largest single process),
+bytes read and written by the stage's processes (the read_chars / write_chars of their /proc I/O
+counters, sampled every 0.2 s, so files and sockets both count), and for fetch the bytes the demo's
+local STAC API sent (the source's side of the connection). The stage's outputs' bytes on disk are
+printed too.
+
+The ROI is the tile's cell shrunk by 0.001° (the whole tile's pixel grid but a thin border). For a
+quick check, thin the year out with --s2-revisit-days 30 --s1-revisit-days 60 (figures for README
+come from the defaults: a full year).
+
+Then, unless --no-forward, benchmarks/infer.py measures the published-size v2 ("small") forward and
+end-to-end px/s in the same run, and the inference of the same tile with a real v2 checkpoint on
+this CPU is extrapolated from the tile's ROI pixel count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tree_bytes(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
+
+
+class IoSampler:
+    """The last I/O counters seen of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.counters: dict[int, tuple[str, int, int]] = {}  # pid -> (command, read_chars, write_chars)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            for process in processes:
+                try:
+                    io = process.io_counters()
+                    self.counters[process.pid] = (" ".join(process.cmdline()), io.read_chars, io.write_chars)
+                except psutil.Error:
+                    continue
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def totals(self, *, server: bool) -> tuple[int, int]:
+        """(read, written) of the demo's STAC server processes (``server``) or of all the others."""
+        chosen = [(r, w) for command, r, w in self.counters.values() if ("uvicorn" in command) == server]
+        return sum(r for r, _ in chosen), sum(w for _, w in chosen)
+
+
+def run_stage(name: str, command: list[str], outputs: list[Path], env: dict) -> dict:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    sampler = IoSampler(process.pid)
+    stderr_lines = []
+    reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    sampler.stop()
+    reader.join()
+    process.returncode = status
+    if status != 0:
+        sys.stderr.write("".join(stderr_lines[-30:]))
+        raise SystemExit(f"stage {name} failed: {' '.join(command)}")
+    read, written = sampler.totals(server=False)
+    _, served = sampler.totals(server=True)
+    return {"stage": name, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024,
+            "read": read, "written": written, "served": served, "outputs": tree_bytes(outputs)}
+
+
+def forward_rates() -> tuple[float, float, str]:
+    """v2 (published small) forward and end-to-end px/s from benchmarks/infer.py, and its output."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/infer.py"), "--families", "v2", "--no-precision",
+                             "--repeats", "5"], capture_output=True, text=True, check=True)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("v2 "))
+    fields = row.split()
+    return float(fields[3]), float(fields[4]), result.stdout
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tile", default="grid_6.05_52.05")
+    parser.add_argument("--year", type=int, default=2024)
+    parser.add_argument("--patch-size", type=int, default=512)
+    parser.add_argument("--s2-revisit-days", type=int, default=5)
+    parser.add_argument("--s1-revisit-days", type=int, default=12)
+    parser.add_argument("--scratch", default="/tmp/tessera-bench-fulltile")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (rerun: stages start afresh)")
+    parser.add_argument("--no-forward", action="store_true", help="skip the v2 forward-speed measurement")
+    args = parser.parse_args()
+
+    from tessera.grid import Tile
+    from tessera.layout import Results, WorkTile, demo_catalog, demo_checkpoint
+    from tessera.roi import read_roi, read_roi_mask
+
+    tile = Tile.from_name(args.tile)
+    west, south, east, north = tile.bounds_lonlat
+    roi = f"{west + 0.001},{south + 0.001},{east - 0.001},{north - 0.001}"
+    scratch = Path(args.scratch)
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    work_dir, output_dir = scratch / "work", scratch / "results"
+    work, results = WorkTile.at(work_dir, args.year, tile.name), Results(output_dir)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    tessera = str(BIN / "tessera")
+    tile_year = ["--tile", tile.name, "--year", str(args.year), "--work-dir", str(work_dir)]
+    checkpoint = demo_checkpoint(work_dir, "v2")
+    stages = [
+        ("demo catalog", [tessera, "demo", "catalog", "--roi", roi, "--year", str(args.year), "--work-dir", str(work_dir),
+                          "--s2-revisit-days", str(args.s2_revisit_days), "--s1-revisit-days", str(args.s1_revisit_days)],
+         [demo_catalog(work_dir, args.year).parent]),
+        ("demo checkpoint", [tessera, "demo", "checkpoint", "--family", "v2", "--work-dir", str(work_dir)], [checkpoint]),
+        ("fetch", [tessera, "fetch", *tile_year, "--output-dir", str(output_dir), "--roi", roi, "--source", "demo",
+                   "--patch-size", str(args.patch_size)],
+         [work.s2, work.s1, work.roi_mask, work.stack_index, results.observations(tile.name, args.year)]),
+        ("infer", [tessera, "infer", *tile_year, "--roi", roi, "--patch-size", str(args.patch_size),
+                   "--checkpoint", str(checkpoint), "--family", "v2"], [work.patches]),
+        ("assemble", [tessera, "assemble", *tile_year, "--output-dir", str(output_dir), "--family", "v2",
+                      "--checkpoint", str(checkpoint), "--source", "demo", "--cog", str(work.patches)],
+         [results.tile_folder(tile.name, args.year), results.landmask(tile.name), results.cog(tile.name, args.year)]),
+        ("publish", [tessera, "publish", "--output-dir", str(output_dir), "--year", str(args.year), "--family", "v2",
+                     "--variant", "demo", "--checkpoint", str(checkpoint), "--source", "demo", "--mosaics",
+                     str(work.stack_index)],
+         [results.manifest, results.quicklooks(args.year), results.stac, results.report(args.year),
+          output_dir / "mosaic"]),
+    ]
+    print(f"{tile.name} {args.year}, ROI {roi}: {tile.width} x {tile.height} px; S2 every {args.s2_revisit_days} d, "
+          f"S1 every {args.s1_revisit_days} d; patches of {args.patch_size}", flush=True)
+    rows = []
+    for name, command, outputs in stages:
+        rows.append(run_stage(name, command, outputs, env))
+        row = rows[-1]
+        print(f"  {name}: {row['wall']:.1f} s wall, {row['cpu']:.1f} s CPU, {row['rss_mib']:.0f} MiB", flush=True)
+
+    import zarr
+    s2 = zarr.open_group(work.s2, mode="r")
+    dates = s2["bands"].shape[0]
+    passes = sum(zarr.open_group(work.s1, mode="r")[orbit]["sar"].shape[0] for orbit in ("ascending", "descending"))
+    roi_pixels = int(read_roi_mask(work.roi_mask).sum())
+    mib = 2**20
+    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"tile {tile.name}: {tile.width} x {tile.height} px, {roi_pixels:,} ROI px; {dates} S2 dates, "
+          f"{passes} S1 passes")
+    print(f"{'stage':<16} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9} {'read MiB':>9} {'written MiB':>12} "
+          f"{'outputs MiB':>12} {'source MiB':>11}")
+    for row in rows:
+        source = f"{row['served'] / mib:11.1f}" if row["served"] else f"{'-':>11}"
+        print(f"{row['stage']:<16} {row['wall']:8.1f} {row['cpu']:8.1f} {row['rss_mib']:9.0f} {row['read'] / mib:9.1f} "
+              f"{row['written'] / mib:12.1f} {row['outputs'] / mib:12.1f} {source}")
+    by_name = {row["stage"]: row for row in rows}
+    fetch = by_name["fetch"]
+    print(f"fetch per date: {fetch['wall'] / (dates + passes):.2f} s wall, "
+          f"{fetch['cpu'] / (dates + passes):.2f} s CPU per S2 date or S1 pass")
+    print(f"infer (demo checkpoint): {roi_pixels / by_name['infer']['wall']:,.0f} px/s")
+    if not args.no_forward:
+        forward, end_to_end, _ = forward_rates()
+        print(f"v2 published size (benchmarks/infer.py, this run): forward {forward:.1f} px/s, end-to-end "
+              f"{end_to_end:.1f} px/s -> a real v2 inference of this tile's {roi_pixels:,} px on this CPU: "
+              f"{roi_pixels / end_to_end / 3600:.1f} h (forward alone {roi_pixels / forward / 3600:.1f} h)")
+    if not args.keep:
+        shutil.rmtree(scratch)
+
+
+if __name__ == "__main__":
+    main()
