@@ -4,8 +4,8 @@
 
 The floor is a Snakefile written here with the same shape as ours for the same config: the same
 rules (three per-tile-year jobs chained through the same outputs, then one run-level job and `all`),
-the same outputs, logs, benchmarks, params strings, threads and `attempt`-scaled resource lambdas,
-and the same tile list, but trivial: no imports, no config validation or plan, no input functions,
+the same outputs, logs, benchmarks, params strings, threads, `attempt`-scaled resource lambdas and
+wildcard constraints, and the same tile list, but trivial: no imports, no config validation or plan, no input functions,
 shell `true`. What our dry-run takes beyond it is what our parse, rules and functions add. The two
 dry-runs alternate and each figure is the median of ``--repeats`` runs, so that other load on the
 machine falls on both alike.
@@ -40,6 +40,11 @@ TILES = json.load(open(config["tiles_json"]))
 YEARS = config["years"]
 W = "work/{year}/{tile}"
 R = "results"
+
+
+wildcard_constraints:
+    tile=r"grid_-?\d+\.\d5_-?\d+\.\d5",
+    year=r"\d{4}",
 
 
 def grows(base):

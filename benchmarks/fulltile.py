@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -136,7 +135,7 @@ def main() -> None:
 
     from tessera.grid import Tile
     from tessera.layout import Results, WorkTile, demo_catalog, demo_checkpoint
-    from tessera.roi import read_roi, read_roi_mask
+    from tessera.roi import read_roi_mask
 
     tile = Tile.from_name(args.tile)
     west, south, east, north = tile.bounds_lonlat
