@@ -34,6 +34,11 @@ _TILE_NAME = re.compile(r"^grid_(-?\d+\.\d5)_(-?\d+\.\d5)$")
 _DENSIFY_DEGREES = 0.001
 
 
+def floor_pixels(metres: float) -> int:
+    """Whole 10 m pixels in a distance, rounded down; a whole number of pixels up to float noise stays whole."""
+    return math.floor(round(metres / PIXEL_METRES, 6))
+
+
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the regular UTM zone of a point (no Norway/Svalbard exceptions, as geotessera)."""
     zone = min(max(int(math.floor((lon + 180.0) / 6.0)) + 1, 1), 60)

@@ -28,7 +28,6 @@ minimum: ``VRTDataset`` (size, ``SRS``, ``GeoTransform``), one ``VRTRasterBand``
 
 from __future__ import annotations
 
-import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -40,16 +39,12 @@ import rasterio.shutil
 from affine import Affine
 
 from tessera.errors import UserError
-from tessera.grid import PIXEL_METRES, Tile
+from tessera.grid import PIXEL_METRES, Tile, floor_pixels
 from tessera.io import atomic_path, check_raster_complete
 from tessera.layout import Results
 
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "int16": "Int16", "uint16": "UInt16", "float32": "Float32"}
 
-
-def _floor_pixels(metres: float) -> int:
-    # Round first so that an offset that is a whole number of pixels up to float noise stays whole.
-    return math.floor(round(metres / PIXEL_METRES, 6))
 
 
 @dataclass(frozen=True)
@@ -67,9 +62,9 @@ class ZoneGrid:
         epsgs = {tile.epsg for tile in tiles}
         if len(epsgs) != 1:
             raise ValueError(f"a zone grid holds tiles of one CRS, got EPSG {sorted(epsgs)}")
-        west = _floor_pixels(min(t.transform.c for t in tiles)) * PIXEL_METRES
-        north = -_floor_pixels(-max(t.transform.f for t in tiles)) * PIXEL_METRES
-        offsets = {t.name: (_floor_pixels(t.transform.c - west), _floor_pixels(north - t.transform.f)) for t in tiles}
+        west = floor_pixels(min(t.transform.c for t in tiles)) * PIXEL_METRES
+        north = -floor_pixels(-max(t.transform.f for t in tiles)) * PIXEL_METRES
+        offsets = {t.name: (floor_pixels(t.transform.c - west), floor_pixels(north - t.transform.f)) for t in tiles}
         width = max(offsets[t.name][0] + t.width for t in tiles)
         height = max(offsets[t.name][1] + t.height for t in tiles)
         return cls(epsgs.pop(), Affine(PIXEL_METRES, 0.0, west, 0.0, -PIXEL_METRES, north), width, height, offsets)

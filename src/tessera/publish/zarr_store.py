@@ -40,7 +40,7 @@ from itertools import groupby
 import numpy as np
 
 from tessera import __version__
-from tessera.grid import PIXEL_METRES, Tile
+from tessera.grid import PIXEL_METRES, Tile, floor_pixels
 from tessera.io import atomic_path
 from tessera.layout import Results, TileFiles
 
@@ -68,9 +68,6 @@ def canonical_north(tile: Tile) -> float:
     return tile.transform.f - (SOUTH_FALSE_NORTHING if tile.epsg >= 32700 else 0.0)
 
 
-def _floor_pixels(metres: float) -> int:
-    return math.floor(round(metres / PIXEL_METRES, 6))
-
 
 @dataclass(frozen=True)
 class StoreZone:
@@ -85,9 +82,9 @@ class StoreZone:
 
     @classmethod
     def for_tiles(cls, zone: int, tiles: list[Tile]) -> StoreZone:
-        origin_x = _floor_pixels(min(t.transform.c for t in tiles)) * PIXEL_METRES
-        origin_y = -_floor_pixels(-max(canonical_north(t) for t in tiles)) * PIXEL_METRES
-        offsets = {t.name: (_floor_pixels(origin_y - canonical_north(t)), _floor_pixels(t.transform.c - origin_x))
+        origin_x = floor_pixels(min(t.transform.c for t in tiles)) * PIXEL_METRES
+        origin_y = -floor_pixels(-max(canonical_north(t) for t in tiles)) * PIXEL_METRES
+        offsets = {t.name: (floor_pixels(origin_y - canonical_north(t)), floor_pixels(t.transform.c - origin_x))
                    for t in tiles}
         height = max(offsets[t.name][0] + t.height for t in tiles)
         width = max(offsets[t.name][1] + t.width for t in tiles)
