@@ -21,7 +21,7 @@ from shapely.geometry import shape
 from tessera.errors import UserError
 from tessera.layout import Results, find_tiles
 from tessera.publish.quicklook import fit_pca, write_tile_quicklook
-from tessera.publish.stac import S1_COLLECTION, S2_COLLECTION, scene_ids_from_stack_index, write_stac
+from tessera.publish.stac import S1_COLLECTION, S2_COLLECTION, scene_ids_of_index, write_stac
 from tessera.io import sha256_file
 from test_publish_verify import DIMS, YEAR, copy_of_output_dir
 
@@ -165,14 +165,12 @@ def test_empty_output_directory_is_a_user_error(tmp_path):
                    scene_ids={})
 
 
-def test_scene_ids_from_stack_index(tmp_path):
+def test_scene_ids_of_index():
     index = {
         "s2": {"scenes": [["S2B_2", "S2A_1"], ["S2A_3"]], "skipped": {}},
         "s1": {"skipped": {}, "ascending": {"scenes": [["S1A_asc"]]}, "descending": {"scenes": [["S1A_desc_b", "S1A_desc_a"]]}},
     }
-    path = tmp_path / "stack.json"
-    path.write_text(json.dumps(index))
-    assert scene_ids_from_stack_index(path) == {
+    assert scene_ids_of_index(index) == {
         S2_COLLECTION: ["S2A_1", "S2A_3", "S2B_2"],
         S1_COLLECTION: ["S1A_asc", "S1A_desc_a", "S1A_desc_b"],
     }

@@ -640,7 +640,7 @@ def test_check_source_names_each_failure_and_its_fix(services, origin, tmp_path,
 
     monkeypatch.setenv("EARTHDATA_TOKEN", "wrong-token-77")  # refused by the gateway
     report, text = _check(aws())
-    line = _one_failure(report, text, "S1 read of vv", "did not accept the token from EARTHDATA_TOKEN", "Generate Token")
+    _one_failure(report, text, "S1 read of vv", "did not accept the token from EARTHDATA_TOKEN", "Generate Token")
     assert "wrong-token-77" not in text
 
     for name in ("EARTHDATA_TOKEN", "EARTHDATA_USERNAME", "EARTHDATA_PASSWORD", "EARTHDATA_TOKEN_FILE", "NETRC"):

@@ -23,35 +23,28 @@ log = logging.getLogger(__name__)
 
 
 def tiles_of_embeddings(results: Results, work_dir: Path,
-                        embeddings: list[Path]) -> tuple[list[TileFiles], dict[tuple, dict], dict]:
-    """The result files of the tile-years whose embeddings are given, their scene ids per
-    (tile name, year) ({source collection: [scene ids]}, from the stack index), and each tile's
-    work ROI mask."""
-    from tessera.publish.stac import scene_ids_from_stack_index
+                        embeddings: list[Path]) -> tuple[list[TileFiles], dict[tuple, dict], dict, dict]:
+    """The result files of the tile-years whose embeddings are given; from each stack index (read
+    once), their scene ids ({source collection: [scene ids]}) and preprocessing per (tile name, year);
+    and each tile's work ROI mask."""
+    from tessera.publish.stac import scene_ids_of_index
 
-    tiles, scene_ids, roi_masks = [], {}, {}
+    tiles, scene_ids, preprocessing, roi_masks = [], {}, {}, {}
     for path in map(Path, embeddings):
         tile, year = results.tile_year_of(path)
         files, work = TileFiles.locate(results, Tile.from_name(tile), year), WorkTile.at(work_dir, year, tile)
         if not (files.embedding.exists() and files.scales.exists() and work.stack_index.exists()):
             raise UserError(f"tile {tile} {year} has no complete embedding in {results.root} or no stack index in "
                             f"{work_dir} (embedding, scales, stack.json): run its fetch and assemble jobs first")
-        tiles.append(files)
-        scene_ids[(tile, year)] = scene_ids_from_stack_index(work.stack_index)
-        roi_masks[tile] = work.roi_mask
-    return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids, roi_masks
-
-
-def preprocessing_of_stacks(stack_indexes: list[Path]) -> dict[str, dict]:
-    """Tile name -> the preprocessing its ``stack.json`` records (``stack.Preprocessing``)."""
-    preprocessing = {}
-    for path in stack_indexes:
-        index = json.loads(Path(path).read_text())
+        index = json.loads(work.stack_index.read_text())
         if "preprocessing" not in index:
-            raise UserError(f"stack index {path} records no preprocessing (written by an older tessera-workflow): "
-                            "delete the tile's work folder and rerun its fetch")
-        preprocessing[index["tile"]] = index["preprocessing"]
-    return preprocessing
+            raise UserError(f"stack index {work.stack_index} records no preprocessing (written by an older "
+                            "tessera-workflow): delete the tile's work folder and rerun its fetch")
+        tiles.append(files)
+        scene_ids[(tile, year)] = scene_ids_of_index(index)
+        preprocessing[(tile, year)] = index["preprocessing"]
+        roi_masks[tile] = work.roi_mask
+    return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids, preprocessing, roi_masks
 
 
 def publish(
@@ -79,8 +72,7 @@ def publish(
     from tessera.publish.stac import write_stac
     from tessera.publish.zarr_store import write_zarr_store
 
-    tiles, scene_ids, roi_masks = tiles_of_embeddings(results, work_dir, embeddings)
-    preprocessing = preprocessing_of_stacks([WorkTile.at(work_dir, f.year, f.tile.name).stack_index for f in tiles])
+    tiles, scene_ids, preprocessing, roi_masks = tiles_of_embeddings(results, work_dir, embeddings)
     processing = processing_record(family, preprocessing,
                                    {name: getattr(inference, name) for name in InferOptions.PROVENANCE})
     write_landmasks(tiles, roi_masks)

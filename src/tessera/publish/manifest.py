@@ -33,9 +33,9 @@ from tessera.layout import Results, TileFiles
 from tessera.models import family_entry
 
 
-def processing_record(family: str, preprocessing: dict[str, dict], inference: dict) -> dict:
+def processing_record(family: str, preprocessing: dict[tuple, dict], inference: dict) -> dict:
     """What changes the numbers of a run's embeddings: the stacks' preprocessing (one for the run:
-    ``preprocessing`` maps tile names to their stack.json's), whether it is what the family was
+    ``preprocessing`` maps (tile, year) to their stack.json's), whether it is what the family was
     trained on, and how inference ran (``inference``: device, precision, seed, repeat_times)."""
     from tessera.models import expected_preprocessing, get_family
     from tessera.models.engine import precision_in_effect

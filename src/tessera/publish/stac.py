@@ -19,7 +19,6 @@ per collection, ``tessera:preprocessing`` and ``tessera:inference`` as in tesser
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +42,8 @@ S1_COLLECTION = "sentinel-1-rtc"
 _SHA256_MULTIHASH = "1220"
 
 
-def scene_ids_from_stack_index(stack_json: Path) -> dict[str, list[str]]:
-    """The scene ids a tile's embeddings were made from, read from its ``stack.json``, per collection."""
-    index = json.loads(Path(stack_json).read_text())
+def scene_ids_of_index(index: dict) -> dict[str, list[str]]:
+    """The scene ids a tile's embeddings were made from, per collection, from its parsed ``stack.json``."""
     s2 = [scene for step in index["s2"]["scenes"] for scene in step]
     s1 = [scene for orbit in ("ascending", "descending") for step in index["s1"][orbit]["scenes"] for scene in step]
     return {S2_COLLECTION: sorted(s2), S1_COLLECTION: sorted(s1)}
@@ -149,7 +147,7 @@ def write_stac(
     """Write ``stac/`` of an output directory for ``tiles`` and return the path of collection.json.
 
     ``scene_ids`` maps each (tile name, year) to {source collection: [scene ids]} (see
-    ``scene_ids_from_stack_index``). The previous ``stac/`` folder is replaced atomically.
+    ``scene_ids_of_index``). The previous ``stac/`` folder is replaced atomically.
     """
     results = Results(results.root.absolute())  # asset hrefs start absolute, then are made relative
     tiles = [TileFiles.locate(results, files.tile, files.year) for files in tiles if files.present]
