@@ -1,5 +1,6 @@
 import dataclasses
 import datetime as dt
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.windows import Window
 
+from conftest import STAC_FIXTURES, needs_shared
 from tessera.errors import UserError
 from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
 from tessera.grid import tile_at
@@ -113,13 +115,43 @@ def test_s1_code_matches_hand_computed_values():
     assert encode_s1(np.array([just_above])).tolist() == [6000]
 
 
-def test_mpc_harmonisation_starts_after_2022_01_25_and_spares_values_below_1000():
+def l2a_item(when: dt.datetime, baseline: str | None = None) -> pystac.Item:
+    properties = {} if baseline is None else {"s2:processing_baseline": baseline}
+    return pystac.Item("S2A_test", None, None, when, properties)
+
+
+def test_mpc_harmonisation_without_a_baseline_starts_after_2022_01_25_and_spares_values_below_1000():
     mpc, none = source([]), source([], harmonisation="none")
     values = np.array([999.0, 1000.0, 1500.0, 1500.9, np.nan])
-    assert encode_s2(values, dt.date(2022, 1, 25), mpc).tolist() == [999, 1000, 1500, 1500, 0]
-    assert encode_s2(values, dt.date(2022, 1, 26), mpc).tolist() == [999, 0, 500, 500, 0]
-    assert encode_s2(values, dt.date(2024, 6, 1), none).tolist() == [999, 1000, 1500, 1500, 0]
-    assert encode_s2(values, dt.date(2022, 1, 26), mpc).dtype == np.uint16
+    # 23:59 UTC on the 25th is still the 25th; 00:30 at UTC+2 on the 26th is the 25th in UTC.
+    assert encode_s2(values, l2a_item(utc(2022, 1, 25, 23, 59)), mpc).tolist() == [999, 1000, 1500, 1500, 0]
+    plus_two = dt.datetime(2022, 1, 26, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert encode_s2(values, l2a_item(plus_two), mpc).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc).tolist() == [999, 0, 500, 500, 0]
+    assert encode_s2(values, l2a_item(utc(2024, 6, 1)), none).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc).dtype == np.uint16
+
+
+@needs_shared
+@pytest.mark.parametrize("fixture, offset", [
+    ("mpc-sentinel-2-l2a-item-2019-06-29-baseline-02.12.json", False),
+    ("mpc-sentinel-2-l2a-item-2022-06-12-baseline-04.00.json", True),
+    ("mpc-sentinel-2-l2a-item-2025-03-12-baseline-05.11.json", True),
+])
+def test_mpc_harmonisation_of_real_items_follows_their_processing_baseline(fixture, offset):
+    item = pystac.Item.from_dict(json.loads((STAC_FIXTURES / fixture).read_text()))
+    values = np.array([999.0, 1500.0])
+    assert encode_s2(values, item, source([])).tolist() == ([999, 500] if offset else [999, 1500])
+
+
+def test_mpc_harmonisation_trusts_a_stated_baseline_over_the_date():
+    """The date rule only stands for the baseline: 04.00 products of 2022-01-25 carry the offset,
+    an older date reprocessed under 05.00 does too, and an unreadable baseline falls back to the date."""
+    mpc, values = source([]), np.array([1500.0])
+    assert encode_s2(values, l2a_item(utc(2022, 1, 25, 10), "04.00"), mpc).tolist() == [500]
+    assert encode_s2(values, l2a_item(utc(2019, 6, 29, 10), "05.00"), mpc).tolist() == [500]
+    assert encode_s2(values, l2a_item(utc(2023, 6, 29, 10), "03.01"), mpc).tolist() == [1500]
+    assert encode_s2(values, l2a_item(utc(2023, 6, 29, 10), "N/A"), mpc).tolist() == [500]
 
 
 def test_scl_classes():

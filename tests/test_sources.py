@@ -174,7 +174,7 @@ def test_feed_signs_hrefs_and_the_source_harmonises():
         feed.href(item, "SCL")
     source = Source("s", feed, feed, "none")
     values = np.array([999.0, 1000.0])
-    assert source.harmonise_s2(values, dt.date(2024, 1, 1)).tolist() == [999, 1000]
+    assert source.harmonise_s2(values, item).tolist() == [999, 1000]
     with pytest.raises(ValueError, match="harmonisation"):
         Source("s", feed, feed, "baseline")
     with pytest.raises(ValueError, match="s2 asset key for bands \\['SCL'\\]"):

@@ -53,7 +53,7 @@ from tessera.grid import Tile
 from tessera.layout import WorkTile
 from tessera.models import GRANULE_ORDER, S1_LAYOVER_KEPT, S1_LAYOVER_MASKED
 from tessera.options import FetchOptions
-from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search
+from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search, utc_date
 from tessera.stack import MAX_CHUNK, S1_CHANNELS, Preprocessing, StackGrid, chunk_edge, write_s1, write_s2
 
 # The reference searches S2 with eo:cloud_cover < 100 (its S2_MAX_CLOUD default).
@@ -77,13 +77,6 @@ def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float,
         if area.intersects(tile.project(Point(0.0, pole))):
             return (-180.0, min(south, pole), 180.0, max(north, pole))
     return west, south, east, north
-
-
-def _utc_date(item: pystac.Item) -> dt.date:
-    when = item.datetime or item.common_metadata.start_datetime
-    if when.tzinfo is None:
-        return when.date()
-    return when.astimezone(dt.timezone.utc).date()
 
 
 def _in_datetime_order(items: Iterable[pystac.Item]) -> list[pystac.Item]:
@@ -213,7 +206,7 @@ def fetch_s2(
     items = [item for item in found if item.properties.get("eo:cloud_cover", 0.0) < S2_MAX_CLOUD_PCT]
     groups = defaultdict(list)
     for item in items:
-        groups[_utc_date(item)].append(item)
+        groups[utc_date(item)].append(item)
     low_coverage: list[str] = []
 
     def build(date: dt.date, day_items: list[pystac.Item]):
@@ -234,7 +227,7 @@ def fetch_s2(
         for (item, band, _), values in reader.read_all(reads):
             take = value_from == granule_of[item.id]
             # Harmonisation and the cast work pixel by pixel, so each granule's part is encoded alone.
-            bands[..., S2_BANDS.index(band)][take] = encode_s2(values[take], date, source)
+            bands[..., S2_BANDS.index(band)][take] = encode_s2(values[take], item, source)
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
@@ -292,7 +285,7 @@ def fetch_s1(
     for item in found:
         orbit = str(item.properties.get("sat:orbit_state", "")).lower()
         if orbit in ORBIT_STATES:
-            groups[(_utc_date(item), orbit)].append(item)
+            groups[(utc_date(item), orbit)].append(item)
         else:
             no_orbit[item.id] = f"sat:orbit_state is {item.properties.get('sat:orbit_state')!r}, not ascending/descending"
     layers = [(band, gamma0_resampling) for band in S1_POLARISATIONS]
@@ -370,7 +363,7 @@ def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, work:
             else:
                 footprint = tile.project(shape(item.geometry))
                 coverage_text = f"{100.0 * footprint.intersection(window_area).area / window_area.area:.1f}"
-            print(f"  {_utc_date(item).isoformat():<10}  {str(properties.get('platform') or '-'):<12} {orbit:<15} "
+            print(f"  {utc_date(item).isoformat():<10}  {str(properties.get('platform') or '-'):<12} {orbit:<15} "
                   f"{cloud_text:>7} {coverage_text:>10}  {item.id}", file=file)
 
 

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 import numpy as np
+import pystac
 
 from tessera.sources import Source
 
@@ -13,9 +12,9 @@ INVALID_SCL = (0, 1, 2, 3, 8, 9)  # no data, saturated/defective, dark area, clo
 S1_CODE_MAX = 32767
 
 
-def encode_s2(values: np.ndarray, acquired: dt.date, source: Source) -> np.ndarray:
-    """Float reflectance DN (NaN = no data) -> the reference's uint16: harmonise, NaN -> 0, truncate."""
-    harmonised = source.harmonise_s2(values, acquired)
+def encode_s2(values: np.ndarray, item: pystac.Item, source: Source) -> np.ndarray:
+    """Float reflectance DN (NaN = no data) of ``item`` -> the reference's uint16: harmonise, NaN -> 0, truncate."""
+    harmonised = source.harmonise_s2(values, item)
     return np.nan_to_num(harmonised, nan=0.0).astype(np.uint16)
 
 

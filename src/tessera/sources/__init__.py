@@ -28,6 +28,7 @@ from tessera.sources.stac import (
     UnusableAsset,
     cached_search,
     redact,
+    utc_date,
 )
 
 SOURCE_NAMES = ("demo", "mpc", "aws", "stac")
@@ -44,7 +45,7 @@ SIGNERS = {"none": NoSigning, "planetary-computer": PlanetaryComputerSigner}
 
 __all__ = [
     "BANDS", "S1_MASK", "S1_POLARISATIONS", "S2_BANDS", "S2_SCL", "SOURCE_NAMES", "STAC_OPTIONS", "Source",
-    "UnusableAsset", "cached_search", "open_source", "redact", "stac_source",
+    "UnusableAsset", "cached_search", "open_source", "redact", "stac_source", "utc_date",
 ]
 
 

@@ -45,9 +45,14 @@ S2_NEEDS = (*S2_BANDS, S2_SCL)
 
 # "mpc": MPC's L2A items carry the +1000 DN BOA offset of processing baseline 04.00 and the
 # reference removes it by acquisition date, only from values >= 1000 (UPSTREAM.md §1.3 step 7).
+# The date only stands for the baseline: where an item states its ``s2:processing_baseline`` (MPC's
+# do), that decides — the same as the date for MPC's items, except those the date rule gets wrong
+# (acquired on 2022-01-25 under 04.00, or reprocessed to another baseline than their date implies),
+# a data-path bug of the reference fixed here (README, differences).
 # "none": raw DN as stored (the reference's rule for Earth Search, whose COGs had the offset removed).
 HARMONISATION_RULES = ("mpc", "none")
-MPC_OFFSET_FROM = dt.date(2022, 1, 25)  # strictly after this UTC date
+MPC_OFFSET_FROM = dt.date(2022, 1, 25)  # strictly after this UTC date, for items without a baseline
+MPC_OFFSET_BASELINE = (4, 0)  # processing baselines from 04.00 on add the offset
 MPC_BOA_OFFSET = 1000
 # L2A digital numbers are reflectance x 10000; an asset declaring another scale holds other units.
 S2_DN_SCALE = 1e-4
@@ -388,11 +393,29 @@ class Source:
         the old baseline by the MPC rule, ``aws`` for S2 as stored (Earth Search's, OPERA's S1)."""
         return "mpc" if self.harmonisation == "mpc" else "aws"
 
-    def harmonise_s2(self, values: np.ndarray, acquired: dt.date) -> np.ndarray:
-        """S2 reflectance (float DN) brought to the pre-2022 baseline with this source's rule."""
-        if self.harmonisation == "mpc" and acquired > MPC_OFFSET_FROM:
+    def harmonise_s2(self, values: np.ndarray, item: pystac.Item) -> np.ndarray:
+        """S2 reflectance (float DN) of ``item`` brought to the pre-2022 baseline with this source's rule."""
+        if self.harmonisation == "mpc" and carries_boa_offset(item):
             return np.where(values >= MPC_BOA_OFFSET, values - MPC_BOA_OFFSET, values)
         return values
+
+
+def carries_boa_offset(item: pystac.Item) -> bool:
+    """Whether an L2A item's DN carry the BOA offset: by its processing baseline where it states one
+    that parses (``"05.11"``), else by the reference's acquisition-date rule."""
+    try:
+        baseline = tuple(int(part) for part in str(item.properties["s2:processing_baseline"]).split("."))
+    except (KeyError, ValueError):
+        return utc_date(item) > MPC_OFFSET_FROM
+    return baseline >= MPC_OFFSET_BASELINE
+
+
+def utc_date(item: pystac.Item) -> dt.date:
+    """The UTC calendar date an item was acquired on (naive datetimes taken as UTC)."""
+    when = item.datetime or item.common_metadata.start_datetime
+    if when.tzinfo is None:
+        return when.date()
+    return when.astimezone(dt.timezone.utc).date()
 
 
 def cached_search(
