@@ -226,11 +226,19 @@ class Origin:
         self.sas_errors = 0  # the next N token requests answer 503
         self.token_lifetime = timedelta(hours=1)
         self.token_expiry: dict[str, datetime] = {}
+        # The SAS API's and blob storage's clock. A test moves it on, e.g. after some blob reads
+        # (``advance_clock_after_blob_reads``: (reads, by how much)), to play a read that took an
+        # hour without waiting for it: deterministically, unlike short-lived tokens.
+        self.clock_offset = timedelta(0)
+        self.advance_clock_after_blob_reads: tuple[int, timedelta] | None = None
         self.server = LoopbackServer(self)
 
     @property
     def url(self) -> str:
         return self.server.url
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.clock_offset
 
     def revoke_tokens(self) -> None:
         self.valid_tokens.clear()
@@ -299,7 +307,7 @@ class Origin:
         self.issued_signatures.append(signature)
         if self.accept_new_tokens:
             self.valid_tokens.add(signature)
-        expiry = datetime.now(UTC) + self.token_lifetime
+        expiry = self.now() + self.token_lifetime
         self.token_expiry[signature] = expiry
         response["msft:expiry"] = expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # The documented example with its redacted signature replaced by a live one.
@@ -312,7 +320,7 @@ class Origin:
     def _blob(self, request: Request, account: str, path: str) -> Response:
         container, _, blob = path.lstrip("/").partition("/")
         signature = parse_qs(request.url.query).get("sig", [None])[0]
-        expired = signature in self.token_expiry and datetime.now(UTC) > self.token_expiry[signature]
+        expired = signature in self.token_expiry and self.now() > self.token_expiry[signature]
         if signature not in self.valid_tokens or expired:
             # Azure answers an expired or revoked SAS with 403 AuthenticationFailed ("Signed expiry
             # time ... must be after signed start time" / "Signature not valid in the specified time frame").
@@ -320,6 +328,11 @@ class Origin:
         file = self.blobs.get((account, container, blob))
         if file is None:
             return PlainTextResponse("BlobNotFound", status_code=404)
+        if self.advance_clock_after_blob_reads is not None:
+            reads, by = self.advance_clock_after_blob_reads
+            self.advance_clock_after_blob_reads = (reads - 1, by) if reads > 1 else None
+            if reads <= 1:
+                self.clock_offset += by
         if self.revoke_after_blob_reads is not None:
             self.revoke_after_blob_reads -= 1
             if self.revoke_after_blob_reads <= 0:

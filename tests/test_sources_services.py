@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import types
 
 import numpy as np
 import planetary_computer.sas
@@ -541,16 +542,47 @@ def test_a_token_service_down_past_the_retries_is_a_source_failure_not_a_disk_er
         origin.sas_errors = 0
 
 
-def test_tokens_expiring_mid_tile_are_renewed(services, origin, tmp_path, monkeypatch):
+def _refused_blob_reads(origin) -> int:
+    return sum(1 for host, _, status, _ in origin.traffic.responses if host.endswith(".blob.core.windows.net") and status == 403)
+
+
+def _s2_stack_values(path):
+    stack = open_s2(path)
+    return stack.series.dates, stack.series.scenes, stack.bands[:], stack.masks[:]
+
+
+def test_a_token_that_expires_mid_tile_is_renewed_after_the_refusal(services, origin, tmp_path):
+    """Issue 12 (2): the storage's clock passes the token's expiry between two reads of a tile (a
+    slow tile), while the client still holds it as valid: the refused read signs anew and the tile
+    completes, equal to a fetch that never saw an expiry."""
     published = services[2]
-    origin.token_lifetime = dt.timedelta(seconds=0.5)
-    monkeypatch.setattr(mpc, "TOKEN_REFRESH_MARGIN_S", 0.0)  # use a token to its last second
+    clean = fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "clean.zarr")
+    requests_before, refused_before = len(origin.traffic.sas_requests), _refused_blob_reads(origin)
+    origin.advance_clock_after_blob_reads = (5, dt.timedelta(hours=1, minutes=1))
     try:
         report = fetch_tile(fetch_s2, mpc_source(published.mpc_url), tmp_path / "s2.zarr")
     finally:
-        origin.token_lifetime = dt.timedelta(hours=1)
-    assert report["skipped"] == {} and report["kept"]
-    assert len(origin.traffic.sas_requests) >= 1  # renewals depend on how long the reads take (timing)
+        origin.advance_clock_after_blob_reads, origin.clock_offset = None, dt.timedelta(0)
+    assert report["skipped"] == {} and report["kept"] == clean["kept"]
+    assert _refused_blob_reads(origin) > refused_before  # the storage did refuse the old token
+    assert len(origin.traffic.sas_requests) - requests_before >= 2  # the first token, then a renewal
+    for ours, theirs in zip(_s2_stack_values(tmp_path / "s2.zarr"), _s2_stack_values(tmp_path / "clean.zarr")):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_token_is_renewed_before_its_expiry_without_a_refusal(services, origin, monkeypatch):
+    """The client's side: a token within ``TOKEN_REFRESH_MARGIN_S`` of its ``msft:expiry`` is not
+    used again; a new one is asked for before the storage would refuse it (the client's clock moves on)."""
+    late = {"by": 0.0}
+    monkeypatch.setattr(mpc, "time", types.SimpleNamespace(time=lambda: time.time() + late["by"], sleep=time.sleep))
+    signer, account, container = mpc.PlanetaryComputerSigner(), "sentinel2l2a01", "sentinel2-l2"
+    requests_before, refused_before = len(origin.traffic.sas_requests), _refused_blob_reads(origin)
+    first = signer.token(account, container)
+    late["by"] = 3600 - mpc.TOKEN_REFRESH_MARGIN_S - 5  # just outside the margin of the hour's expiry
+    assert signer.token(account, container) == first and len(origin.traffic.sas_requests) == requests_before + 1
+    late["by"] = 3600 - mpc.TOKEN_REFRESH_MARGIN_S + 5  # within it
+    assert signer.token(account, container) != first and len(origin.traffic.sas_requests) == requests_before + 2
+    assert _refused_blob_reads(origin) == refused_before
 
 
 def test_an_incomplete_cmr_answer_fails_the_search_instead_of_losing_bursts(services, monkeypatch):
