@@ -20,7 +20,7 @@ from shapely.geometry.base import BaseGeometry
 from tessera.download import hub_file, needs_download
 from tessera.errors import UserError
 from tessera.grid import Tile, patches, roi_in_tile, tiles_for_geometry, work_window
-from tessera.layout import WorkTile, patch_name
+from tessera.layout import WorkTile
 from tessera.models import family_entry
 from tessera.io import atomic_path
 from tessera.roi import is_bbox, read_roi
@@ -35,12 +35,6 @@ class TilePlan:
     @property
     def name(self) -> str:
         return self.tile.name
-
-    def patch(self, name: str) -> Window:
-        for patch in self.patches:
-            if patch_name(patch) == name:
-                return patch
-        raise KeyError(f"{self.name} has no patch {name}")
 
 
 @dataclass(frozen=True)
