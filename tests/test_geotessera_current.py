@@ -140,7 +140,7 @@ def _cogs_on_grid(results: Path, zone: int, transform: Affine, shape: tuple[int,
         if expected is None:
             expected = np.full((*shape, cog.values.shape[2]), np.nan, np.float32)
         rows, cols = np.nonzero(np.isfinite(cog.values[..., 0]))
-        xs, ys = cog.transform * (cols + 0.5, rows + 0.5)
+        xs, ys = cog.transform @ (cols + 0.5, rows + 0.5)
         ys = ys - (10_000_000 if cog.epsg >= 32700 else 0)  # the store's zones have one northing axis
         col = np.floor((xs - (transform.c + 5)) / 10 + 1e-9).astype(int)
         row = np.floor(((transform.f - 5) - ys) / 10 + 1e-9).astype(int)
