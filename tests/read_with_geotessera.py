@@ -15,6 +15,13 @@ Writes OUT_DIR/report.json and, per tile-year, OUT_DIR/{year}_{tile}.npy: fetch_
 cut to the rows and columns that have values (report.json: where the cut starts, the whole shape).
 OUT_DIR/points.json, if present ({"year": Y, "points": [[lon, lat], ...]}), is sampled with
 sample_embeddings_at_points into OUT_DIR/sampled.npy.
+
+RESULTS_DIR/tessera.zarr is read the way geotessera reads a Zarr store (module geotessera.store,
+0.10 and later), from its local path: GeoTesseraZarr(path).sample_points at the same points into
+OUT_DIR/zarr_sampled.npy; read_region of each bbox of points.json's "regions" into
+OUT_DIR/zarr_region_{i}.npy (report.json: its CRS and transform); and the CLI's
+`geotessera download --source zarr --store-url PATH --bbox B` of points.json's "export_bbox"
+into OUT_DIR/zarr_export/ (one GeoTIFF per UTM zone).
 """
 
 from __future__ import annotations
@@ -77,8 +84,37 @@ def main(results: Path, out: Path) -> None:
             request = json.loads((out / "points.json").read_text())
             points = [tuple(p) for p in request["points"]]
             np.save(out / "sampled.npy", gt.sample_embeddings_at_points(points, year=request["year"], auto_download=False))
+        store = results / "tessera.zarr"
+        if store.exists() and (out / "points.json").exists():
+            report["zarr"] = read_zarr(store, out, json.loads((out / "points.json").read_text()))
     report["network_attempts"] = ATTEMPTS
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def read_zarr(store: Path, out: Path, request: dict) -> dict:
+    """The Zarr store through geotessera's own reader (GeoTesseraZarr) and its CLI's Zarr export."""
+    from geotessera import GeoTesseraZarr
+    from geotessera.cli import app
+
+    year, points = request["year"], [tuple(p) for p in request["points"]]
+    gz = GeoTesseraZarr(store)
+    report = {"years": gz.years, "n_bands": gz.n_bands, "model": gz.model_version, "regions": []}
+    np.save(out / "zarr_sampled.npy", gz.sample_points(points, year=year))
+    for i, bbox in enumerate(request.get("regions", [])):
+        mosaic, transform, crs = gz.read_region(tuple(bbox), year)
+        np.save(out / f"zarr_region_{i}.npy", mosaic)
+        report["regions"].append({"crs": crs, "transform": list(transform)[:6]})
+    if "export_bbox" in request:
+        export = out / "zarr_export"
+        args = ["download", "--source", "zarr", "--store-url", str(store), "--year", str(year),
+                "--bbox", ",".join(str(float(v)) for v in request["export_bbox"]), "--output", str(export)]
+        try:
+            code = app(args, standalone_mode=False)  # an error it has printed: typer.Exit(1), returned
+        except SystemExit as exit:
+            code = exit.code
+        report["export_exit"] = code or 0
+        report["exported"] = sorted(p.name for p in export.glob("*.tif"))
+    return report
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ its landmask) is not used: like its ``use_landmask=False`` stores, the root says
 ``geoemb:landmask: false``. Where neighbouring tiles overlap (a pixel along cell edges) the tile
 later in name order wins, and a tile's no-data never hides a neighbour's data (as the mosaics).
 geotessera's build bookkeeping (stretch statistics, preview pyramid) is not written.
+geotessera's own reader (``geotessera.store.GeoTesseraZarr``: ``open_zone``, ``sample_points``,
+``read_region``; ``geotessera download --source zarr --store-url``) reads the store from its path;
+tests/test_geotessera_current.py checks it against the COGs with geotessera 0.11.
 """
 
 from __future__ import annotations
