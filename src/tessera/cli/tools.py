@@ -11,7 +11,7 @@ from pathlib import Path
 from tessera import layout
 from tessera.cli.stages import window_arg
 from tessera.errors import UserError
-from tessera.options import InferOptions
+from tessera.options import FetchOptions, InferOptions
 
 log = logging.getLogger("tessera")
 
@@ -71,7 +71,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     if cfg["source"] == "demo" and not catalog.exists():
         raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
     with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
-        print_scenes(source, tile_plan.tile, tile_plan.window, year,
+        period, s1_orbit_state = FetchOptions.from_config(cfg).time_series
+        print_scenes(source, tile_plan.tile, tile_plan.window, year, period=period, s1_orbit_state=s1_orbit_state,
                      work=layout.WorkTile.at(cfg["work_dir"], year, args.tile))
 
 
