@@ -14,7 +14,8 @@ from tessera import config as cfg
 from tessera.cli import main
 from tessera.errors import UserError
 from tessera.options import FetchOptions
-from tessera.period import CLAIM_FILE, WHOLE_YEAR, Period, claim_directories, variant_of
+from tessera.layout import TIME_SERIES_FILE
+from tessera.period import WHOLE_YEAR, Period, claim_directories, variant_of
 
 ROI = "6.0,52.0,6.1,52.1"
 
@@ -81,7 +82,7 @@ def test_a_directory_holds_one_kind_of_time_series(tmp_path):
     claim_directories(dirs, spring, "both", write=False)  # checking writes nothing
     assert not (tmp_path / "results").exists()
     claim_directories(dirs, spring, "both", write=True)
-    assert json.loads((tmp_path / "work" / CLAIM_FILE).read_text()) == {"period": "03-01/05-31", "s1_orbit_state": "both"}
+    assert json.loads((tmp_path / "work" / TIME_SERIES_FILE).read_text()) == {"period": "03-01/05-31", "s1_orbit_state": "both"}
     claim_directories(dirs, spring, "both", write=True)  # the same kind again
     with pytest.raises(UserError, match=r"output_dir '.*results' holds embeddings of 03-01 to 05-31 of the year, both "
                                         r"S1 orbit directions; this config asks for the whole year, both S1 orbit "
@@ -92,6 +93,11 @@ def test_a_directory_holds_one_kind_of_time_series(tmp_path):
     with pytest.raises(UserError, match="work_dir .* holds embeddings of the whole year, both S1 orbit directions"):
         claim_directories([("work_dir", tmp_path / "old")], spring, "both", write=True)
     claim_directories([("work_dir", tmp_path / "old")], WHOLE_YEAR, "both", write=True)
+    assert (tmp_path / "old" / TIME_SERIES_FILE).exists()
+    # Anything else in a directory (output_dir: ".", say) is no time series.
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "notes.txt").write_text("mine")
+    claim_directories([("output_dir", tmp_path / "shared")], spring, "both", write=False)
 
 
 # --- the demo with a period and an orbit filter ---------------------------------------------------

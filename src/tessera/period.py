@@ -12,7 +12,7 @@ A period's or an orbit filter's embeddings are not the full-year product. Each s
 (``stack.Preprocessing``: ``period``, ``s1_orbit_state``), the outputs' provenance follows, and the
 geotessera dataset variant gets a suffix (``variant_of``). geotessera's layout has no place for a
 period in its paths (``{year}/grid_X_Y/``), so an output or work directory holds one kind of time
-series: ``claim_directory`` records the first run's in ``tessera_time_series.json`` and refuses a
+series: ``claim_directories`` records the first run's (``layout.TIME_SERIES_FILE``) and refuses a
 run that asks for another.
 
 Importing this module is cheap (no numpy): the Snakefile uses it.
@@ -165,18 +165,16 @@ def variant_of(variant: str, period: Period, s1_orbit_state: str) -> str:
 
 # --- one kind of time series per directory -------------------------------------------------------
 
-CLAIM_FILE = "tessera_time_series.json"
-# What older versions wrote into a work directory before any tile (not a time series of its own).
-_NOT_TILE_DATA = {"plan", "demo", CLAIM_FILE}
+def _held_by(directory: Path, record: Path) -> tuple[Period, str] | None:
+    from tessera.layout import EMBEDDINGS_DIR, Results  # numpy: only where a run starts
 
-
-def _held_by(directory: Path) -> tuple[Period, str] | None:
-    claim = directory / CLAIM_FILE
-    if claim.exists():
-        held = json.loads(claim.read_text())
+    if record.exists():
+        held = json.loads(record.read_text())
         return Period.parse(held["period"]), held["s1_orbit_state"]
-    # A directory filled before periods existed holds whole years of both orbits.
-    if directory.is_dir() and any(entry.name not in _NOT_TILE_DATA for entry in directory.iterdir()):
+    # Outputs (a sidecar, tiles) or work (year folders) written before periods existed are of whole
+    # years, both orbits.
+    if directory.is_dir() and (Results(directory).metadata.exists() or (directory / EMBEDDINGS_DIR).is_dir() or any(
+            entry.is_dir() and re.fullmatch(r"\d{4}", entry.name) for entry in directory.iterdir())):
         return WHOLE_YEAR, ALL_ORBITS
     return None
 
@@ -186,15 +184,17 @@ def claim_directories(directories: Iterable[tuple[str, str | Path]], period: Per
     """Refuse a run whose time series differs from the one its output or work directory holds
     (``directories``: (config key, path) pairs); with ``write``, record this run's in a directory
     that records none yet."""
+    from tessera.layout import TIME_SERIES_FILE
+
     for key, directory in directories:
         directory = Path(directory)
-        held = _held_by(directory)
+        record = directory / TIME_SERIES_FILE
+        held = _held_by(directory, record)
         if held is not None and held != (period, s1_orbit_state):
             raise UserError(f"{key} {str(directory)!r} holds embeddings of {describe(*held)}; this config asks for "
                             f"{describe(period, s1_orbit_state)}: give the run its own output_dir and work_dir "
                             f"(or delete {directory})")
-        if write and not (directory / CLAIM_FILE).exists():
+        if write and not record.exists():
             directory.mkdir(parents=True, exist_ok=True)
-            with atomic_path(directory / CLAIM_FILE) as tmp:
+            with atomic_path(record) as tmp:
                 tmp.write_text(json.dumps({"period": str(period), "s1_orbit_state": s1_orbit_state}) + "\n")
-
