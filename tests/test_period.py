@@ -76,6 +76,25 @@ def test_the_variant_names_the_period_and_the_orbit():
     assert variant_of("mine", Period.parse("04-01/09-30"), "descending") == "mine_0401-0930_descending"
 
 
+def test_the_plan_expects_fewer_scenes_of_a_period_and_of_one_orbit_direction(tmp_path):
+    from tessera.plan import TYPICAL_S1_ITEMS, TYPICAL_S2_ITEMS, estimates, make_plan
+
+    config = {"roi": "5.998,52.040,6.002,52.042", "year": 2024, "work_dir": str(tmp_path)}
+    whole = estimates(make_plan(cfg.validate(config)))
+    spring = estimates(make_plan(cfg.validate({**config, "period": {"start": "04-01", "end": "06-30"},
+                                               "fetch": {"s1_orbit_state": "ascending"}})))
+    assert whole["s2_scenes"] == 2 * TYPICAL_S2_ITEMS and whole["s1_scenes"] == 2 * TYPICAL_S1_ITEMS
+    assert spring["s2_scenes"] == 2 * round(TYPICAL_S2_ITEMS * 91 / 366)  # 91 of 2024's 366 days
+    assert spring["s1_scenes"] == 2 * round(TYPICAL_S1_ITEMS * 91 / 366 / 2)
+    # A cached S1 search holds both directions: only the kept one counts.
+    cache = tmp_path / "2024" / "grid_5.95_52.05" / "search_s1.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"features": [{"properties": {"sat:orbit_state": orbit}}
+                                              for orbit in ("ascending", "descending", "descending")]}))
+    cached = estimates(make_plan(cfg.validate({**config, "fetch": {"s1_orbit_state": "ascending"}})))
+    assert cached["s1_scenes"] == 1 + round(TYPICAL_S1_ITEMS / 2)
+
+
 def test_a_directory_holds_one_kind_of_time_series(tmp_path):
     spring = Period.parse("03-01/05-31")
     dirs = [("output_dir", tmp_path / "results"), ("work_dir", tmp_path / "work")]

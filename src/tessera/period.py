@@ -69,6 +69,10 @@ class DateRange:
     def __contains__(self, date: dt.date) -> bool:
         return self.first <= date <= self.last
 
+    @property
+    def days(self) -> int:
+        return (self.last - self.first).days + 1
+
     def __str__(self) -> str:
         if self == DateRange.whole_year(self.first.year):
             return str(self.first.year)
