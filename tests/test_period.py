@@ -95,6 +95,13 @@ def test_the_plan_expects_fewer_scenes_of_a_period_and_of_one_orbit_direction(tm
     assert cached["s1_scenes"] == 1 + round(TYPICAL_S1_ITEMS / 2)
 
 
+def test_tessera_plan_names_the_time_series_and_its_variant(tmp_path, capsys):
+    config = write_tiny_config(tmp_path, period={"start": "04-01", "end": "06-30"}, work_dir=str(tmp_path / "work"))
+    assert main(["plan", "--config", str(config)]) == 0
+    assert "time series: 04-01 to 06-30 of the year, both S1 orbit directions; dataset variant local_0401-0630" \
+        in capsys.readouterr().out.splitlines()
+
+
 def test_a_directory_holds_one_kind_of_time_series(tmp_path):
     spring = Period.parse("03-01/05-31")
     dirs = [("output_dir", tmp_path / "results"), ("work_dir", tmp_path / "work")]

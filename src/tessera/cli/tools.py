@@ -18,12 +18,16 @@ log = logging.getLogger("tessera")
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from tessera import config
+    from tessera.period import describe, variant_of
     from tessera.plan import estimates, make_plan
 
     plan = make_plan(config.load(args.config))
     cfg = plan.config
     years = ", ".join(map(str, cfg["years"]))
     print(f"ROI {cfg['roi']}  years {years}  source {cfg['source']}  model {cfg['model']['family']}")
+    period, s1_orbit_state = FetchOptions.from_config(cfg).time_series
+    print(f"time series: {describe(period, s1_orbit_state)}; dataset variant "
+          f"{variant_of(cfg['export']['variant'], period, s1_orbit_state)}")
     print(f"{'tile':<20} {'EPSG':>6} {'tile px':>11} {'work window (col,row,w,h)':>28} {'patches':>8}")
     for t in plan.tiles:
         w = t.window
