@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields, replace
 
-from tessera.period import ALL_ORBITS, S1_ORBIT_STATES, WHOLE_YEAR, Period
+from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, Period
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -136,7 +136,7 @@ class FetchOptions(CommandLineOptions):
         "period": ("only these month-days of the year, MM-DD/MM-DD, both included (default: the whole year)",
                    {"type": str}),
         "s1_only_orbit": ("keep only this orbit direction's Sentinel-1 scenes (default: both)",
-                          {"type": str, "choices": S1_ORBIT_STATES[1:]}),
+                          {"type": str, "choices": S1_ORBIT_DIRECTIONS}),
     }
 
     @property

@@ -30,8 +30,9 @@ from pathlib import Path
 from tessera.errors import UserError
 from tessera.io import atomic_path
 
-S1_ORBIT_STATES = ("both", "ascending", "descending")  # the reference's S1_ORBIT_STATE values
+# The reference's S1_ORBIT_STATE: both, or one direction.
 ALL_ORBITS = "both"
+S1_ORBIT_DIRECTIONS = ("ascending", "descending")
 
 
 @dataclass(frozen=True, order=True)
@@ -65,9 +66,6 @@ class DateRange:
     def end(self) -> dt.datetime:
         """The last instant of ``last``."""
         return dt.datetime.combine(self.last, dt.time.max, dt.timezone.utc)
-
-    def __contains__(self, date: dt.date) -> bool:
-        return self.first <= date <= self.last
 
     @property
     def days(self) -> int:
@@ -123,7 +121,8 @@ def _bound(config_key: str, value: object, years: list[int]) -> tuple[MonthDay, 
             if (month, day) == (2, 29):
                 raise UserError(f"config key '{config_key}': {text!r} is not a day of {checked}: give 02-28 or 03-01 "
                                 "(02-29 only when every year of the run is a leap year)") from None
-            raise UserError(f"config key '{config_key}': {text!r} is not a day of the calendar: give a valid date") from None
+            raise UserError(f"config key '{config_key}': {text!r} is not a day of the calendar: "
+                            "give a valid date") from None
     return MonthDay(month, day), year
 
 
@@ -160,8 +159,7 @@ def variant_of(variant: str, period: Period, s1_orbit_state: str) -> str:
     """The geotessera dataset variant of embeddings of this time series: the configured one for the
     whole year and both orbits, else with the period and the orbit appended (``local_0401-0930``,
     ``local_descending``), so that geotessera never takes them for a full-year product."""
-    suffix = "" if period.whole_year else f"_{period.start.month:02d}{period.start.day:02d}-" \
-                                          f"{period.end.month:02d}{period.end.day:02d}"
+    suffix = "" if period.whole_year else f"_{str(period.start).replace('-', '')}-{str(period.end).replace('-', '')}"
     if s1_orbit_state != ALL_ORBITS:
         suffix += f"_{s1_orbit_state}"
     return variant + suffix

@@ -87,6 +87,15 @@ def _utc_date(item: pystac.Item) -> dt.date:
     return when.astimezone(dt.timezone.utc).date()
 
 
+def _orbit_of(item: pystac.Item) -> str:
+    """An S1 item's orbit direction (ascending or descending; anything else is unusable)."""
+    return str(item.properties.get("sat:orbit_state", "")).lower()
+
+
+def _kept_orbits(s1_orbit_state: str) -> tuple[str, ...]:
+    return ORBIT_STATES if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
+
+
 def _in_datetime_order(items: Iterable[pystac.Item]) -> list[pystac.Item]:
     """By datetime, items of one datetime in the order given (the search's): the reference's
     stackstac sorts with a stable sort and merges "first valid wins" in that order."""
@@ -245,7 +254,8 @@ def fetch_s2(
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
-    grid = _grid(tile, window, year, source, preprocessing_of(source, resampling, mask_layover, period, s1_orbit_state))
+    preprocessing = preprocessing_of(source, resampling, mask_layover, period, s1_orbit_state)
+    grid = _grid(tile, window, year, source, preprocessing)
     with reader.gdal_messages, write_s2(out, grid, chunk=chunk_edge(patch_size)) as stack:
         for date, (scene_ids, bands, mask) in _each_date(groups, build, stack.skipped, f"{tile.name} S2"):
             stack.append(date, scene_ids, bands, mask)
@@ -289,22 +299,22 @@ def fetch_s1(
 
     Items are grouped by UTC date and ``sat:orbit_state``; items without an orbit state are skipped
     and recorded. With an ``s1_orbit_state`` other than ``both``, the other direction's items are
-    left out (its series stays empty, as the reference's stacker writes it). With ``mask_layover``, pixels of the feed's mask layer (OPERA's layover/shadow)
-    count as no data. ``resampling`` (γ0) defaults to the source's (the reference's for it);
-    ``s2_resampling`` is only recorded. Otherwise as ``fetch_s2``.
+    left out (its series stays empty, as the reference's stacker writes it). With ``mask_layover``,
+    pixels of the feed's mask layer (OPERA's layover/shadow) count as no data. ``resampling`` (γ0)
+    defaults to the source's (the reference's for it); ``s2_resampling`` is only recorded. Otherwise
+    as ``fetch_s2``.
     """
     reader = WindowReader(tile, window, source.s1, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     gamma0_resampling = RESAMPLING[resampling or source.s1_resampling]
     dates = period.dates(year)
     found = cached_search(source, source.s1, window_bbox_lonlat(tile, window), dates, search_cache)
-    kept_orbits = ORBIT_STATES if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
     groups = defaultdict(list)
     no_orbit = {}
     other_orbit = 0
     for item in found:
-        orbit = str(item.properties.get("sat:orbit_state", "")).lower()
-        if orbit in kept_orbits:
+        orbit = _orbit_of(item)
+        if orbit in _kept_orbits(s1_orbit_state):
             groups[(_utc_date(item), orbit)].append(item)
         elif orbit in ORBIT_STATES:
             other_orbit += 1
@@ -344,8 +354,8 @@ def fetch_s1(
         return used, merged
 
     kept: list[str] = []
-    grid = _grid(tile, window, year, source, preprocessing_of(source, s2_resampling, mask_layover, period,
-                                                              s1_orbit_state))
+    preprocessing = preprocessing_of(source, s2_resampling, mask_layover, period, s1_orbit_state)
+    grid = _grid(tile, window, year, source, preprocessing)
     with reader.gdal_messages, write_s1(out, grid, chunk=chunk_edge(patch_size)) as stack:
         stack.skipped.update(no_orbit)
         for (date, orbit), (scene_ids, sar) in _each_date(groups, build, stack.skipped, f"{tile.name} S1"):
@@ -378,8 +388,8 @@ def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, perio
     for sensor, feed in (("s2", source.s2), ("s1", source.s1)):
         cache = None if work is None else work.search(sensor)
         items = _in_datetime_order(cached_search(source, feed, bbox, dates, cache))
-        if sensor == "s1" and s1_orbit_state != ALL_ORBITS:
-            items = [item for item in items if str(item.properties.get("sat:orbit_state", "")).lower() == s1_orbit_state]
+        if sensor == "s1":
+            items = [item for item in items if _orbit_of(item) in _kept_orbits(s1_orbit_state)]
         print(f"{tile.name} {dates} {sensor.upper()} from {source.name}: {len(items)} scenes", file=file)
         print(f"  {'date':<10}  {'platform':<12} {'orbit':<15} {'cloud %':>7} {'coverage %':>10}  id", file=file)
         for item in items:
