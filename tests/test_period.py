@@ -178,6 +178,8 @@ def test_the_outputs_say_they_are_not_the_full_year_product(spring_descending, c
         assert item.common_metadata.end_datetime == dt.datetime(2024, 6, 30, 23, 59, 59, tzinfo=dt.UTC)
         lineage = item.properties["processing:lineage"]
         assert "time series of 04-01 to 06-30 of the year, S1 descending passes only" in lineage
+    report = (results / "report.html").read_text()
+    assert "time series</td><td class=name>04-01 to 06-30 of the year, S1 descending passes only</td>" in report
     assert main(["verify", str(results)]) == 0
     assert "time series of 04-01 to 06-30 of the year, S1 descending passes only (dataset variant " \
            "local_0401-0630_descending" in capsys.readouterr().out
