@@ -2,8 +2,9 @@
 search cache, and keeping credentials out of messages.
 
 A ``Source`` pairs a Sentinel-2 feed and a Sentinel-1 feed with the harmonisation rule the reference
-applies to that source's S2 data. A feed finds one sensor's scenes for a bbox and year as pystac
-Items and says where each band of an item is read from (``href``), signed at the moment of the read.
+applies to that source's S2 data. A feed finds one sensor's scenes for a bbox and dates (a year, or
+its period: ``tessera.period.DateRange``) as pystac Items and says where each band of an item is
+read from (``href``), signed at the moment of the read.
 """
 
 from __future__ import annotations
