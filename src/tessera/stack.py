@@ -415,6 +415,8 @@ def verify_stack_index(index_json: str | os.PathLike, *, checksums: bool = True)
     s1_path = index_json.parent / index["stores"]["s1"]
     current = _describe(open_s2(s2_path), open_s1(s1_path), checksums)
     recorded = {key: value for key, value in index.items() if key != "stores"}
+    # An index written before a choice was recorded holds that choice's default (as the stores read back).
+    recorded["preprocessing"] = Preprocessing(**recorded.get("preprocessing", {})).attrs()
     if not checksums:
         recorded = _without_checksums(recorded)
     if current != recorded:
