@@ -9,15 +9,27 @@ from tessera import layout
 from tessera.download import checkpoint_path, needs_download
 from tessera.errors import UserError
 from tessera.options import FetchOptions, InferOptions
+from tessera.period import claim_directories
 from tessera.plan import JOB_SHAPES, SHAPE_WILDCARDS, make_plan
 
 try:
     CFG = tessera_config.validate(config)
+    # An output or work directory holds one kind of time series (period, S1 orbits): refuse another
+    # before anything runs (tessera.period).
+    DIRECTORIES = [("output_dir", CFG["output_dir"]), ("work_dir", CFG["work_dir"])]
+    TIME_SERIES = FetchOptions.from_config(CFG).time_series
+    claim_directories(DIRECTORIES, *TIME_SERIES, write=False)
     PLAN = make_plan(CFG)
 except UserError as error:
     # One line naming the bad input, not a traceback.
     print(f"tessera: error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+# A run (not a dry-run) records its kind of time series in the directories that record none yet.
+onstart:
+    claim_directories(DIRECTORIES, *TIME_SERIES, write=True)
+
 
 # Snakemake's own DAG work grows with the job count (about 3 jobs per tile-year): past a few
 # thousand tile-years every dry-run and every cluster job's start gets slow, so say how to split the run.

@@ -262,6 +262,28 @@ def test_embeddings_are_bit_identical_whatever_the_batch(family):
 
 
 @needs_shared
+@pytest.mark.parametrize("family", list(FAMILY_VECTORS))
+def test_an_orbit_filtered_out_embeds_as_that_orbit_never_observed(family):
+    """fetch.s1_orbit_state: the other direction's series is empty (T = 0), as the reference's
+    stacker writes it and its inference concatenates it. The families that use every valid step
+    (v2, v1.1) embed it as if that orbit's steps were all missing; the v1.0 families, which draw
+    40 steps (from every step where a pixel has none valid), embed it too, with or without the
+    other orbit (the QAT placeholder step where both are empty)."""
+    model = vector_model(family)
+    arrays = synthetic_arrays(seed=3, height=5, width=6)
+    for orbit in ("ascending", "descending"):
+        unobserved = {**arrays, f"sar_{orbit}": np.zeros_like(arrays[f"sar_{orbit}"])}
+        empty = {**arrays, f"sar_{orbit}": arrays[f"sar_{orbit}"][:0], f"sar_{orbit}_doy": arrays[f"sar_{orbit}_doy"][:0]}
+        embedded = embed_arrays(model, empty, device="cpu")
+        assert np.isfinite(embedded[0, 1:]).all()  # every observed pixel, the S2-only one too
+        if family in ("v2", "v1.1"):
+            assert np.array_equal(embedded, embed_arrays(model, unobserved, device="cpu"), equal_nan=True), orbit
+    no_s1 = {**arrays, **{f"sar_{orbit}{suffix}": arrays[f"sar_{orbit}{suffix}"][:0]
+                          for orbit in ("ascending", "descending") for suffix in ("", "_doy")}}
+    assert np.isfinite(embed_arrays(model, no_s1, device="cpu")[0, 2]).all()  # the S2-only pixel
+
+
+@needs_shared
 def test_deterministic_families_refuse_repeats(model):
     with pytest.raises(UserError, match="repeat_times = 2, but family v2 selects time steps deterministically"):
         embed_arrays(model, synthetic_arrays(), device="cpu", repeat_times=2)

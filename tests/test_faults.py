@@ -25,6 +25,7 @@ from faults import FaultPlan, FaultyProxy, corrupt_checkpoint_tensor, corrupt_co
 from tessera.cli import main
 from tessera.demo import generate_catalog, serve_catalog
 from tessera.errors import UserError
+from tessera.period import DateRange
 from tessera.fetch import fetch_s2
 from tessera.grid import Tile, roi_in_tile, tiles_for_geometry, work_window
 from tessera.layout import WorkTile
@@ -164,20 +165,20 @@ def test_the_cli_reports_an_outage_in_one_line_with_a_nonzero_exit(capsys, monke
 def _search(url: str, plan: FaultPlan) -> list[str]:
     feed = mpc_shaped_source("demo", url, ephemeral_url=True).s2
     with FaultyProxy(plan) as proxy, proxied(proxy.url):
-        items = feed.search(BBOX, 2024)
+        items = feed.search(BBOX, DateRange.whole_year(2024))
     assert sum(proxy.log.faults.values()) > 0
     return sorted(item.id for item in items)
 
 
 def test_search_retries_server_errors_and_resets(catalog, quick_timeouts):
     with serve_catalog(catalog) as url:
-        expected = sorted(item.id for item in mpc_shaped_source("demo", url).s2.search(BBOX, 2024))
+        expected = sorted(item.id for item in mpc_shaped_source("demo", url).s2.search(BBOX, DateRange.whole_year(2024)))
         assert _search(url, FaultPlan(share=1.0, kinds=("5xx", "reset"), targets=("/search",), max_consecutive=2)) == expected
 
 
 def test_search_retries_a_truncated_response(catalog, quick_timeouts):
     with serve_catalog(catalog) as url:
-        expected = sorted(item.id for item in mpc_shaped_source("demo", url).s2.search(BBOX, 2024))
+        expected = sorted(item.id for item in mpc_shaped_source("demo", url).s2.search(BBOX, DateRange.whole_year(2024)))
         assert _search(url, FaultPlan(share=1.0, kinds=("truncate",), targets=("/search",), max_consecutive=1)) == expected
 
 

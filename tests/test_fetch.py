@@ -15,6 +15,7 @@ from conftest import STAC_FIXTURES, needs_shared
 from tessera.errors import UserError
 from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
 from tessera.grid import tile_at
+from tessera.period import Period
 from tessera.sources import Source
 from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
 from tessera.sources.stac import StacFeed
@@ -32,8 +33,9 @@ class ListedFeed(StacFeed):
 
     listed: tuple = ()
 
-    def search(self, bbox_lonlat, year):
-        return [item for item in self.listed if item.collection_id == self.collection]
+    def search(self, bbox_lonlat, dates):
+        return [item for item in self.listed if item.collection_id == self.collection
+                and dates.start <= item.datetime <= dates.end]
 
 
 def source(items, harmonisation="mpc"):
@@ -421,14 +423,46 @@ def test_stacks_record_the_preprocessing_choices(tmp_path):
     fetch_s2(TILE, WINDOW, 2024, source([item]), tmp_path / "s2.zarr", resampling="nearest")
     grid = open_s2(tmp_path / "s2.zarr").grid
     assert grid.preprocessing.attrs() == {"s2_resampling": "nearest", "harmonisation": "mpc", "s1_layover": "kept",
-                                          "granule_order": "datetime, then search order"}
+                                          "granule_order": "datetime, then search order", "period": "01-01/12-31",
+                                          "s1_orbit_state": "both"}
     radar = s1_item(tmp_path, "R", utc(2024, 2, 11, 5), "ascending", window_field(np.full((H, W), 0.1)),
                     window_field(np.full((H, W), 0.01)))
     fetch_s1(TILE, WINDOW, 2024, source([radar], harmonisation="none"), tmp_path / "s1.zarr",
-             s2_resampling="bilinear", mask_layover=True)
+             s2_resampling="bilinear", mask_layover=True, period=Period.parse("02-01/03-31"),
+             s1_orbit_state="ascending")
     assert open_s1(tmp_path / "s1.zarr").grid.preprocessing.attrs() == {
         "s2_resampling": "bilinear", "harmonisation": "none", "s1_layover": "masked",
-        "granule_order": "datetime, then search order"}
+        "granule_order": "datetime, then search order", "period": "02-01/03-31", "s1_orbit_state": "ascending"}
+
+
+def test_a_period_keeps_only_its_dates_and_names_them_when_too_few(tmp_path):
+    """config period: the search covers the month-days of the year, both days included (UTC)."""
+    items = [s2_item(tmp_path, f"S2A_{month}_{day}", utc(2024, month, day, hour), CONSTANT, CLEAR)
+             for month, day, hour in ((3, 31, 23), (4, 1, 0), (6, 30, 23), (7, 1, 0))]
+    period = Period.parse("04-01/06-30")
+    fetch_s2(TILE, WINDOW, 2024, source(items), tmp_path / "s2.zarr", period=period)
+    stack = open_s2(tmp_path / "s2.zarr")
+    assert stack.series.dates == ("2024-04-01", "2024-06-30")
+    assert stack.grid.preprocessing.period == "04-01/06-30"
+    with pytest.raises(UserError, match=r"0 usable Sentinel-2 dates in 2024-08-01\.\.2024-08-31, fewer than"):
+        fetch_s2(TILE, WINDOW, 2024, source(items), tmp_path / "none.zarr", period=Period.parse("08-01/08-31"))
+
+
+def test_an_orbit_filter_leaves_the_other_directions_series_empty(tmp_path):
+    """fetch.s1_orbit_state: the other direction's scenes are left out, not skipped, as the
+    reference's S1_ORBIT_STATE query leaves them out (its stacker then writes an empty series)."""
+    vv, vh = window_field(np.full((H, W), 0.1)), window_field(np.full((H, W), 0.01))
+    radar = [s1_item(tmp_path, "up", utc(2024, 5, 1, 17), "ascending", vv, vh),
+             s1_item(tmp_path, "down", utc(2024, 5, 2, 5), "descending", vv, vh),
+             s1_item(tmp_path, "down2", utc(2024, 5, 14, 5), "descending", vv, vh)]
+    report = fetch_s1(TILE, WINDOW, 2024, source(radar), tmp_path / "s1.zarr", s1_orbit_state="descending")
+    stack = open_s1(tmp_path / "s1.zarr")
+    assert len(stack.ascending) == 0 and stack.ascending.arrays["sar"].shape == (0, H, W, 2)
+    assert stack.descending.dates == ("2024-05-02", "2024-05-14")
+    assert report["excluded_other_orbit"] == 1 and report["skipped"] == {}
+    assert stack.grid.preprocessing.s1_orbit_state == "descending"
+    both = fetch_s1(TILE, WINDOW, 2024, source(radar), tmp_path / "both.zarr")
+    assert len(open_s1(tmp_path / "both.zarr").ascending) == 1 and both["excluded_other_orbit"] == 0
 
 
 # float32(0.86496764): 20·log10 in float32 gives code 9748, in float64 9747 (the reference reads

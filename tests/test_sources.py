@@ -17,6 +17,7 @@ from urllib3.util.retry import Retry
 
 import tessera.sources.stac as stac
 from tessera.errors import UserError
+from tessera.period import DateRange
 from tessera.sources import Source, cached_search, open_source, redact, stac_source
 from tessera.sources.aws import EARTH_SEARCH_ASSET_KEYS
 from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
@@ -98,7 +99,7 @@ def test_search_returns_every_page_of_the_utc_year_in_the_bbox(stac_api, monkeyp
         first_page = json.load(response)
     assert len(first_page["features"]) == 2 and any(link["rel"] == "next" for link in first_page["links"])
 
-    items = mpc_shaped_source("test", stac_api).s2.search(BBOX, 2024)
+    items = mpc_shaped_source("test", stac_api).s2.search(BBOX, DateRange.whole_year(2024))
     assert sorted(item.id for item in items) == sorted(S2_INSIDE)
     assert all(item.collection_id == "sentinel-2-l2a" for item in items)
     href = next(item for item in items if item.id == "mid").assets["B04"].href
@@ -111,15 +112,15 @@ def test_search_of_an_unreachable_api_is_a_user_error(monkeypatch):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nothing listens there
     with pytest.raises(UserError, match=f"searching sentinel-2-l2a at http://127.0.0.1:{port} failed"):
-        mpc_shaped_source("test", f"http://127.0.0.1:{port}").s2.search(BBOX, 2024)
+        mpc_shaped_source("test", f"http://127.0.0.1:{port}").s2.search(BBOX, DateRange.whole_year(2024))
 
 
 class CountingFeed(StacFeed):
     """A feed answering from a fixed list and counting its searches."""
 
-    def search(self, bbox_lonlat, year):
-        self.searches.append(year)
-        return [_item("a", utc(year, 3, 1), self.collection)]
+    def search(self, bbox_lonlat, dates):
+        self.searches.append(str(dates))
+        return [_item("a", utc(dates.first.year, 3, 1), self.collection)]
 
 
 def counting_source(url, ephemeral_url=False):
@@ -131,29 +132,32 @@ def counting_source(url, ephemeral_url=False):
 def test_search_cache_is_reused_only_for_the_same_query(tmp_path):
     cache = tmp_path / "search_s2.json"
     source, feed = counting_source("http://127.0.0.1:1111")
-    first = cached_search(source, feed, BBOX, 2024, cache)
-    again = cached_search(source, feed, BBOX, 2024, cache)
-    assert feed.searches == [2024]
+    first = cached_search(source, feed, BBOX, DateRange.whole_year(2024), cache)
+    again = cached_search(source, feed, BBOX, DateRange.whole_year(2024), cache)
+    assert feed.searches == ["2024"]
     assert [item.to_dict() for item in again] == [item.to_dict() for item in first]
     written = json.loads(cache.read_text())
     assert written["type"] == "FeatureCollection" and [f["id"] for f in written["features"]] == ["a"]
-    cached_search(source, feed, BBOX, 2023, cache)
-    assert feed.searches == [2024, 2023]
-    cached_search(source, feed, BBOX, 2023, None)
+    cached_search(source, feed, BBOX, DateRange.whole_year(2023), cache)
+    assert feed.searches == ["2024", "2023"]
+    cached_search(source, feed, BBOX, DateRange.whole_year(2023), None)
     assert len(feed.searches) == 3
+    # A period of the year is another query.
+    cached_search(source, feed, BBOX, DateRange(dt.date(2023, 4, 1), dt.date(2023, 9, 30)), cache)
+    assert feed.searches[-1] == "2023-04-01..2023-09-30"
     # Another API of the same source name searches anew.
     other, other_feed = counting_source("http://127.0.0.1:2222")
-    cached_search(other, other_feed, BBOX, 2023, cache)
-    assert other_feed.searches == [2023]
+    cached_search(other, other_feed, BBOX, DateRange.whole_year(2023), cache)
+    assert other_feed.searches == ["2023"]
 
 
 def test_cached_asset_hrefs_follow_an_ephemeral_api_to_its_new_port(tmp_path):
     cache = tmp_path / "search.json"
     (old, old_feed), (new, new_feed) = counting_source("http://127.0.0.1:1111", True), counting_source("http://127.0.0.1:2222/", True)
-    item = cached_search(old, old_feed, BBOX, 2024, cache)[0]
+    item = cached_search(old, old_feed, BBOX, DateRange.whole_year(2024), cache)[0]
     item.assets["B04"].href = "http://127.0.0.1:1111/sentinel-2-l2a/a/B04.tif"
     cache.write_text(json.dumps({**json.loads(cache.read_text()), "features": [item.to_dict(transform_hrefs=False)]}))
-    rebased = cached_search(new, new_feed, BBOX, 2024, cache)
+    rebased = cached_search(new, new_feed, BBOX, DateRange.whole_year(2024), cache)
     assert new_feed.searches == []
     assert rebased[0].assets["B04"].href == "http://127.0.0.1:2222/sentinel-2-l2a/a/B04.tif"
 
@@ -314,8 +318,8 @@ def test_the_token_goes_only_to_earthdata_and_asf_hosts():
 
 def test_pre_signed_hrefs_are_cached_without_their_signature_and_searched_again(tmp_path):
     class PreSigned(CountingFeed):
-        def search(self, bbox_lonlat, year):
-            items = super().search(bbox_lonlat, year)
+        def search(self, bbox_lonlat, dates):
+            items = super().search(bbox_lonlat, dates)
             items[0].assets["B04"].href = "https://a.blob.core.windows.net/c/B04.tif?st=2026&se=2026&sp=rl&sig=S3CRET"
             items[0].add_asset("tilejson", pystac.Asset("https://example.org/tilejson.json?collection=x&item=a"))
             return items
@@ -324,13 +328,13 @@ def test_pre_signed_hrefs_are_cached_without_their_signature_and_searched_again(
     object.__setattr__(feed, "searches", [])
     source = Source("test", feed, feed, "mpc")
     cache = tmp_path / "search_s2.json"
-    items = cached_search(source, feed, BBOX, 2024, cache)
+    items = cached_search(source, feed, BBOX, DateRange.whole_year(2024), cache)
     assert items[0].assets["B04"].href.endswith("sig=S3CRET")  # readable now
     written = cache.read_text()
     assert "S3CRET" not in written and "?collection=x&item=a" in written
     assert json.loads(written)["features"][0]["assets"]["B04"]["href"] == "https://a.blob.core.windows.net/c/B04.tif"
-    cached_search(source, feed, BBOX, 2024, cache)
-    assert feed.searches == [2024, 2024]
+    cached_search(source, feed, BBOX, DateRange.whole_year(2024), cache)
+    assert feed.searches == ["2024", "2024"]
 
 
 # --- issue 12: tiles next to ±180° and at the grid's highest latitudes -----------------------------
@@ -363,7 +367,7 @@ def test_searches_next_to_the_antimeridian_split_the_box_and_keep_only_nearby_it
         return [i for i in near.values() if shapely.box(*box_lonlat).intersects(shape(i.geometry))] + [near["far"]]
 
     monkeypatch.setattr(StacFeed, "_all_pages", all_pages)
-    items = StacFeed("https://example.org", "c", MPC_ASSET_KEYS).search(bbox, 2024)
+    items = StacFeed("https://example.org", "c", MPC_ASSET_KEYS).search(bbox, DateRange.whole_year(2024))
     assert len(sent) == 2 and all(west <= east for west, _, east, _ in sent)
     assert {b[2] for b in sent} | {b[0] for b in sent} >= {180.0, -180.0}
     kept = {i.id for i in items}

@@ -44,6 +44,7 @@ from tessera.fetch import fetch_s1, fetch_s2, print_scenes, window_bbox_lonlat
 from tessera.fetch.encode import encode_s1
 from tessera.layout import WorkTile
 from tessera.grid import roi_in_tile, tiles_for_geometry, work_window
+from tessera.period import DateRange
 from tessera.sources import Source, open_source
 from tessera.sources.aws import aws_source
 from tessera.sources.mpc import mpc_source
@@ -127,7 +128,7 @@ def s2_scene_ids(published):
 def test_mpc_search_follows_post_next_tokens_with_the_whole_body(services, origin, monkeypatch):
     published = services[2]
     monkeypatch.setattr(stac, "_PAGE_SIZE", 3)
-    items = mpc_source(published.mpc_url).s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    items = mpc_source(published.mpc_url).s2.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))
     assert sorted(item.id for item in items) == s2_scene_ids(published)
     bodies = origin.traffic.search_bodies
     assert len(bodies) == -(-len(items) // 3)  # pages of 3, the last one without a next link
@@ -140,7 +141,7 @@ def test_mpc_search_follows_post_next_tokens_with_the_whole_body(services, origi
 def test_earth_search_body_only_next_links_keep_the_query_and_stop_at_the_empty_page(services, origin, monkeypatch):
     published = services[2]
     monkeypatch.setattr(stac, "_PAGE_SIZE", 4)
-    items = aws_source(published.earth_search_url, published.cmr_host).s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    items = aws_source(published.earth_search_url, published.cmr_host).s2.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))
     assert sorted(item.id for item in items) == s2_scene_ids(published)
     assert all(item.collection_id == "sentinel-2-l2a" for item in items)
     bodies = origin.traffic.search_bodies
@@ -379,7 +380,7 @@ def test_expired_presigned_urls_are_resolved_again(services, tmp_path, monkeypat
     monkeypatch.setattr(earthdata, "PRESIGNED_MARGIN_S", -5.0)  # keep using URLs past their expiry
     source = _opera_only(published)
     feed = source.s1
-    item = feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)[0]
+    item = feed.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))[0]
     first = feed.href(item, "vv")
     time.sleep(2.1)
     clear_gdal_http_cache()
@@ -457,7 +458,7 @@ def _one_date_source(origin, published, tmp_path, name):
             items.append(item)
 
     class Listed(StacFeed):
-        def search(self, bbox_lonlat, year):
+        def search(self, bbox_lonlat, dates):
             return items
 
     feed = Listed(origin.url, "sentinel-2-l2a", aws_source().s2.asset_keys)
@@ -592,19 +593,19 @@ def test_an_incomplete_cmr_answer_fails_the_search_instead_of_losing_bursts(serv
     _, cmr, published, _ = services
     monkeypatch.setattr(internal, "CMR_PAGE_SIZE", 2)
     feed = _opera_only(published).s1
-    complete = feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    complete = feed.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))
     assert len(complete) > 2  # more than one page
     cmr.short_pages = 1
     try:
         with pytest.raises(SourceUnavailable, match="incompletely"):
-            feed.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+            feed.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))
     finally:
         cmr.short_pages = 0
 
 
 def test_earth_search_keeps_the_latest_processing_of_a_scene(services, origin):
     published = services[2]
-    items = aws_source(published.earth_search_url, published.cmr_host).s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    items = aws_source(published.earth_search_url, published.cmr_host).s2.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))
     assert not any(item.id.endswith("_0_L2A") for item in items)
     listed = origin.earth_search.search({"collections": ["sentinel-2-l2a"], "limit": 1000})["features"]
     assert any(feature["id"].endswith("_0_L2A") for feature in listed)  # the service does list both
@@ -617,7 +618,7 @@ def test_opera_searches_next_to_the_antimeridian_send_two_boxes(services):
     tile = tile_at(-179.95, -16.05)
     bbox = window_bbox_lonlat(tile, tile.full_window)
     cmr.requests.clear()
-    _opera_only(published).s1.search(bbox, YEAR)
+    _opera_only(published).s1.search(bbox, DateRange.whole_year(YEAR))
     boxes = [tuple(map(float, form["bounding_box"][0].split(","))) for form in cmr.requests]
     assert len(boxes) == 2 and all(west <= east for west, _, east, _ in boxes)
     assert sum(east - west for west, _, east, _ in boxes) < 1.0
@@ -702,7 +703,7 @@ def test_check_source_names_each_failure_and_its_fix(services, origin, tmp_path,
     assert not report.ok and all("token service" in line and "try again later" in line for line in report.failures)
 
     # An asset the catalogue lists but the host no longer has (404): named, with the fix.
-    items = aws().s2.search(window_bbox_lonlat(TILE, WINDOW), YEAR)
+    items = aws().s2.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))
     latest = max((i for i in items if i.properties["eo:cloud_cover"] < 100), key=lambda i: (i.datetime, i.id))
     path = latest.assets["red"].href[len(origin.url):]
     served = origin.files.pop(path)

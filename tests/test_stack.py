@@ -136,6 +136,21 @@ def test_stack_index_records_and_verifies(tmp_path, stacks):
         verify_stack_index(tmp_path / "stack.json")
 
 
+def test_a_stack_from_before_periods_were_recorded_still_verifies(tmp_path, stacks):
+    """Stacks and indexes written before ``period`` and ``s1_orbit_state`` were recorded are of the
+    whole year and both orbit directions: they still verify, so finished runs need no new fetch."""
+    s2_path, s1_path = stacks
+    index = write_stack_index(s2_path, s1_path, tmp_path / "stack.json")
+    for key in ("period", "s1_orbit_state"):
+        del index["preprocessing"][key]
+    (tmp_path / "stack.json").write_text(json.dumps(index))
+    for store in (s2_path, s1_path):
+        group = zarr.open_group(store, mode="r+")
+        group.attrs["preprocessing"] = index["preprocessing"]
+    assert open_s2(s2_path).grid.preprocessing.period == "01-01/12-31"
+    assert verify_stack_index(tmp_path / "stack.json", checksums=False).index["preprocessing"] == index["preprocessing"]
+
+
 def test_stack_index_refuses_stacks_on_different_grids(tmp_path, stacks):
     s2_path, _ = stacks
     other = tmp_path / "other_s1.zarr"

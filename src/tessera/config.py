@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import os
 from collections.abc import Hashable
 from importlib import resources
@@ -13,6 +14,7 @@ import jsonschema
 import yaml
 
 from tessera.errors import UserError
+from tessera.period import period_of_config
 
 SCHEMA_PATH = resources.files("tessera") / "config.schema.yaml"
 
@@ -92,12 +94,15 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     config.pop("years", None)  # derived from "year" below (a validated config validates again)
     _family_of_published_checkpoint(config)
+    _dates_as_text(config)
     validator = jsonschema.Draft202012Validator(the_schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise UserError(_describe(error))
     _fill_defaults(the_schema, config)
     config["years"] = years_of(config["year"])
+    period = period_of_config(config["period"], config["years"])
+    config["period"] = None if period.whole_year else {"start": str(period.start), "end": str(period.end)}
     if config["source"] == "stac" and "stac" not in config:
         raise UserError("config: source stac needs a 'stac' mapping (url, s2_collection, s1_collection): see config/config.yaml")
     return config
@@ -117,6 +122,15 @@ def years_of(year: int | list[int] | str) -> list[int]:
         raise UserError(f"config key 'year': range {year!r} must run forwards within {FIRST_YEAR}-{LAST_YEAR}, "
                         f"e.g. {FIRST_YEAR}-{LAST_YEAR}")
     return list(range(first, last + 1))
+
+
+def _dates_as_text(config: dict) -> None:
+    """YAML reads an unquoted 2024-04-01 as a date: the period's bounds are validated as text."""
+    period = config.get("period")
+    if isinstance(period, dict):
+        for key, value in period.items():
+            if isinstance(value, dt.date):
+                period[key] = value.isoformat()
 
 
 def _family_of_published_checkpoint(config: dict) -> None:
@@ -157,6 +171,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if where == "year" and error.validator in ("type", "pattern", "oneOf"):
         return (f"config key 'year': {error.instance!r} is not a year, a list of years or a range: give e.g. 2024, "
                 '[2018, 2024] or "2017-2025"')
+    if where.startswith("period.") and error.validator in ("type", "pattern"):
+        return f"config key '{where}': {error.instance!r} is not a date: give MM-DD (every year) or YYYY-MM-DD"
+    if where == "period" and error.validator in ("type", "required"):
+        return ("config key 'period': give a mapping of start and end dates, e.g. {start: 04-01, end: 09-30}, "
+                "or null for the whole year")
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(known))

@@ -6,7 +6,7 @@ written in one place. Path functions accept Snakemake wildcards (``"{tile}"``) a
 Work directory (intermediates, per year and tile; docs/INTERNALS.md):
 ``{work}/{year}/{tile}/``: ``roi.tif``, ``search_{s2,s1}.json``, ``s2.zarr``, ``s1.zarr``,
 ``stack.json``, ``patches/r{row}_c{col}.npz``; the demo's ``{work}/demo/{year}/catalog.json`` and
-``{work}/demo/checkpoint-{family}.pt``.
+``{work}/demo/checkpoint-{family}.pt``; ``{work}/tessera_time_series.json`` (as in the results).
 
 Results (geotessera's layout and our exports; README "Outputs"): see :class:`Results`.
 
@@ -70,6 +70,11 @@ class WorkTile:
 
     def patch(self, name: str) -> Path:
         return self.patches / f"{name}{PATCH_SUFFIX}"
+
+
+# In an output and a work directory: the kind of time series (period, S1 orbit directions) it holds,
+# recorded by the first run into it (``tessera.period.claim_directories``).
+TIME_SERIES_FILE = "tessera_time_series.json"
 
 
 def demo_catalog(work_dir: str | os.PathLike, year: int | str) -> Path:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields, replace
 
+from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, Period
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 S2_RESAMPLINGS = ("family", "bilinear", "nearest")  # family: the one the model family was trained on
@@ -105,8 +107,8 @@ class InferOptions(CommandLineOptions):
 
 @dataclass(frozen=True)
 class FetchOptions(CommandLineOptions):
-    """How scenes are kept and stacked (config ``fetch.*``; ``patch_size`` sets the stacks' chunking;
-    ``family``, the config's ``model.family``, gives the defaults of the choices that follow the
+    """How scenes are kept and stacked (config ``fetch.*``, ``period``; ``patch_size`` sets the stacks'
+    chunking; ``family``, the config's ``model.family``, gives the defaults of the choices that follow the
     checkpoint's training data)."""
 
     min_coverage_pct: float = 0.01
@@ -116,6 +118,10 @@ class FetchOptions(CommandLineOptions):
     patch_size: int = 512
     family: str | None = "v2"
     max_skipped_pct: float = 10.0
+    # None (the whole year; both orbit directions) leaves the flags out, so that the commands of runs
+    # made before these options existed stay the same and their fetches are not redone.
+    period: str | None = None
+    s1_only_orbit: str | None = None
 
     HELP = {
         "min_coverage_pct": ("skip a date covering less than this percentage of the ROI pixels", {}),
@@ -127,7 +133,17 @@ class FetchOptions(CommandLineOptions):
         "family": ("model family the stacks are for (the defaults of the choices that follow it)", {"type": str}),
         "max_skipped_pct": ("fail the tile when more than this percentage of a sensor's scenes had to be "
                             "skipped (gone, refused or undecodable)", {}),
+        "period": ("only these month-days of the year, MM-DD/MM-DD, both included (default: the whole year)",
+                   {"type": str}),
+        "s1_only_orbit": ("keep only this orbit direction's Sentinel-1 scenes (default: both)",
+                          {"type": str, "choices": S1_ORBIT_DIRECTIONS}),
     }
+
+    @property
+    def time_series(self) -> tuple[Period, str]:
+        """The part of each year and the S1 orbit directions (``both``, ``ascending``, ``descending``) kept."""
+        return (WHOLE_YEAR if self.period is None else Period.parse(self.period),
+                self.s1_only_orbit or ALL_ORBITS)
 
     @property
     def s2_method(self) -> str:
@@ -143,6 +159,9 @@ class FetchOptions(CommandLineOptions):
         """With the family's defaults resolved: the rule's flags name only what the fetch does, so
         that switching to a family trained on the same preprocessing does not fetch again."""
         fetch = config["fetch"]
+        period, orbit = config["period"], fetch["s1_orbit_state"]
         given = cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"] or "family",
-                    fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"], fetch["max_skipped_pct"])
+                    fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"], fetch["max_skipped_pct"],
+                    period=f"{period['start']}/{period['end']}" if period else None,
+                    s1_only_orbit=None if orbit == ALL_ORBITS else orbit)
         return replace(given, s2_resampling=given.s2_method, family=None)

@@ -23,6 +23,8 @@ from tessera.grid import Tile, patches, roi_in_tile, tiles_for_geometry, work_wi
 from tessera.layout import WorkTile
 from tessera.models import family_entry
 from tessera.io import atomic_path
+from tessera.options import FetchOptions
+from tessera.period import ALL_ORBITS, DateRange
 from tessera.roi import is_bbox, read_roi
 
 
@@ -77,7 +79,8 @@ JOB_SHAPES = {
 SHAPE_WILDCARDS = {"run": set(), "year": {"year"}, "tile": {"tile", "year"}, "patch": {"tile", "year", "patch"}}
 
 
-# Sizing assumptions of `tessera plan`, per tile-year, used where no cached search says better.
+# Sizing assumptions of `tessera plan`, per tile-year (a whole year, both S1 directions; a period or
+# one direction scales them), used where no cached search says better.
 # Sentinel-2: a 5-day revisit, and about 1.5 granules per date (MGRS tiles overlap);
 # Sentinel-1: one pass every 6 days in each direction in Europe (fewer elsewhere).
 TYPICAL_S2_ITEMS = 110
@@ -96,13 +99,15 @@ STACK_S1_BYTES = 2 * 2
 COG_BYTES_PER_VALUE = 4 * 0.82
 
 
-def _cached_item_count(path: Path) -> int | None:
-    """Items in a cached search result (the fetch stage writes it), or None when there is none."""
+def _cached_item_count(path: Path, s1_orbit_state: str = ALL_ORBITS) -> int | None:
+    """Items in a cached search result (the fetch stage writes it) that the fetch keeps of an orbit
+    direction (S1 searches find both), or None when there is none."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     items = data.get("features", []) if isinstance(data, dict) else data
-    return len(items)
+    return sum(s1_orbit_state == ALL_ORBITS or item.get("properties", {}).get("sat:orbit_state") == s1_orbit_state
+               for item in items)
 
 
 def plan_tile(roi: BaseGeometry, tile: Tile, patch_size: int) -> TilePlan | None:
@@ -187,20 +192,24 @@ def make_plan(config: dict) -> Plan:
 def estimates(plan: Plan) -> dict[str, float]:
     """What a run will cost, over every tile-year: scenes, bytes downloaded, stack bytes on disk, compute."""
     cfg = plan.config
+    period, s1_orbit_state = FetchOptions.from_config(cfg).time_series
+    s1_share = 1.0 if s1_orbit_state == ALL_ORBITS else 0.5
     totals = Counter()
     for year in cfg["years"]:
+        share = period.dates(year).days / DateRange.whole_year(year).days
         for t in plan.tiles:
             pixels = t.window.width * t.window.height
             work = WorkTile.at(cfg["work_dir"], year, t.name)
             s2_items = _cached_item_count(work.search("s2"))
-            s1_items = _cached_item_count(work.search("s1"))
+            s1_items = _cached_item_count(work.search("s1"), s1_orbit_state)
             totals["cached_searches"] += (s2_items is not None) + (s1_items is not None)
-            s2_items = TYPICAL_S2_ITEMS if s2_items is None else s2_items
-            s1_items = TYPICAL_S1_ITEMS if s1_items is None else s1_items
+            s2_items = round(TYPICAL_S2_ITEMS * share) if s2_items is None else s2_items
+            s1_items = round(TYPICAL_S1_ITEMS * share * s1_share) if s1_items is None else s1_items
             totals["s2_scenes"] += s2_items
             totals["s1_scenes"] += s1_items
             totals["download_bytes"] += pixels * (s2_items * S2_BYTES_PER_PIXEL + s1_items * S1_BYTES_PER_PIXEL)
-            totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES) * STACK_S2_BYTES + s1_items * STACK_S1_BYTES)
+            totals["stack_bytes"] += pixels * (min(s2_items, TYPICAL_S2_DATES * share) * STACK_S2_BYTES
+                                               + s1_items * STACK_S1_BYTES)
             totals["pixels"] += sum(p.width * p.height for p in t.patches)
     totals["macs"] = totals["pixels"] * family_entry(cfg["model"]["family"]).macs_per_pixel
     # int8 codes + a float32 scale per pixel of every tile-year; COGs of the embedded pixels; the

@@ -25,6 +25,7 @@ from zarr.codecs import ZstdCodec
 
 from tessera.errors import DamagedIntermediate, UserError
 from tessera.io import atomic_path
+from tessera.period import ALL_ORBITS, WHOLE_YEAR
 
 S2_CHANNELS = 10
 S1_CHANNELS = 2  # VV, VH
@@ -54,6 +55,10 @@ class Preprocessing:
     harmonisation: str  # the source's S2 baseline rule: mpc or none
     s1_layover: str  # OPERA's layover/shadow pixels: kept (the reference) or masked
     granule_order: str  # the order in which same-date granules are merged (first valid wins)
+    # Which scenes the time series takes (config period, fetch.s1_orbit_state); the defaults are what
+    # stacks written before these were recorded hold.
+    period: str = str(WHOLE_YEAR)  # MM-DD/MM-DD of the stack's year, both included
+    s1_orbit_state: str = ALL_ORBITS  # both, ascending or descending
 
     def attrs(self) -> dict:
         return dict(self.__dict__)
@@ -410,6 +415,8 @@ def verify_stack_index(index_json: str | os.PathLike, *, checksums: bool = True)
     s1_path = index_json.parent / index["stores"]["s1"]
     current = _describe(open_s2(s2_path), open_s1(s1_path), checksums)
     recorded = {key: value for key, value in index.items() if key != "stores"}
+    # An index written before a choice was recorded holds that choice's default (as the stores read back).
+    recorded["preprocessing"] = Preprocessing(**recorded.get("preprocessing", {})).attrs()
     if not checksums:
         recorded = _without_checksums(recorded)
     if current != recorded:

@@ -11,19 +11,23 @@ from pathlib import Path
 from tessera import layout
 from tessera.cli.stages import window_arg
 from tessera.errors import UserError
-from tessera.options import InferOptions
+from tessera.options import FetchOptions, InferOptions
 
 log = logging.getLogger("tessera")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from tessera import config
+    from tessera.period import describe, variant_of
     from tessera.plan import estimates, make_plan
 
     plan = make_plan(config.load(args.config))
     cfg = plan.config
     years = ", ".join(map(str, cfg["years"]))
     print(f"ROI {cfg['roi']}  years {years}  source {cfg['source']}  model {cfg['model']['family']}")
+    period, s1_orbit_state = FetchOptions.from_config(cfg).time_series
+    print(f"time series: {describe(period, s1_orbit_state)}; dataset variant "
+          f"{variant_of(cfg['export']['variant'], period, s1_orbit_state)}")
     print(f"{'tile':<20} {'EPSG':>6} {'tile px':>11} {'work window (col,row,w,h)':>28} {'patches':>8}")
     for t in plan.tiles:
         w = t.window
@@ -71,7 +75,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     if cfg["source"] == "demo" and not catalog.exists():
         raise UserError(f"the demo catalog {catalog} does not exist yet: run `snakemake --configfile ... demo_catalog` first")
     with open_source({"name": cfg["source"], **cfg.get("stac", {})}, demo_catalog=catalog) as source:
-        print_scenes(source, tile_plan.tile, tile_plan.window, year,
+        period, s1_orbit_state = FetchOptions.from_config(cfg).time_series
+        print_scenes(source, tile_plan.tile, tile_plan.window, year, period=period, s1_orbit_state=s1_orbit_state,
                      work=layout.WorkTile.at(cfg["work_dir"], year, args.tile))
 
 

@@ -53,6 +53,7 @@ from tessera.grid import Tile
 from tessera.layout import WorkTile
 from tessera.models import GRANULE_ORDER, S1_LAYOVER_KEPT, S1_LAYOVER_MASKED
 from tessera.options import FetchOptions
+from tessera.period import ALL_ORBITS, WHOLE_YEAR, DateRange, Period
 from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search, utc_date
 from tessera.stack import MAX_CHUNK, S1_CHANNELS, Preprocessing, StackGrid, chunk_edge, write_s1, write_s2
 
@@ -77,6 +78,15 @@ def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float,
         if area.intersects(tile.project(Point(0.0, pole))):
             return (-180.0, min(south, pole), 180.0, max(north, pole))
     return west, south, east, north
+
+
+def _orbit_of(item: pystac.Item) -> str:
+    """An S1 item's orbit direction (ascending or descending; anything else is unusable)."""
+    return str(item.properties.get("sat:orbit_state", "")).lower()
+
+
+def _kept_orbits(s1_orbit_state: str) -> tuple[str, ...]:
+    return ORBIT_STATES if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
 
 
 def _in_datetime_order(items: Iterable[pystac.Item]) -> list[pystac.Item]:
@@ -126,7 +136,8 @@ def _each_date(groups: dict, build: Callable, skipped: dict[str, str], desc: str
             yield key, result
 
 
-def _too_few(tile: Tile, sensor: str, year: int, usable: int, min_scenes: int, skipped: dict[str, str], searched: int) -> UserError:
+def _too_few(tile: Tile, sensor: str, dates: DateRange, usable: int, min_scenes: int, skipped: dict[str, str],
+             searched: int) -> UserError:
     if skipped:
         listed = "; ".join(f"{item_id}: {reason}" for item_id, reason in list(skipped.items())[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -134,7 +145,7 @@ def _too_few(tile: Tile, sensor: str, year: int, usable: int, min_scenes: int, s
     else:
         failed = f"no scene failed; {searched} scenes found, the rest had too little valid coverage"
     return UserError(
-        f"tile {tile.name}: {usable} usable {sensor} dates in {year}, fewer than fetch.min_scenes={min_scenes} "
+        f"tile {tile.name}: {usable} usable {sensor} dates in {dates}, fewer than fetch.min_scenes={min_scenes} "
         f"({failed}): rerun if the source had trouble, else lower fetch.min_scenes or fetch.min_coverage_pct"
     )
 
@@ -160,10 +171,11 @@ def _grid(tile: Tile, window: Window, year: int, source: Source, preprocessing: 
                      source.data_kind, preprocessing)
 
 
-def preprocessing_of(source: Source, s2_resampling: str, mask_layover: bool) -> Preprocessing:
+def preprocessing_of(source: Source, s2_resampling: str, mask_layover: bool, period: Period,
+                     s1_orbit_state: str) -> Preprocessing:
     """What a fetch from ``source`` with these options does to the numbers (recorded in the stacks)."""
     return Preprocessing(s2_resampling, source.harmonisation, S1_LAYOVER_MASKED if mask_layover else S1_LAYOVER_KEPT,
-                         GRANULE_ORDER)
+                         GRANULE_ORDER, str(period), s1_orbit_state)
 
 
 def _opera_shaped(source: Source) -> bool:
@@ -186,6 +198,8 @@ def fetch_s2(
     min_scenes: int = 1,
     resampling: str = "bilinear",
     mask_layover: bool = False,
+    period: Period = WHOLE_YEAR,
+    s1_orbit_state: str = ALL_ORBITS,
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
@@ -193,8 +207,9 @@ def fetch_s2(
 ) -> dict:
     """Build ``out`` (s2.zarr) for a work window of a tile; returns a small report.
 
-    ``resampling`` is the S2 reflectance's (the caller passes the family's); ``mask_layover`` is
-    only recorded here (both stores record every choice of the fetch).
+    ``resampling`` is the S2 reflectance's (the caller passes the family's); the scenes are those of
+    ``period`` of ``year``; ``mask_layover`` and ``s1_orbit_state`` are only recorded here (both
+    stores record every choice of the fetch).
 
     ``roi_mask`` (H, W) marks the ROI pixels coverage is measured on (default: the whole window).
     Raises UserError naming the tile and the failed scenes if fewer than ``min_scenes`` dates are usable.
@@ -202,7 +217,8 @@ def fetch_s2(
     reader = WindowReader(tile, window, source.s2, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     band_resampling = RESAMPLING[resampling]
-    found = cached_search(source, source.s2, window_bbox_lonlat(tile, window), year, search_cache)
+    dates = period.dates(year)
+    found = cached_search(source, source.s2, window_bbox_lonlat(tile, window), dates, search_cache)
     items = [item for item in found if item.properties.get("eo:cloud_cover", 0.0) < S2_MAX_CLOUD_PCT]
     groups = defaultdict(list)
     for item in items:
@@ -231,13 +247,14 @@ def fetch_s2(
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
-    grid = _grid(tile, window, year, source, preprocessing_of(source, resampling, mask_layover))
+    preprocessing = preprocessing_of(source, resampling, mask_layover, period, s1_orbit_state)
+    grid = _grid(tile, window, year, source, preprocessing)
     with reader.gdal_messages, write_s2(out, grid, chunk=chunk_edge(patch_size)) as stack:
         for date, (scene_ids, bands, mask) in _each_date(groups, build, stack.skipped, f"{tile.name} S2"):
             stack.append(date, scene_ids, bands, mask)
             kept.append(date.isoformat())
         if len(stack) < min_scenes:
-            raise _too_few(tile, "Sentinel-2", year, len(stack), min_scenes, stack.skipped, len(items))
+            raise _too_few(tile, "Sentinel-2", dates, len(stack), min_scenes, stack.skipped, len(items))
         _too_many_skipped(tile, "Sentinel-2", stack.skipped, len(items), max_skipped_pct)
         skipped = dict(stack.skipped)
     return _report(tile, "s2", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped,
@@ -264,6 +281,8 @@ def fetch_s1(
     resampling: str | None = None,
     s2_resampling: str = "bilinear",
     mask_layover: bool = False,
+    period: Period = WHOLE_YEAR,
+    s1_orbit_state: str = ALL_ORBITS,
     search_cache: Path | None = None,
     patch_size: int = MAX_CHUNK,
     parallel_reads: int = PARALLEL_READS,
@@ -272,20 +291,26 @@ def fetch_s1(
     """Build ``out`` (s1.zarr) for a work window of a tile; returns a small report.
 
     Items are grouped by UTC date and ``sat:orbit_state``; items without an orbit state are skipped
-    and recorded. With ``mask_layover``, pixels of the feed's mask layer (OPERA's layover/shadow)
-    count as no data. ``resampling`` (γ0) defaults to the source's (the reference's for it);
-    ``s2_resampling`` is only recorded. Otherwise as ``fetch_s2``.
+    and recorded. With an ``s1_orbit_state`` other than ``both``, the other direction's items are
+    left out (its series stays empty, as the reference's stacker writes it). With ``mask_layover``,
+    pixels of the feed's mask layer (OPERA's layover/shadow) count as no data. ``resampling`` (γ0)
+    defaults to the source's (the reference's for it); ``s2_resampling`` is only recorded. Otherwise
+    as ``fetch_s2``.
     """
     reader = WindowReader(tile, window, source.s1, parallel_reads)
     coverage = _Coverage(roi_mask, (reader.height, reader.width))
     gamma0_resampling = RESAMPLING[resampling or source.s1_resampling]
-    found = cached_search(source, source.s1, window_bbox_lonlat(tile, window), year, search_cache)
+    dates = period.dates(year)
+    found = cached_search(source, source.s1, window_bbox_lonlat(tile, window), dates, search_cache)
     groups = defaultdict(list)
     no_orbit = {}
+    other_orbit = 0
     for item in found:
-        orbit = str(item.properties.get("sat:orbit_state", "")).lower()
-        if orbit in ORBIT_STATES:
+        orbit = _orbit_of(item)
+        if orbit in _kept_orbits(s1_orbit_state):
             groups[(utc_date(item), orbit)].append(item)
+        elif orbit in ORBIT_STATES:
+            other_orbit += 1
         else:
             no_orbit[item.id] = f"sat:orbit_state is {item.properties.get('sat:orbit_state')!r}, not ascending/descending"
     layers = [(band, gamma0_resampling) for band in S1_POLARISATIONS]
@@ -322,23 +347,27 @@ def fetch_s1(
         return used, merged
 
     kept: list[str] = []
-    grid = _grid(tile, window, year, source, preprocessing_of(source, s2_resampling, mask_layover))
+    preprocessing = preprocessing_of(source, s2_resampling, mask_layover, period, s1_orbit_state)
+    grid = _grid(tile, window, year, source, preprocessing)
     with reader.gdal_messages, write_s1(out, grid, chunk=chunk_edge(patch_size)) as stack:
         stack.skipped.update(no_orbit)
         for (date, orbit), (scene_ids, sar) in _each_date(groups, build, stack.skipped, f"{tile.name} S1"):
             stack.append(orbit, date, scene_ids, sar)
             kept.append(f"{date.isoformat()} {orbit}")
+        considered = len(found) - other_orbit
         if len(stack) < min_scenes:
-            raise _too_few(tile, "Sentinel-1", year, len(stack), min_scenes, stack.skipped, len(found))
-        _too_many_skipped(tile, "Sentinel-1", stack.skipped, len(found), max_skipped_pct)
+            raise _too_few(tile, "Sentinel-1", dates, len(stack), min_scenes, stack.skipped, considered)
+        _too_many_skipped(tile, "Sentinel-1", stack.skipped, considered, max_skipped_pct)
         skipped = dict(stack.skipped)
-    return _report(tile, "s1", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped)
+    return _report(tile, "s1", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped,
+                   excluded_other_orbit=other_orbit)
 
 
 # --- what a fetch would read ---------------------------------------------------------------------
 
 
-def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, work: WorkTile | None = None, file=None) -> None:
+def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, period: Period = WHOLE_YEAR,
+                 s1_orbit_state: str = ALL_ORBITS, work: WorkTile | None = None, file=None) -> None:
     """Print the scenes a fetch of this work window would consider, reading no pixels.
 
     One line per scene: UTC date, platform, orbit direction and relative orbit, cloud cover (S2),
@@ -348,10 +377,13 @@ def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, work:
     file = sys.stdout if file is None else file
     bbox = window_bbox_lonlat(tile, window)
     window_area = tile.pixel_box(window)
+    dates = period.dates(year)
     for sensor, feed in (("s2", source.s2), ("s1", source.s1)):
         cache = None if work is None else work.search(sensor)
-        items = _in_datetime_order(cached_search(source, feed, bbox, year, cache))
-        print(f"{tile.name} {year} {sensor.upper()} from {source.name}: {len(items)} scenes", file=file)
+        items = _in_datetime_order(cached_search(source, feed, bbox, dates, cache))
+        if sensor == "s1":
+            items = [item for item in items if _orbit_of(item) in _kept_orbits(s1_orbit_state)]
+        print(f"{tile.name} {dates} {sensor.upper()} from {source.name}: {len(items)} scenes", file=file)
         print(f"  {'date':<10}  {'platform':<12} {'orbit':<15} {'cloud %':>7} {'coverage %':>10}  id", file=file)
         for item in items:
             properties = item.properties
@@ -381,9 +413,10 @@ def fetch_tile(tile: Tile, window: Window, year: int, roi: str, source_config: M
 
     write_roi_mask(read_roi(roi), tile, work.roi_mask)
     roi_mask = read_roi_mask(work.roi_mask, window=window)
+    period, s1_orbit_state = options.time_series
     common = dict(roi_mask=roi_mask, min_coverage_pct=options.min_coverage_pct, min_scenes=options.min_scenes,
                   patch_size=options.patch_size, mask_layover=options.s1_mask_layover,
-                  max_skipped_pct=options.max_skipped_pct)
+                  max_skipped_pct=options.max_skipped_pct, period=period, s1_orbit_state=s1_orbit_state)
     with open_source(source_config, demo_catalog=demo_catalog) as source:
         fetch_s2(tile, window, year, source, work.s2, search_cache=work.search("s2"),
                  resampling=options.s2_method, **common)

@@ -17,6 +17,8 @@ from tessera.grid import Tile
 from tessera.io import sha256_file
 from tessera.layout import Results, TileFiles, WorkTile
 from tessera.options import InferOptions
+from tessera.period import Period, variant_of
+from tessera.stack import Preprocessing
 from tessera.models import family_entry
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def tiles_of_embeddings(results: Results, work_dir: Path,
                             "tessera-workflow): delete the tile's work folder and rerun its fetch")
         tiles.append(files)
         scene_ids[(tile, year)] = scene_ids_of_index(index)
-        preprocessing[(tile, year)] = index["preprocessing"]
+        preprocessing[(tile, year)] = Preprocessing(**index["preprocessing"]).attrs()  # with what older ones lack
         roi_masks[tile] = work.roi_mask
     return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids, preprocessing, roi_masks
 
@@ -64,7 +66,8 @@ def publish(
 ) -> None:
     """Write every run-level product of the tile-years of ``embeddings`` (every year of the run) into
     ``results``; their intermediates are in ``work_dir``; ``inference`` holds the run's inference
-    options, for the provenance (``InferOptions.PROVENANCE``)."""
+    options, for the provenance (``InferOptions.PROVENANCE``). ``variant`` is the configured dataset
+    variant: a period or an orbit filter in the stacks appends to it (``period.variant_of``)."""
     from tessera.publish.manifest import processing_record, write_landmasks, write_manifests, write_metadata
     from tessera.publish.mosaic import write_mosaic_cog, write_zone_mosaics
     from tessera.publish.quicklook import write_quicklooks
@@ -75,6 +78,9 @@ def publish(
     tiles, scene_ids, preprocessing, roi_masks = tiles_of_embeddings(results, work_dir, embeddings)
     processing = processing_record(family, preprocessing,
                                    {name: getattr(inference, name) for name in InferOptions.PROVENANCE})
+    chosen = processing["preprocessing"]
+    variant = variant_of(variant, Period.parse(chosen["period"]), chosen["s1_orbit_state"])
+    log.info("dataset variant %s", variant)
     write_landmasks(tiles, roi_masks)
     write_manifests(results, tiles, family=family, variant=variant)
     write_metadata(results, family=family, variant=variant, checkpoint=checkpoint, source=source, tiles=tiles,

@@ -29,6 +29,7 @@ from rasterio.windows import Window
 from tessera import __version__
 from tessera.io import atomic_path
 from tessera.layout import Results, TileFiles
+from tessera.period import ALL_ORBITS, WHOLE_YEAR, Period, describe
 
 THUMBNAIL_PIXELS = 240  # longest side of an embedded thumbnail
 # Tiles where more than a tenth of the ROI has no embedding are highlighted: worth a look at the scenes.
@@ -170,10 +171,13 @@ def write_report(
     years = sorted({files.year for files in tiles})
     named = ", ".join(map(str, years))
     pictures = {(files.tile.name, files.year): _picture(results, files) for files in tiles}
+    chosen = metadata.get("processing", {}).get("preprocessing", {})
     provenance = [
         ["model family", metadata.get("model_family", "–")],
         ["checkpoint", f'{metadata.get("checkpoint", "–")} (sha256 {metadata.get("checkpoint_sha256", "–")})'],
         ["data source", metadata.get("data_source", "–")],
+        ["time series", describe(Period.parse(chosen.get("period", str(WHOLE_YEAR))),
+                                 chosen.get("s1_orbit_state", ALL_ORBITS))],
         ["dataset version / variant", f'{metadata.get("dataset_version", "–")} / {metadata.get("dataset_variant", "–")}'],
         ["outputs generated", metadata.get("generated_at", "–")],
         ["made by", metadata.get("generator", "–")],

@@ -7,7 +7,7 @@
 The catalog is self-contained: copy or move the output directory and it stays valid.
 
 Items follow STAC 1.1: ``datetime`` null with ``start_datetime``/``end_datetime`` spanning the
-calendar year; geometry and bbox of the 0.1° cell in WGS84; the tile's pixel grid in the projection
+calendar year, or the run's period of it (config ``period``); geometry and bbox of the 0.1° cell in WGS84; the tile's pixel grid in the projection
 extension v2 (``proj:code``, ``proj:shape``, ``proj:transform``, ``proj:bbox``); band and no-data
 metadata as STAC 1.1 common metadata (``bands``, ``nodata``, ``data_type`` on each asset), which the
 core schemas validate without the network; ``file:checksum`` (sha256 multihash) and ``file:size`` per
@@ -33,6 +33,7 @@ from tessera.errors import UserError
 from tessera.grid import PIXEL_METRES
 from tessera.io import atomic_path, sha256_file
 from tessera.layout import Results, TileFiles
+from tessera.period import WHOLE_YEAR, Period, describe
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 # Names of the source collections in the scene-id mapping, as Planetary Computer names them.
@@ -49,15 +50,16 @@ def scene_ids_of_index(index: dict) -> dict[str, list[str]]:
     return {S2_COLLECTION: sorted(s2), S1_COLLECTION: sorted(s1)}
 
 
-def _year_span(year: int) -> tuple[dt.datetime, dt.datetime]:
-    """The first and last instant of a UTC calendar year."""
-    return dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(year, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+def _span(period: Period, year: int) -> tuple[dt.datetime, dt.datetime]:
+    """The first and last second (UTC) of the period of a year."""
+    dates = period.dates(year)
+    return dates.start, dates.end.replace(microsecond=0)
 
 
 def _lineage(processing: dict) -> str:
     """The choices that change the numbers, in words."""
     pre, run = processing["preprocessing"], processing["inference"]
-    return (f"Sentinel-2 resampled with {pre.get('s2_resampling')}, harmonisation {pre.get('harmonisation')}, "
+    return (f"time series of {describe(Period.parse(pre['period']), pre['s1_orbit_state'])}; Sentinel-2 resampled with {pre.get('s2_resampling')}, harmonisation {pre.get('harmonisation')}, "
             f"OPERA layover/shadow pixels {pre.get('s1_layover')}, same-date granules merged in "
             f"{pre.get('granule_order')} order; inference precision {run['precision_in_effect']}, seed {run['seed']}, "
             f"{run['repeat_times']} draw(s) per pixel")
@@ -157,7 +159,8 @@ def write_stac(
     if missing:
         raise UserError(f"no scene ids for tile-year(s) {', '.join(missing)}: pass the stack.json of every tile-year")
     years = sorted({files.year for files in tiles})
-    start, end = _year_span(years[0])[0], _year_span(years[-1])[1]
+    period = WHOLE_YEAR if processing is None else Period.parse(processing["preprocessing"]["period"])
+    start, end = _span(period, years[0])[0], _span(period, years[-1])[1]
     named = str(years[0]) if len(years) == 1 else f"{years[0]}-{years[-1]}"
     common = {
         "processing:software": {"tessera-workflow": software_version},
@@ -188,7 +191,7 @@ def write_stac(
     )
     for files in tiles:
         provenance = {**common, "tessera:scenes": scene_ids[(files.tile.name, files.year)]}
-        collection.add_item(_tile_item(files, results, provenance, *_year_span(files.year)))
+        collection.add_item(_tile_item(files, results, provenance, *_span(period, files.year)))
 
     final = results.stac
     collection.normalize_hrefs(str(final.absolute()))

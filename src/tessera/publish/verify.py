@@ -12,6 +12,7 @@ import rasterio
 from tessera.layout import EMBEDDINGS_DIR, Results, TileFiles, find_tiles
 from tessera.grid import Tile
 from tessera.io import sha256_file
+from tessera.period import ALL_ORBITS, WHOLE_YEAR, Period, describe
 
 
 def _check_tile(files: TileFiles) -> list[str]:
@@ -66,10 +67,14 @@ def describe_processing(output_dir: Path) -> list[str]:
         return []
     lines = [f"model family {sidecar.get('model_family')}, checkpoint sha256 {sidecar.get('checkpoint_sha256')}, "
              f"data source {sidecar.get('data_source')}"]
-    pre = processing.get("preprocessing", {})
+    pre = dict(processing.get("preprocessing", {}))
+    period, orbits = Period.parse(pre.pop("period", str(WHOLE_YEAR))), pre.pop("s1_orbit_state", ALL_ORBITS)
     trained = "as the family was trained" if processing.get("preprocessing_as_trained") else \
         "NOT as the family was trained (allowed by model.allow_preprocessing_mismatch)"
     lines.append("preprocessing " + ", ".join(f"{key} {value}" for key, value in pre.items()) + f": {trained}")
+    if (period, orbits) != (WHOLE_YEAR, ALL_ORBITS):
+        lines.append(f"time series of {describe(period, orbits)} (dataset variant {sidecar.get('dataset_variant')}; "
+                     "the checkpoints were trained on whole years of both orbit directions)")
     run = processing.get("inference", {})
     lines.append("inference " + ", ".join(f"{key} {value}" for key, value in run.items()))
     return lines

@@ -20,6 +20,7 @@ from rasterio.windows import Window
 
 from tessera.errors import SourceUnavailable, UserError
 from tessera.grid import Tile
+from tessera.period import DateRange
 from tessera.sources.stac import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, redact
 
 # The block read per asset: this many pixels square, at the centre of the work window.
@@ -91,7 +92,7 @@ def check_source(source: Source, tile: Tile, window: Window, year: int, *, file=
         started = time.monotonic()
         try:
             feed.read_options()  # credentials first: missing or refused ones are one clear line
-            items = feed.search(bbox, year)
+            items = feed.search(bbox, DateRange.whole_year(year))
         except (UserError, SourceUnavailable, OSError, ValueError) as exc:
             fail(f"{sensor} search at {feed.url}", exc)
             continue

@@ -25,6 +25,7 @@ from asf_search.constants import INTERNAL
 from shapely.geometry import shape
 
 from tessera.errors import SourceUnavailable, UserError
+from tessera.period import DateRange
 from tessera.sources.earthdata import EarthdataResolver
 from tessera.sources.stac import S1_MASK, UnusableAsset, split_bbox
 
@@ -49,22 +50,22 @@ class OperaFeed:
     def describe(self) -> dict:
         return {"url": self.url, "collection": OPERA_SHORT_NAME}
 
-    def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
+    def search(self, bbox_lonlat: tuple[float, float, float, float], dates: DateRange) -> list[pystac.Item]:
         # asf-search would otherwise post failed queries to ASF's error-report endpoint.
         asf_search.REPORT_ERRORS = False
         products = []
         for box_lonlat in split_bbox(bbox_lonlat):  # two boxes next to ±180°
-            products += self._search_box(box_lonlat, year)
+            products += self._search_box(box_lonlat, dates)
         unique = {product.properties["fileID"]: product for product in products}
         return _latest_per_burst(_burst_item(product) for product in unique.values())
 
-    def _search_box(self, bbox_lonlat, year: int) -> list:
+    def _search_box(self, bbox_lonlat, dates: DateRange) -> list:
         try:
             results = asf_search.search(
                 shortName=OPERA_SHORT_NAME,
                 intersectsWith=shapely.box(*bbox_lonlat).wkt,
-                start=dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc),
-                end=dt.datetime(year, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc),
+                start=dates.start,
+                end=dates.end,
                 opts=asf_search.ASFSearchOptions(host=self.cmr_host),
             )
         except asf_search.exceptions.ASFSearch4xxError as exc:

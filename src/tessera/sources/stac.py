@@ -2,8 +2,9 @@
 search cache, and keeping credentials out of messages.
 
 A ``Source`` pairs a Sentinel-2 feed and a Sentinel-1 feed with the harmonisation rule the reference
-applies to that source's S2 data. A feed finds one sensor's scenes for a bbox and year as pystac
-Items and says where each band of an item is read from (``href``), signed at the moment of the read.
+applies to that source's S2 data. A feed finds one sensor's scenes for a bbox and dates (a year, or
+its period: ``tessera.period.DateRange``) as pystac Items and says where each band of an item is
+read from (``href``), signed at the moment of the read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from urllib3.util.retry import Retry
 
 from tessera.errors import SourceUnavailable, UserError
 from tessera.io import atomic_path
+from tessera.period import DateRange
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,8 @@ class Feed(Protocol):
     def describe(self) -> dict:
         """What identifies the feed's search results (the search cache is reused only for the same)."""
 
-    def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
-        """Every item intersecting the bbox during the UTC calendar year."""
+    def search(self, bbox_lonlat: tuple[float, float, float, float], dates: DateRange) -> list[pystac.Item]:
+        """Every item intersecting the bbox during the UTC dates."""
 
     def href(self, item: pystac.Item, band: str) -> str:
         """The readable (signed) href of one band; raises UnusableAsset."""
@@ -190,7 +192,7 @@ class StacFeed:
                         asset.href = new_root + asset.href[len(old_root):]
         return items
 
-    def search(self, bbox_lonlat: tuple[float, float, float, float], year: int) -> list[pystac.Item]:
+    def search(self, bbox_lonlat: tuple[float, float, float, float], dates: DateRange) -> list[pystac.Item]:
         """Every page of a POST /search per box of the bbox (two next to ±180°, see ``split_bbox``),
         then only items that really match (see ``_MergingStacApiIO``) and the latest processing of
         each scene (see ``latest_processing``).
@@ -200,8 +202,7 @@ class StacFeed:
         A source still failing with 429/5xx or timeouts after that is unavailable (transient);
         other failures (a wrong URL or collection) are the user's to fix.
         """
-        start = dt.datetime(year, 1, 1, tzinfo=dt.timezone.utc)
-        end = dt.datetime(year, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+        start, end = dates.start, dates.end
         items = []
         boxes = split_bbox(bbox_lonlat)
         for box_lonlat in boxes:
@@ -419,20 +420,21 @@ def utc_date(item: pystac.Item) -> dt.date:
 
 
 def cached_search(
-    source: Source, feed: Feed, bbox_lonlat: tuple[float, float, float, float], year: int, cache: Path | None
+    source: Source, feed: Feed, bbox_lonlat: tuple[float, float, float, float], dates: DateRange, cache: Path | None
 ) -> list[pystac.Item]:
     """``feed.search`` remembered in ``cache``, so that rerunning a failed fetch does not search again.
 
     The cache is a GeoJSON FeatureCollection of the unsigned items (signatures expire) with the query
-    that found them; it is reused only for the same source, feed, bbox and year.
+    that found them; it is reused only for the same source, feed, bbox and dates.
     """
-    query = {"source": source.name, **feed.describe(), "bbox": [float(v) for v in bbox_lonlat], "year": year}
+    query = {"source": source.name, **feed.describe(), "bbox": [float(v) for v in bbox_lonlat],
+             "dates": [dates.first.isoformat(), dates.last.isoformat()]}
     if cache is not None and cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("tessera:query") == query and cached.get("tessera:reusable", True):
             items = [pystac.Item.from_dict(d) for d in cached["features"]]
             return feed.rebase(items, cached["tessera:api_url"])
-    items = feed.search(bbox_lonlat, year)
+    items = feed.search(bbox_lonlat, dates)
     if cache is not None:
         features = [item.to_dict(transform_hrefs=False) for item in items]
         unsigned = _without_signatures(features)
