@@ -1,5 +1,19 @@
 # Per tile-year (tessera assemble -> tessera.assemble.assemble_tile): int8 + scales and SHA256 in
 # geotessera's layout, and the tile's float32 COG.
+from tessera.assemble import ASSEMBLE_THREADS, memory_mb
+from tessera.models import family_entry
+
+# Numbers per pixel: the export's Matryoshka prefix, else the family's (1,024 for the v2 teacher).
+ASSEMBLE_DIMS = CFG["export"]["dims"] or family_entry(FAMILY).embedding_dims
+
+
+def assemble_mem_mb(wildcards, attempt):
+    """The measured peak for this tile's ROI pixels and largest patch (tessera.assemble.memory_mb),
+    times the attempt."""
+    plan = PLAN.by_name[wildcards.tile]
+    patch_pixels = max((int(p.width) * int(p.height) for p in plan.patches), default=0)
+    pixels = int(plan.window.width) * int(plan.window.height)
+    return memory_mb(pixels, ASSEMBLE_DIMS, patch_pixels, float32=CFG["export"]["float32"]) * attempt
 
 
 rule assemble:
@@ -20,8 +34,9 @@ rule assemble:
             + (["--float32"] if CFG["export"]["float32"] else [])
             + ([f"--dims {CFG['export']['dims']}"] if CFG["export"]["dims"] else [])
         ),
+    threads: ASSEMBLE_THREADS
     resources:
-        mem_mb=grows_with_attempt(2000),
+        mem_mb=assemble_mem_mb,
         runtime=grows_with_attempt(30),
     log:
         "logs/assemble/{year}/{tile}.log",
@@ -31,4 +46,4 @@ rule assemble:
         ENV
     shell:
         f"tessera assemble {TILE_ARGS} --output-dir {shlex.quote(OUTPUT_DIR)}"
-        " {params.options} --checkpoint {input.checkpoint} {input.patches} 2> {log}"
+        " {params.options} --threads {threads} --checkpoint {input.checkpoint} {input.patches} 2> {log}"

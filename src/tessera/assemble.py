@@ -235,6 +235,7 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path,
                 # (bands, rows, cols), as the raster holds them: codes × scale, the product in float32.
                 block = np.multiply(np.moveaxis(codes[rows], -1, 0), scales[rows], dtype=np.float32)
                 raster.write(block, window=rasterio.windows.Window(0, row, width, rows.stop - row))
+            del codes, scales  # unmapped: their pages no longer count against the job's memory
             raster.descriptions = tuple(f"Tessera_Band_{i}" for i in range(dims))
             raster.update_tags(AREA_OR_POINT="Area", **tags)
             # The levels the COG driver would make itself; given as the source's overviews, it copies them.
@@ -244,6 +245,26 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path,
                 overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(threads or available_cpus()),
             )
         check_cog_complete(tmp)
+
+
+# Peak memory of assemble_tile with the COG, measured (benchmarks/assemble.py, a full tile at
+# 52° N, 833,000 px, 2 threads): 1,090 MiB at 128 dims, 7,724 MiB at 1,024 (before the codes were
+# released ahead of the copy): ~150 MiB + 9.3 bytes per pixel and number. Per pixel and number: 4
+# bytes of the in-memory raster, 1.33 of its overviews, 1 of the codes, and ~3 of GDAL's
+# compression buffers in the COG copy (grows with the threads: ~1.5 with one).
+_MEMORY_BASE_MB = 150
+_MEMORY_BYTES_PER_VALUE = 9.3
+ASSEMBLE_THREADS = 2  # what the constants were measured with, and the rule's threads
+
+
+def memory_mb(pixels: int, dims: int, patch_pixels: int = 0, *, float32: bool = False) -> int:
+    """MB to ask for an assemble job of a tile whose ROI covers ``pixels`` with ``dims`` numbers per
+    pixel, read from patches of up to ``patch_pixels``: the measured peak of the COG, or of the
+    quantisation (one patch in float32, the codes, and the float32 export if asked for) where that
+    is more; plus a fifth, and at least 1,000 (a retry asks for a multiple of it)."""
+    cog = _MEMORY_BYTES_PER_VALUE * pixels * dims
+    quantise = (4 * patch_pixels + (5 if float32 else 1) * pixels) * dims
+    return max(1000, int(1.2 * (_MEMORY_BASE_MB + max(cog, quantise) / 2**20)) + 1)
 
 
 def cog_overview_factors(width: int, height: int, block: int = COG_BLOCK) -> list[int]:
