@@ -248,12 +248,11 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path,
 
 
 # Peak memory of assemble_tile with the COG, measured (benchmarks/assemble.py, a full tile at
-# 52° N, 833,000 px, 2 threads): 1,090 MiB at 128 dims, 7,724 MiB at 1,024 (before the codes were
-# released ahead of the copy): ~150 MiB + 9.3 bytes per pixel and number. Per pixel and number: 4
-# bytes of the in-memory raster, 1.33 of its overviews, 1 of the codes, and ~3 of GDAL's
-# compression buffers in the COG copy (grows with the threads: ~1.5 with one).
-_MEMORY_BASE_MB = 150
-_MEMORY_BYTES_PER_VALUE = 9.3
+# 52° N, 833,000 px, 2 threads): 1,004 MiB at 128 dims, 6,886 MiB at 1,024: ~165 MiB + 8.3 bytes per
+# pixel and number. Per pixel and number: 4 bytes of the in-memory raster, 1.33 of its overviews,
+# and ~3 of GDAL's compression buffers in the COG copy (they grow with the threads: ~1.5 with one).
+_MEMORY_BASE_BYTES = 165 * 2**20
+_MEMORY_BYTES_PER_VALUE = 8.3
 ASSEMBLE_THREADS = 2  # what the constants were measured with, and the rule's threads
 
 
@@ -264,7 +263,7 @@ def memory_mb(pixels: int, dims: int, patch_pixels: int = 0, *, float32: bool = 
     is more; plus a fifth, and at least 1,000 (a retry asks for a multiple of it)."""
     cog = _MEMORY_BYTES_PER_VALUE * pixels * dims
     quantise = (4 * patch_pixels + (5 if float32 else 1) * pixels) * dims
-    return max(1000, int(1.2 * (_MEMORY_BASE_MB + max(cog, quantise) / 2**20)) + 1)
+    return max(1000, int(1.2 * (_MEMORY_BASE_BYTES + max(cog, quantise)) / 1e6) + 1)
 
 
 def cog_overview_factors(width: int, height: int, block: int = COG_BLOCK) -> list[int]:
