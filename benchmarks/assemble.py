@@ -16,9 +16,10 @@ no inference needed) over the whole tile grid, then, ``--repeats`` times, in alt
   the file closed (start-up, imports and the load excluded). Its COG is checked to be assemble's
   COG byte for byte (same band descriptions and tags), so both write the same file.
 
-Prints medians and assemble / floor. (GDAL's COG driver making the overviews itself from a source
-without them took 111 s instead of ~10 s; from a pixel-interleaved in-memory raster its average
-overviews took 6 times longer than from a band-interleaved one: neither is the floor.)
+Prints medians and assemble / floor. (Slower GDAL routes, not the floor: the COG driver making the
+overviews itself from a source without them took 111 s where this route took 35 s, 128 numbers a
+pixel, same conditions; from a pixel-interleaved in-memory raster GDAL's average overviews took 6
+to 8 times as long as from a band-interleaved one.)
 """
 
 from __future__ import annotations
