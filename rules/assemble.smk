@@ -1,19 +1,5 @@
 # Per tile-year (tessera assemble -> tessera.assemble.assemble_tile): int8 + scales and SHA256 in
-# geotessera's layout, and the tile's float32 COG.
-from tessera.assemble import ASSEMBLE_THREADS, memory_mb
-from tessera.models import family_entry
-
-# Numbers per pixel: the export's Matryoshka prefix, else the family's (1,024 for the v2 teacher).
-ASSEMBLE_DIMS = CFG["export"]["dims"] or family_entry(FAMILY).embedding_dims
-
-
-def assemble_mem_mb(wildcards, attempt):
-    """The measured peak for this tile's ROI pixels and largest patch (tessera.assemble.memory_mb),
-    times the attempt."""
-    plan = PLAN.by_name[wildcards.tile]
-    patch_pixels = max((int(p.width) * int(p.height) for p in plan.patches), default=0)
-    pixels = int(plan.window.width) * int(plan.window.height)
-    return memory_mb(pixels, ASSEMBLE_DIMS, patch_pixels, float32=CFG["export"]["float32"]) * attempt
+# geotessera's layout, and the tile's float32 COG. Its memory: assemble_mem_mb in common.smk.
 
 
 rule assemble:
