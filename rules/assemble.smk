@@ -1,5 +1,5 @@
 # Per tile-year (tessera assemble -> tessera.assemble.assemble_tile): int8 + scales and SHA256 in
-# geotessera's layout, and the tile's float32 COG.
+# geotessera's layout, and the tile's float32 COG. Its memory: assemble_mem_mb in common.smk.
 
 
 rule assemble:
@@ -20,8 +20,9 @@ rule assemble:
             + (["--float32"] if CFG["export"]["float32"] else [])
             + ([f"--dims {CFG['export']['dims']}"] if CFG["export"]["dims"] else [])
         ),
+    threads: ASSEMBLE_THREADS
     resources:
-        mem_mb=grows_with_attempt(2000),
+        mem_mb=assemble_mem_mb,
         runtime=grows_with_attempt(30),
     log:
         "logs/assemble/{year}/{tile}.log",
@@ -31,4 +32,4 @@ rule assemble:
         ENV
     shell:
         f"tessera assemble {TILE_ARGS} --output-dir {shlex.quote(OUTPUT_DIR)}"
-        " {params.options} --checkpoint {input.checkpoint} {input.patches} 2> {log}"
+        " {params.options} --threads {threads} --checkpoint {input.checkpoint} {input.patches} 2> {log}"

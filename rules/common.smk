@@ -6,8 +6,10 @@ import sys
 
 from tessera import config as tessera_config
 from tessera import layout
+from tessera.assemble import ASSEMBLE_THREADS, memory_mb
 from tessera.download import checkpoint_path, needs_download
 from tessera.errors import UserError
+from tessera.models import family_entry
 from tessera.options import FetchOptions, InferOptions
 from tessera.period import claim_directories
 from tessera.plan import JOB_SHAPES, SHAPE_WILDCARDS, make_plan
@@ -83,6 +85,20 @@ wildcard_constraints:
 def grows_with_attempt(base):
     """A resource (MB or minutes) that grows with each retry, so an OOM or timeout is not repeated."""
     return lambda wildcards, attempt: base * attempt
+
+
+# Numbers per pixel of the assembled tiles: the export's Matryoshka prefix, else the family's
+# (1,024 for the v2 teacher).
+ASSEMBLE_DIMS = CFG["export"]["dims"] or family_entry(FAMILY).embedding_dims
+
+
+def assemble_mem_mb(wildcards, attempt):
+    """The assemble job's measured peak for its tile's ROI pixels and largest patch
+    (tessera.assemble.memory_mb), times the attempt."""
+    plan = PLAN.by_name[wildcards.tile]
+    patch_pixels = max((int(p.width) * int(p.height) for p in plan.patches), default=0)
+    pixels = int(plan.window.width) * int(plan.window.height)
+    return memory_mb(pixels, ASSEMBLE_DIMS, patch_pixels, float32=CFG["export"]["float32"]) * attempt
 
 
 def roi_input():

@@ -30,3 +30,63 @@ def test_leftovers_of_a_killed_writer_are_removed_by_the_next_one(tmp_path):
     with atomic_path(tmp_path / "s2.zarr", directory=True) as tmp:
         (tmp / "zarr.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, same_stem.name, "grid_6.05_52.05.npy", "s2.zarr"])
+
+
+def _small_cog(tmp_path, driver="COG"):
+    """A 4-band float32 raster of 3 x 3 tiles of 256 px with one overview, as GDAL's COG driver or
+    as a plain tiled GeoTIFF (no tile frames) writes it."""
+    import numpy as np
+    import rasterio
+    import rasterio.shutil
+
+    data = np.random.default_rng(0).normal(size=(4, 600, 520)).astype(np.float32)
+    path = tmp_path / f"{driver}.tif"
+    if driver == "GTiff":
+        with rasterio.open(path, "w", driver="GTiff", width=520, height=600, count=4, dtype="float32", tiled=True,
+                           blockxsize=256, blockysize=256, compress="deflate", predictor=3) as dst:
+            dst.write(data)
+        return path
+    with rasterio.open("", "w", driver="MEM", width=520, height=600, count=4, dtype="float32") as raster:
+        raster.write(data)
+        rasterio.shutil.copy(raster, path, driver="COG", compress="DEFLATE", predictor=3, blocksize=256)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "last tile zeroed", "leader", "trailer", "offset"])
+def test_cog_check_sees_what_a_failed_write_leaves(tmp_path, damage):
+    import struct
+
+    import rasterio
+
+    from tessera.io import check_cog_complete
+
+    path = _small_cog(tmp_path)
+    check_cog_complete(path)  # the control
+    data = bytearray(path.read_bytes())
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        count = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    if damage == "truncated":
+        data = data[:-1]
+    elif damage == "last tile zeroed":
+        data[-100:] = bytes(100)
+    elif damage == "leader":
+        data[offset - 4:offset] = struct.pack("<I", count + 1)
+    elif damage == "trailer":
+        data[offset + count] ^= 0xFF
+    else:  # an offset GDAL did not get to write: the table points at no tile
+        where = data.find(struct.pack("<I", offset))
+        data[where:where + 4] = struct.pack("<I", offset + 8)
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="was not written whole"):
+        check_cog_complete(path)
+
+
+def test_cog_check_reads_a_file_without_tile_frames_back_whole(tmp_path):
+    from tessera.io import check_cog_complete
+
+    path = _small_cog(tmp_path, "GTiff")
+    check_cog_complete(path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(OSError, match="was not written whole"):
+        check_cog_complete(path)

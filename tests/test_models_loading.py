@@ -44,6 +44,15 @@ def test_the_registry_imports_no_model_code():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("name", family_names())
+def test_registry_facts_agree_with_the_family(name):
+    """What assemble reads from the registry (without torch) is what the family's model code says."""
+    entry, family = models.family_entry(name), get_family(name)
+    assert entry.quantisation == family.quantisation
+    assert entry.matryoshka == family.matryoshka
+    assert entry.embedding_dims == family.embedding_dim(family.default_arch())
+
+
 def test_registry_refuses_unknown_names():
     assert get_family("v2").name == "v2"
     assert get_family(get_family("v2")) is get_family("v2")

@@ -60,3 +60,19 @@ def test_resources_grow_with_attempt(tmp_path):
     jobs, _ = _dry_run_resources(tmp_path, "--cores", "2")
     fetch = next(res for rule, res in jobs if rule == "fetch")
     assert fetch["mem_mb"] == "2000" and fetch["runtime"] == "240"
+
+
+def test_assemble_memory_follows_the_tile_and_the_family(tmp_path):
+    """assemble asks for the measured peak of its tile's pixels and its family's numbers per pixel."""
+    from tessera.assemble import memory_mb
+
+    jobs, _ = _dry_run_resources(tmp_path, "--cores", "2")
+    assemble = [res for rule, res in jobs if rule == "assemble"]
+    assert assemble and all(int(res["mem_mb"]) >= 1000 for res in assemble)
+    full_tile = 731 * 1140  # 0.1° at 52° N
+    assert memory_mb(full_tile, 128, 512 * 512) < 2000 < memory_mb(full_tile, 1024, 512 * 512)
+    # Above the measured peaks (MiB) at 128 and 1,024 numbers.
+    assert memory_mb(full_tile, 128, 512 * 512) > 1004 * 1.048576
+    assert memory_mb(full_tile, 1024, 512 * 512) > 6886 * 1.048576
+    # A small ROI in a large patch: reading the patch is the peak.
+    assert memory_mb(1000, 1024, 512 * 512) > memory_mb(1000, 1024, 16 * 16)

@@ -105,7 +105,7 @@ def cmd_assemble(args: argparse.Namespace) -> None:
         Tile.from_name(args.tile), args.year, layout.patch_files(args.patches), family=args.family,
         work=layout.WorkTile.at(args.work_dir, args.year, args.tile), results=layout.Results(args.output_dir),
         dims=args.dims, float32=args.float32, cog=args.cog, checkpoint=args.checkpoint and Path(args.checkpoint),
-        source=args.source,
+        source=args.source, threads=args.threads,
     )
 
 
@@ -119,6 +119,7 @@ def add_assemble(sub) -> None:
     p.add_argument("--cog", action="store_true", help="also write the tile's float32 Cloud-Optimized GeoTIFF")
     p.add_argument("--dims", type=int, help="keep the first N numbers (Matryoshka prefix of v2 embeddings)")
     p.add_argument("--float32", action="store_true", help="also write the unquantised float32 (H, W, D) .npy")
+    p.add_argument("--threads", type=int, help="threads compressing the COG (default: the CPUs this process may use)")
     p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npz, or folders of them")
     p.set_defaults(func=cmd_assemble)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tessera.errors import UserError
+from tessera.models.quantisation import V1_QUANTISATION, V2_QUANTISATION, Quantisation
 
 if TYPE_CHECKING:
     from tessera.models.family import Family
@@ -37,16 +38,20 @@ class FamilyEntry:
     # reference resampled with nearest until its commit 228c658 (2026-05-06, s2_fast_processor.py),
     # so every v1.x checkpoint saw nearest; the v2 models were trained after it (bilinear).
     s2_resampling: str
+    # What assemble needs, without the model code (each agrees with the family's FAMILY; tested):
+    quantisation: Quantisation  # the int8 storage
+    matryoshka: bool  # a prefix of the embedding is usable alone (export.dims)
+    embedding_dims: int  # numbers per pixel at the published size (sizes assemble's memory)
 
 
 # v1.0 and v1.0-QAT always take 40 + 40 steps; v1.1, v2 (small) and the v2 teacher are bucketed,
 # about 64 + 64 for a year of observations.
 REGISTRY = (
-    FamilyEntry("v2", "v2", "2.0", 0.43e9, "bilinear"),
-    FamilyEntry("v1.0", "v1_0", "1.0", 3.53e9, "nearest"),
-    FamilyEntry("v1.0-qat", "v1_0_qat", "1.0", 1.84e9, "nearest"),
-    FamilyEntry("v1.1", "v1_1", "1.1", 3.40e9, "nearest"),
-    FamilyEntry("v2-teacher", "v2_teacher", "2.0", 106e9, "bilinear"),
+    FamilyEntry("v2", "v2", "2.0", 0.43e9, "bilinear", V2_QUANTISATION, True, 128),
+    FamilyEntry("v1.0", "v1_0", "1.0", 3.53e9, "nearest", V1_QUANTISATION, False, 128),
+    FamilyEntry("v1.0-qat", "v1_0_qat", "1.0", 1.84e9, "nearest", V1_QUANTISATION, False, 128),
+    FamilyEntry("v1.1", "v1_1", "1.1", 3.40e9, "nearest", V1_QUANTISATION, False, 128),
+    FamilyEntry("v2-teacher", "v2_teacher", "2.0", 106e9, "bilinear", V2_QUANTISATION, False, 1024),
 )
 # What every family expects of the rest of the preprocessing, as the reference did it for all of
 # them: OPERA's layover/shadow pixels kept (its fetch never reads the mask layer), same-datetime

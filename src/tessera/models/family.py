@@ -48,20 +48,7 @@ import torch
 from torch import nn
 
 from tessera.errors import UserError
-
-
-@dataclass(frozen=True)
-class Quantisation:
-    """Per-pixel symmetric int8: ``scale = max|e| / 127``, ``code = clip(round_half_even(e / scale))``.
-
-    ``scale_floor`` keeps the scale positive; ``floor_on_absmax`` says where the reference applies
-    it (v2 floors max|e| before dividing, v1.x floors the scale itself).
-    """
-
-    code_min: int
-    code_max: int
-    scale_floor: float
-    floor_on_absmax: bool
+from tessera.models.quantisation import Quantisation
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from tessera.errors import UserError
-from tessera.models.family import Batch, Family, Normalisation, Quantisation
+from tessera.models.family import Batch, Family, Normalisation
 from tessera.models.inputs import S1Series, S2Series, SensorSeries
 from tessera.models.layers import AttentionPooling, ConcatFusionModel, TemporalBackbone
+from tessera.models.quantisation import V1_QUANTISATION
 from tessera.models.sampling import counter_words, draw_steps, pixel_keys, stream_key
 
 STEPS_PER_SENSOR = 40
@@ -44,9 +45,6 @@ V1_0_NORMALISATION = Normalisation(
     s1_desc_mean=(5484.0407, 3003.7812),
     s1_desc_std=(1871.2334, 1726.0670),
 )
-
-# v1.x per-pixel int8: codes in [-128, 127], the scale itself floored at 1e-8 (UPSTREAM.md §4.8).
-V1_QUANTISATION = Quantisation(code_min=-128, code_max=127, scale_floor=1e-8, floor_on_absmax=False)
 
 # Reduced size for demo checkpoints: v1.x was published at one size only, which is too slow on a
 # CPU for trying the workflow; "full" is the published size.

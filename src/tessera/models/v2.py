@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.models.family import Normalisation, Quantisation
+from tessera.models.family import Normalisation
 from tessera.models.layers import AttentionPooling, ConcatFusionModel, TemporalBackbone
+from tessera.models.quantisation import V2_QUANTISATION
 from tessera.models.sampling import BucketedFamily
 
 BIN_WIDTH = 8
@@ -126,9 +127,6 @@ def valid_count_bins(counts: np.ndarray) -> np.ndarray:
     """Bin length per pixel of v2 students and teacher: valid counts rounded up to a multiple of 8,
     at most 256; 0 for none."""
     return np.where(counts <= 0, 0, np.minimum(-(-counts // BIN_WIDTH) * BIN_WIDTH, MAX_BIN))
-
-
-V2_QUANTISATION = Quantisation(code_min=-127, code_max=127, scale_floor=1e-12, floor_on_absmax=True)
 
 
 class V2Student(BucketedFamily):
