@@ -229,7 +229,8 @@ def fetch_s2(
             return None
         value_from = np.where(valid, chosen, 0)
         granule_of = {item.id: index for index, item in enumerate(day_items)}
-        reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in np.unique(value_from)]
+        contributing = np.unique(value_from)
+        reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in contributing]
         bands = np.empty((reader.height, reader.width, len(S2_BANDS)), np.uint16)
         for (item, band, _), values in reader.read_all(reads):
             take = value_from == granule_of[item.id]
