@@ -110,6 +110,24 @@ def run_stage(name: str, command: list[str], outputs: list[Path], env: dict) -> 
             "outputs": tree_bytes(outputs)}
 
 
+def infer_one_patch(size: int, tile, year: int, roi: str, work, checkpoint: Path, scratch: Path, env: dict) -> dict:
+    """The infer stage for the first patch of ``size`` px, from the tile's stacks, in a work folder of its
+    own (links to the stacks, stack index and ROI mask) so that its patch does not join the tile's."""
+    from tessera.layout import WorkTile, patch_name
+    from tessera.plan import plan_tile
+    from tessera.roi import read_roi
+
+    work_dir = scratch / f"work-patch-{size}"
+    own = WorkTile.at(work_dir, year, tile.name)
+    own.root.mkdir(parents=True, exist_ok=True)
+    for path in (work.s2, work.s1, work.stack_index, work.roi_mask):
+        (own.root / path.name).symlink_to(path)
+    command = [str(BIN / "tessera"), "infer", "--tile", tile.name, "--year", str(year), "--work-dir", str(work_dir),
+               "--roi", roi, "--patch-size", str(size), "--patch", patch_name(plan_tile(read_roi(roi), tile, size).patches[0]),
+               "--checkpoint", str(checkpoint), "--family", "v2"]
+    return run_stage(f"infer 1 patch {size}", command, [own.patches], env)
+
+
 def needed_blocks(src, area, area_epsg: int):
     """The window of ``src`` that covers ``area`` (a polygon in ``area_epsg``) with one source pixel
     to spare for the resampling kernel, out to whole blocks: what any reader of the area decodes."""
@@ -202,6 +220,9 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/tessera-bench-fulltile")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (rerun: stages start afresh)")
     parser.add_argument("--no-forward", action="store_true", help="skip the v2 forward-speed measurement")
+    parser.add_argument("--infer-patch-sizes", default="256,1024",
+                        help="then infer the first patch of each of these sizes from the same stacks, for its peak "
+                             "RSS (patches of a tile are inferred one after the other: one patch is the peak)")
     args = parser.parse_args()
 
     from tessera.grid import Tile
@@ -246,6 +267,10 @@ def main() -> None:
         rows.append(run_stage(name, command, outputs, env))
         row = rows[-1]
         print(f"  {name}: {row['wall']:.1f} s wall, {row['cpu']:.1f} s CPU, {row['rss_mib']:.0f} MiB", flush=True)
+
+    for size in [int(size) for size in args.infer_patch_sizes.split(",") if size]:
+        rows.append(infer_one_patch(size, tile, args.year, roi, work, checkpoint, scratch, env))
+        print(f"  {rows[-1]['stage']}: {rows[-1]['wall']:.1f} s wall, {rows[-1]['rss_mib']:.0f} MiB", flush=True)
 
     import zarr
     s2 = zarr.open_group(work.s2, mode="r")
