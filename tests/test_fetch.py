@@ -13,6 +13,7 @@ from rasterio.windows import Window
 
 from tessera.errors import UserError
 from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
+from tessera.fetch.encode import has_s1_code
 from tessera.grid import tile_at
 from tessera.sources import Source
 from tessera.sources.mpc import MPC_ASSET_KEYS, mpc_shaped_source
@@ -128,6 +129,11 @@ def test_scl_classes():
 
 
 # --- Sentinel-2 --------------------------------------------------------------------------------
+
+
+def test_an_s1_pixel_has_a_code_where_vv_or_vh_is_non_zero():
+    sar = np.array([[[0, 0], [5, 0]], [[0, -3], [7, 9]]], np.int16)
+    np.testing.assert_array_equal(has_s1_code(sar), [[False, True], [True, True]])
 
 
 def test_s2_single_granule_encoding_mask_and_time_axis(tmp_path):

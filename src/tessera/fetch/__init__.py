@@ -47,7 +47,7 @@ from shapely.geometry import Point, shape
 from tqdm import tqdm
 
 from tessera.errors import UserError
-from tessera.fetch.encode import encode_s1, encode_s2, valid_scl
+from tessera.fetch.encode import encode_s1, encode_s2, has_s1_code, valid_scl
 from tessera.fetch.reader import PARALLEL_READS, SceneUnreadable, WindowReader
 from tessera.grid import Tile
 from tessera.layout import WorkTile
@@ -324,7 +324,7 @@ def fetch_s1(
                 contributed = True
             if contributed:
                 used.append(item.id)
-        if not used or not coverage.enough((merged != 0).any(axis=-1), min_coverage_pct):
+        if not used or not coverage.enough(has_s1_code(merged), min_coverage_pct):
             low_coverage.append(f"{key[0].isoformat()} {key[1]}")
             return None
         return used, merged
