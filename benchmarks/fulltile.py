@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fulltile.py [--tile grid_6.05_52.05] [--year 2024] [--patch-size 512]
         [--s2-revisit-days 5] [--s1-revisit-days 12] [--scratch DIR] [--keep] [--no-forward]
+        [--infer-patch-sizes 256,1024]
 
 Runs the stages' own sub-commands in subprocesses, one after the other, as the rules run them:
 ``tessera demo catalog``, ``tessera demo checkpoint`` (the small v2 demo checkpoint), ``tessera fetch``,
@@ -11,6 +12,11 @@ bytes read and written by the stage's processes (the read_chars / write_chars of
 counters, sampled every 0.2 s, so files and sockets both count), and for fetch the bytes the demo's
 local STAC API sent (the source's side of the connection). The stage's outputs' bytes on disk are
 printed too.
+
+The fetch's CPU without the demo's STAC server is then compared with a floor measured in the same
+run: plain reads (no warp) that open each COG the fetch read once and decode its blocks under the
+work window once (``decode_floor``). With ``--infer-patch-sizes``, the first patch of each size is
+inferred again from the same stacks, for its peak RSS.
 
 The ROI is the tile's cell shrunk by 0.001° (the whole tile's pixel grid but a thin border). For a
 quick check, thin the year out with --s2-revisit-days 30 --s1-revisit-days 60 (figures for README
@@ -148,7 +154,9 @@ def needed_blocks(src, area, area_epsg: int):
 
 def fetch_reads(work, catalog_dir: Path) -> list[Path]:
     """The COGs the fetch read, as local files: the SCL of every S2 scene it searched (but those of
-    100 % cloud), the bands of the scenes of every date it kept, the VV and VH of every S1 scene."""
+    100 % cloud), the bands of the scenes of every date it kept, the VV and VH of every S1 scene.
+    (The fetch skips the bands of a granule that gives a kept date no pixel: the floor is then a
+    little high, never low.)"""
     from tessera.fetch import ORBIT_STATES, S2_MAX_CLOUD_PCT
     from tessera.sources import S1_POLARISATIONS, S2_BANDS, S2_SCL
 
