@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fulltile.py [--tile grid_6.05_52.05] [--year 2024] [--patch-size 512]
         [--s2-revisit-days 5] [--s1-revisit-days 12] [--scratch DIR] [--keep] [--no-forward]
+        [--infer-patch-sizes 256,1024]
 
 Runs the stages' own sub-commands in subprocesses, one after the other, as the rules run them:
 ``tessera demo catalog``, ``tessera demo checkpoint`` (the small v2 demo checkpoint), ``tessera fetch``,
@@ -11,6 +12,11 @@ bytes read and written by the stage's processes (the read_chars / write_chars of
 counters, sampled every 0.2 s, so files and sockets both count), and for fetch the bytes the demo's
 local STAC API sent (the source's side of the connection). The stage's outputs' bytes on disk are
 printed too.
+
+The fetch's CPU without the demo's STAC server is then compared with a floor measured in the same
+run: plain reads (no warp) that open each COG the fetch read once and decode its blocks under the
+work window once (``decode_floor``). With ``--infer-patch-sizes``, the first patch of each size is
+inferred again from the same stacks, for its peak RSS.
 
 The ROI is the tile's cell shrunk by 0.001° (the whole tile's pixel grid but a thin border). For a
 quick check, thin the year out with --s2-revisit-days 30 --s1-revisit-days 60 (figures for README
@@ -24,9 +30,12 @@ this CPU is extrapolated from the tile's ROI pixel count.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -55,7 +64,7 @@ class IoSampler:
     def __init__(self, pid: int, interval: float = 0.2):
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.counters: dict[int, tuple[str, int, int]] = {}  # pid -> (command, read_chars, write_chars)
+        self.counters: dict[int, tuple[str, int, int, float]] = {}  # pid -> (command, read_chars, write_chars, CPU s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -68,8 +77,9 @@ class IoSampler:
                 return
             for process in processes:
                 try:
-                    io = process.io_counters()
-                    self.counters[process.pid] = (" ".join(process.cmdline()), io.read_chars, io.write_chars)
+                    io, cpu = process.io_counters(), process.cpu_times()
+                    self.counters[process.pid] = (" ".join(process.cmdline()), io.read_chars, io.write_chars,
+                                                  cpu.user + cpu.system)
                 except psutil.Error:
                     continue
             self._stop.wait(self.interval)
@@ -78,10 +88,10 @@ class IoSampler:
         self._stop.set()
         self._thread.join()
 
-    def totals(self, *, server: bool) -> tuple[int, int]:
-        """(read, written) of the demo's STAC server processes (``server``) or of all the others."""
-        chosen = [(r, w) for command, r, w in self.counters.values() if ("uvicorn" in command) == server]
-        return sum(r for r, _ in chosen), sum(w for _, w in chosen)
+    def totals(self, *, server: bool) -> tuple[int, int, float]:
+        """(read, written, CPU seconds) of the demo's STAC server processes (``server``) or of all the others."""
+        chosen = [(r, w, c) for command, r, w, c in self.counters.values() if ("uvicorn" in command) == server]
+        return tuple(sum(column) for column in zip(*chosen)) if chosen else (0, 0, 0.0)
 
 
 def run_stage(name: str, command: list[str], outputs: list[Path], env: dict) -> dict:
@@ -99,10 +109,97 @@ def run_stage(name: str, command: list[str], outputs: list[Path], env: dict) -> 
     if status != 0:
         sys.stderr.write("".join(stderr_lines[-30:]))
         raise SystemExit(f"stage {name} failed: {' '.join(command)}")
-    read, written = sampler.totals(server=False)
-    _, served = sampler.totals(server=True)
+    read, written, _ = sampler.totals(server=False)
+    _, served, server_cpu = sampler.totals(server=True)
     return {"stage": name, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024,
-            "read": read, "written": written, "served": served, "outputs": tree_bytes(outputs)}
+            "read": read, "written": written, "served": served, "server_cpu": server_cpu,
+            "outputs": tree_bytes(outputs)}
+
+
+def infer_one_patch(size: int, tile, year: int, roi: str, work, checkpoint: Path, scratch: Path, env: dict) -> dict:
+    """The infer stage for the first patch of ``size`` px, from the tile's stacks, in a work folder of its
+    own (links to the stacks, stack index and ROI mask) so that its patch does not join the tile's."""
+    from tessera.layout import WorkTile, patch_name
+    from tessera.plan import plan_tile
+    from tessera.roi import read_roi
+
+    work_dir = scratch / f"work-patch-{size}"
+    own = WorkTile.at(work_dir, year, tile.name)
+    own.root.mkdir(parents=True, exist_ok=True)
+    for path in (work.s2, work.s1, work.stack_index, work.roi_mask):
+        (own.root / path.name).symlink_to(path)
+    command = [str(BIN / "tessera"), "infer", "--tile", tile.name, "--year", str(year), "--work-dir", str(work_dir),
+               "--roi", roi, "--patch-size", str(size), "--patch", patch_name(plan_tile(read_roi(roi), tile, size).patches[0]),
+               "--checkpoint", str(checkpoint), "--family", "v2"]
+    return run_stage(f"infer 1 patch {size}", command, [own.patches], env)
+
+
+def needed_blocks(src, area, area_epsg: int):
+    """The window of ``src`` that covers ``area`` (a polygon in ``area_epsg``) with one source pixel
+    to spare for the resampling kernel, out to whole blocks: what any reader of the area decodes."""
+    from rasterio.windows import Window
+
+    from tessera.grid import reproject
+
+    west, south, east, north = reproject(area, area_epsg, src.crs.to_epsg(), densify=10.0).bounds
+    col_start, row_start = ~src.transform * (west, north)
+    col_stop, row_stop = ~src.transform * (east, south)
+    block_height, block_width = src.block_shapes[0]
+    row_start = max(0, math.floor(row_start) - 1) // block_height * block_height
+    col_start = max(0, math.floor(col_start) - 1) // block_width * block_width
+    row_stop = min(src.height, -(-(math.ceil(row_stop) + 1) // block_height) * block_height)
+    col_stop = min(src.width, -(-(math.ceil(col_stop) + 1) // block_width) * block_width)
+    return Window(col_start, row_start, col_stop - col_start, row_stop - row_start)
+
+
+def fetch_reads(work, catalog_dir: Path) -> list[Path]:
+    """The COGs the fetch read, as local files: the SCL of every S2 scene it searched (but those of
+    100 % cloud), the bands of the scenes of every date it kept, the VV and VH of every S1 scene.
+    (The fetch skips the bands of a granule that gives a kept date no pixel: the floor is then a
+    little high, never low.)"""
+    from tessera.fetch import ORBIT_STATES, S2_MAX_CLOUD_PCT
+    from tessera.sources import S1_POLARISATIONS, S2_BANDS, S2_SCL
+
+    import zarr
+
+    kept = {scene for scenes in zarr.open_group(work.s2, mode="r").attrs["scenes"] for scene in scenes}
+    paths = []
+    for sensor in ("s2", "s1"):
+        cache = json.loads(work.search(sensor).read_text())
+        api_url = cache["tessera:api_url"]
+        for feature in cache["features"]:
+            properties = feature["properties"]
+            if sensor == "s2":
+                if properties.get("eo:cloud_cover", 0.0) >= S2_MAX_CLOUD_PCT:
+                    continue
+                assets = [S2_SCL, *S2_BANDS] if feature["id"] in kept else [S2_SCL]
+            else:
+                if str(properties.get("sat:orbit_state", "")).lower() not in ORBIT_STATES:
+                    continue
+                assets = list(S1_POLARISATIONS)
+            paths += [catalog_dir / feature["assets"][asset]["href"][len(api_url):] for asset in assets]
+    return paths
+
+
+def decode_floor(work, catalog_dir: Path, tile, repeats: int = 3) -> tuple[float, int, int]:
+    """(CPU seconds, reads, decoded pixels) of plain reads of the blocks the fetch needs: each COG
+    the fetch read opened once and its blocks under the tile's work window decoded once, with no
+    warp, in this process (GDAL single-threaded); the median of ``repeats``."""
+    import rasterio
+    import zarr
+    from rasterio.windows import Window
+
+    area = tile.pixel_box(Window(*zarr.open_group(work.s2, mode="r").attrs["window"]))
+    paths = fetch_reads(work, catalog_dir)
+    seconds, pixels = [], 0
+    for _ in range(repeats):
+        pixels = 0
+        start = time.process_time()
+        for path in paths:
+            with rasterio.open(path) as src:
+                pixels += src.read(1, window=needed_blocks(src, area, tile.epsg)).size
+        seconds.append(time.process_time() - start)
+    return statistics.median(seconds), len(paths), pixels
 
 
 def forward_rates() -> tuple[float, float, str]:
@@ -131,6 +228,9 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/tessera-bench-fulltile")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (rerun: stages start afresh)")
     parser.add_argument("--no-forward", action="store_true", help="skip the v2 forward-speed measurement")
+    parser.add_argument("--infer-patch-sizes", default="256,1024",
+                        help="then infer the first patch of each of these sizes from the same stacks, for its peak "
+                             "RSS (patches of a tile are inferred one after the other: one patch is the peak)")
     args = parser.parse_args()
 
     from tessera.grid import Tile
@@ -162,11 +262,11 @@ def main() -> None:
         ("assemble", [tessera, "assemble", *tile_year, "--output-dir", str(output_dir), "--family", "v2",
                       "--checkpoint", str(checkpoint), "--source", "demo", "--cog", str(work.patches)],
          [results.tile_folder(tile.name, args.year), results.landmask(tile.name), results.cog(tile.name, args.year)]),
-        ("publish", [tessera, "publish", "--output-dir", str(output_dir), "--year", str(args.year), "--family", "v2",
+        ("publish", [tessera, "publish", "--output-dir", str(output_dir), "--work-dir", str(work_dir), "--family", "v2",
                      "--variant", "demo", "--checkpoint", str(checkpoint), "--source", "demo", "--mosaics",
-                     str(work.stack_index)],
-         [results.manifest, results.quicklooks(args.year), results.stac, results.report(args.year),
-          output_dir / "mosaic"]),
+                     str(results.embedding(tile.name, args.year))],
+         [results.manifest, results.quicklooks(args.year), results.stac, results.report,
+          output_dir / "mosaic", results.zarr_store]),
     ]
     print(f"{tile.name} {args.year}, ROI {roi}: {tile.width} x {tile.height} px; S2 every {args.s2_revisit_days} d, "
           f"S1 every {args.s1_revisit_days} d; patches of {args.patch_size}", flush=True)
@@ -175,6 +275,10 @@ def main() -> None:
         rows.append(run_stage(name, command, outputs, env))
         row = rows[-1]
         print(f"  {name}: {row['wall']:.1f} s wall, {row['cpu']:.1f} s CPU, {row['rss_mib']:.0f} MiB", flush=True)
+
+    for size in [int(size) for size in args.infer_patch_sizes.split(",") if size]:
+        rows.append(infer_one_patch(size, tile, args.year, roi, work, checkpoint, scratch, env))
+        print(f"  {rows[-1]['stage']}: {rows[-1]['wall']:.1f} s wall, {rows[-1]['rss_mib']:.0f} MiB", flush=True)
 
     import zarr
     s2 = zarr.open_group(work.s2, mode="r")
@@ -196,6 +300,11 @@ def main() -> None:
     fetch = by_name["fetch"]
     print(f"fetch per date: {fetch['wall'] / (dates + passes):.2f} s wall, "
           f"{fetch['cpu'] / (dates + passes):.2f} s CPU per S2 date or S1 pass")
+    floor, reads, pixels = decode_floor(work, demo_catalog(work_dir, args.year).parent, tile)
+    client_cpu = fetch["cpu"] - fetch["server_cpu"]
+    print(f"fetch CPU without the demo server's ({fetch['server_cpu']:.1f} s): {client_cpu:.1f} s; plain decode of the "
+          f"same blocks ({reads} COGs opened once, {pixels / 1e6:.0f} M px, no warp, median of 3): {floor:.1f} s CPU "
+          f"-> fetch = {client_cpu / floor:.2f}x its floor")
     print(f"infer (demo checkpoint): {roi_pixels / by_name['infer']['wall']:,.0f} px/s")
     if not args.no_forward:
         forward, end_to_end, _ = forward_rates()

@@ -9,11 +9,13 @@ import pytest
 import rasterio
 from affine import Affine
 from pyproj import Transformer
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from conftest import STAC_FIXTURES, needs_shared
 from tessera.errors import UserError
 from tessera.fetch import encode_s1, encode_s2, fetch_s1, fetch_s2, valid_scl
+from tessera.fetch.encode import has_s1_code
 from tessera.grid import tile_at
 from tessera.period import Period
 from tessera.sources import Source
@@ -161,6 +163,11 @@ def test_scl_classes():
 
 
 # --- Sentinel-2 --------------------------------------------------------------------------------
+
+
+def test_an_s1_pixel_has_a_code_where_vv_or_vh_is_non_zero():
+    sar = np.array([[[0, 0], [5, 0]], [[0, -3], [7, 9]]], np.int16)
+    np.testing.assert_array_equal(has_s1_code(sar), [[False, True], [True, True]])
 
 
 def test_s2_single_granule_encoding_mask_and_time_axis(tmp_path):
@@ -520,3 +527,33 @@ def test_search_results_keep_the_servers_order_through_deduplication():
     items = [pystac.Item(item_id, None, None, when, {}, collection="sentinel-2-l2a") for item_id in ids]
     kept = _matching([*items, items[0]], "sentinel-2-l2a", (5.0, 52.0, 7.0, 53.0), utc(2024, 1, 1), utc(2024, 12, 31))
     assert [item.id for item in kept] == ids
+
+
+@pytest.mark.parametrize("dtype, nodata, columns", [
+    ("uint16", 0, (0, 0)),  # S2 reflectance and SCL
+    # MPC RTC. Valid neighbours either side of the nodata value: their average comes closer to it
+    # than GDAL's float tolerance (ARE_REAL_EQUAL) without equalling it, and counts as nodata.
+    ("float32", -32768.0, (-32767.98, -32768.03)),
+    ("float32", float("nan"), (np.nan, np.nan)),  # OPERA
+    ("uint8", None, (0, 0)),  # OPERA's mask layer: an alpha band marks what lies outside the scene
+])
+@pytest.mark.parametrize("resampling", [Resampling.bilinear, Resampling.nearest])
+def test_one_warp_reads_the_values_and_validity_rasterios_masked_read_gives(tmp_path, dtype, nodata, columns, resampling):
+    from rasterio.vrt import WarpedVRT
+
+    from tessera.fetch.reader import WindowReader
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(1, 200, (H + 2 * MARGIN, W + 2 * MARGIN)).astype(dtype)
+    data[5:15, 8:20:2], data[5:15, 9:20:2] = columns
+    # Half a pixel off the window's grid and only partly over it: pixels outside the scene, kernels across nodata.
+    shifted = GRANULE_TRANSFORM @ Affine.translation(0.5 + 25, 0.5)
+    path = write_raster(tmp_path / "band.tif", data, shifted, nodata=nodata)
+    reader = WindowReader(TILE, WINDOW, source([]).s2, parallel_reads=1)
+    with rasterio.open(path) as src, WarpedVRT(src, crs=reader.crs, transform=reader.transform, width=reader.width,
+                                               height=reader.height, resampling=resampling,
+                                               add_alpha=src.nodata is None) as vrt:
+        expected = vrt.read(1, masked=True).astype(np.float64).filled(np.nan)
+    got = reader._warped(str(path), resampling, cached=True)
+    assert np.isnan(expected).any() and np.isfinite(expected).any()
+    np.testing.assert_array_equal(got, expected)

@@ -59,7 +59,7 @@ def test_install_profile_refuses_missing_partitions_and_silent_overwrite(tmp_pat
 def test_resources_grow_with_attempt(tmp_path):
     jobs, _ = _dry_run_resources(tmp_path, "--cores", "2")
     fetch = next(res for rule, res in jobs if rule == "fetch")
-    assert fetch["mem_mb"] == "2000" and fetch["runtime"] == "240"
+    assert fetch["mem_mb"] == "1200" and fetch["runtime"] == "240"
 
 
 def test_assemble_memory_follows_the_tile_and_the_family(tmp_path):

@@ -162,7 +162,7 @@ def test_stack_index_refuses_stacks_on_different_grids(tmp_path, stacks):
 
 
 def test_corrupted_chunk_fails_to_read_instead_of_returning_garbage(tmp_path):
-    """zstd frame checksums: flipping a byte inside a stored chunk is detected on read."""
+    """Per-chunk CRC-32C: flipping a byte inside a stored chunk is detected on read."""
     from tessera.stack import Preprocessing, StackGrid, open_s2, write_s2
 
     grid = StackGrid("grid_6.05_52.05", 2024, Window(0, 0, 16, 16), "EPSG:32632", Affine(10, 0, 500000, 0, -10, 5770000), "demo", "mpc",

@@ -60,7 +60,7 @@ def infer_patches(
     from tessera.stack import read_window, verify_stack_index
 
     # Structure only: re-hashing the whole tile stack per patch would cost more than inference on a
-    # GPU; chunk contents carry zstd checksums that every read verifies.
+    # GPU; chunk contents carry CRC-32Cs that every read verifies.
     stack = verify_stack_index(stack_index, checksums=False)
     tile, (col_off, row_off) = stack.index["tile"], stack.index["window"][:2]
     model = load_model(checkpoint, family, trust_checkpoint=options.trust_checkpoint)

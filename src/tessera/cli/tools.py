@@ -43,7 +43,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"estimates ({searched}):")
     print(f"  scenes to read      S2 {est['s2_scenes']:,}, S1 {est['s1_scenes']:,}")
     print(f"  download            {est['download_bytes'] / 1e9:,.2f} GB at most (window reads, before COG compression)")
-    print(f"  stacks on disk      {est['stack_bytes'] / 1e9:,.2f} GB uncompressed (Zarr + zstd stores less)")
+    print(f"  stacks on disk      {est['stack_bytes'] / 1e9:,.2f} GB uncompressed (Zarr with Blosc and zstd stores less)")
     print(f"  compute             {est['macs'] / 1e12:,.1f} TMAC for {est['pixels']:,} work-window pixels "
           f"({cfg['model']['family']}; a GPU doing 10 TMAC/s takes {est['macs'] / 1e13 / 60:,.1f} min)")
     print(f"  outputs             {est['output_bytes'] / 1e9:,.2f} GB int8 + scales, {est['cog_bytes'] / 1e9:,.2f} GB "

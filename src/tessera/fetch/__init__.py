@@ -47,7 +47,7 @@ from shapely.geometry import Point, shape
 from tqdm import tqdm
 
 from tessera.errors import UserError
-from tessera.fetch.encode import encode_s1, encode_s2, valid_scl
+from tessera.fetch.encode import encode_s1, encode_s2, has_s1_code, valid_scl
 from tessera.fetch.reader import PARALLEL_READS, SceneUnreadable, WindowReader
 from tessera.grid import Tile
 from tessera.layout import WorkTile
@@ -238,7 +238,8 @@ def fetch_s2(
             return None
         value_from = np.where(valid, chosen, 0)
         granule_of = {item.id: index for index, item in enumerate(day_items)}
-        reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in np.unique(value_from)]
+        contributing = np.unique(value_from)
+        reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in contributing]
         bands = np.empty((reader.height, reader.width, len(S2_BANDS)), np.uint16)
         for (item, band, _), values in reader.read_all(reads):
             take = value_from == granule_of[item.id]
@@ -341,7 +342,7 @@ def fetch_s1(
                 contributed = True
             if contributed:
                 used.append(item.id)
-        if not used or not coverage.enough((merged != 0).any(axis=-1), min_coverage_pct):
+        if not used or not coverage.enough(has_s1_code(merged), min_coverage_pct):
             low_coverage.append(f"{key[0].isoformat()} {key[1]}")
             return None
         return used, merged

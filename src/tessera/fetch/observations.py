@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
+from tessera.fetch.encode import has_s1_code
 from tessera.grid import Tile
 from tessera.io import atomic_path, check_raster_complete
 from tessera.stack import S1_ORBITS, open_s1, open_s2, verify_stack_index
@@ -31,7 +32,7 @@ def write_observation_counts(stack_index: Path, out: Path) -> Path:
     for orbit in S1_ORBITS:
         sar = s1.orbit(orbit).arrays["sar"]
         for step in range(sar.shape[0]):
-            s1_count += (sar[step] != 0).any(axis=-1)
+            s1_count += has_s1_code(sar[step])
     profile = dict(driver="GTiff", width=tile.width, height=tile.height, count=2, dtype="uint16", crs=tile.crs,
                    transform=tile.transform, tiled=True, blockxsize=256, blockysize=256, compress="deflate")
     window = rasterio.windows.Window(col_off, row_off, width, height)

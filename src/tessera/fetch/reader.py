@@ -155,12 +155,21 @@ class WindowReader:
             add_alpha=src.nodata is None,
         ) as vrt:
             # The warp runs in the source's data type, as the reference's (stackstac) does: an
-            # integer band is interpolated and rounded by GDAL before we see floats.
-            data = vrt.read(1, masked=True)
+            # integer band is interpolated and rounded by GDAL before we see floats. One warp gives
+            # both the values and where they are valid: reading the mask band after the values
+            # (rasterio's masked read) warps the source a second time.
+            if src.nodata is None:
+                data, alpha = vrt.read([1, vrt.count])
+                valid = alpha != 0
+            else:
+                data = vrt.read(1)
+                valid = ~nodata_mask(data, vrt.nodata)
         hidden = self.gdal_messages.take()
         if hidden:
             raise RasterioError(f"the read returned data but GDAL reported: {hidden[0]}")
-        return data.astype(np.float64).filled(np.nan)
+        values = data.astype(np.float64)
+        values[~valid] = np.nan
+        return values
 
     def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]) -> Iterator[tuple[tuple, np.ndarray]]:
         """``((item, band, resampling), array)`` for each read as it completes. Then, if any read
@@ -186,6 +195,20 @@ class WindowReader:
                 raise
         if failures:
             raise SceneUnreadable(failures)
+
+
+def nodata_mask(data: np.ndarray, nodata: float) -> np.ndarray:
+    """True where ``data`` holds ``nodata``, as GDAL's nodata mask band decides it: NaN for a NaN
+    nodata, equality for integers, and for other floats equality within 2 float32 ULPs
+    (``ARE_REAL_EQUAL`` in gdal_priv.h), computed in the data's type."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return data == nodata
+    if np.isnan(nodata):
+        return np.isnan(data)
+    nodata = data.dtype.type(nodata)
+    with np.errstate(invalid="ignore", over="ignore"):
+        close = np.abs(data - nodata) < np.finfo(np.float32).eps * np.abs(data + nodata) * 2
+    return (data == nodata) | close
 
 
 def failure_kind(reason: str) -> str:
