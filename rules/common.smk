@@ -7,8 +7,9 @@ import sys
 from tessera import config as tessera_config
 from tessera import layout
 from tessera.assemble import ASSEMBLE_THREADS, memory_mb
-from tessera.download import checkpoint_path, needs_download
+from tessera.download import checkpoint_bytes, checkpoint_path, needs_download
 from tessera.errors import UserError
+from tessera.infer import memory_mb as infer_memory_mb
 from tessera.models import family_entry
 from tessera.options import FetchOptions, InferOptions
 from tessera.period import claim_directories

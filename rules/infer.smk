@@ -1,16 +1,11 @@
 # TESSERA inference on a tile's stack (tessera infer -> tessera.infer.infer_patches; GPU when
 # present, else CPU threads): one job per tile, or one per patch (config infer.per). Either way each
 # patch is written as work/.../patches/r*_c*.npz.
-import math
 
-# Memory from measured peaks (benchmarks/fulltile.py, a whole tile with a year of demo scenes: 60 S2
-# dates and 61 S1 passes; v2 at its published small size on the CPU; README "One tile, stage by
-# stage"): 3,370 MiB with 512 px patches, 2,644 MiB with 256 px ones. That is 2,402 MiB whatever the
-# patch (Python, torch, the model, a batch of 4,096 pixels of up to 64 steps) plus 3.8 KiB per
-# pixel of the patch (its stacks, read and padded, and its embeddings), with 10 % to spare: 3,800 MB
-# for 512 px patches. The per-pixel part grows with a tile's dates (twice the demo's is what the
-# first retry asks for); on a GPU node the host also holds CUDA's libraries, not measured here.
-INFER_MEM_MB = 100 * math.ceil(1.1 * (2402 + 0.003693 * CFG["patch_size"] ** 2) / 100)
+# Memory: the measured peak for the patch size, the family's numbers per pixel and the checkpoint's
+# size (tessera.infer.memory_mb), times the attempt.
+INFER_MEM_MB = infer_memory_mb(CFG["patch_size"] ** 2, family_entry(FAMILY).embedding_dims,
+                               checkpoint_bytes(CFG["model"]["checkpoint"], CFG["model"]["cache_dir"]))
 
 
 rule infer:

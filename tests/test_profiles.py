@@ -76,3 +76,18 @@ def test_assemble_memory_follows_the_tile_and_the_family(tmp_path):
     assert memory_mb(full_tile, 1024, 512 * 512) > 6886 * 1.048576
     # A small ROI in a large patch: reading the patch is the peak.
     assert memory_mb(1000, 1024, 512 * 512) > memory_mb(1000, 1024, 16 * 16)
+
+
+def test_infer_memory_follows_the_patch_the_family_and_the_checkpoint(tmp_path):
+    """infer asks for more than the measured peaks (MiB), and for the weights and outputs of larger models."""
+    from tessera.download import checkpoint_bytes
+    from tessera.infer import memory_mb
+
+    assert memory_mb(512 * 512, 128, 0) * 1e6 > 1.05 * 3370 * 2**20
+    assert memory_mb(256 * 256, 128, 0) * 1e6 > 1.05 * 2644 * 2**20
+    teacher = checkpoint_bytes("v2-teacher", tmp_path)  # not downloaded: its recorded size
+    assert teacher == 8_257_134_395
+    assert memory_mb(512 * 512, 1024, teacher) > memory_mb(512 * 512, 128, 0) + teacher / 1e6 + 512 * 512 * 896 * 4 / 1e6
+    local = tmp_path / "mine.pt"
+    local.write_bytes(b"0" * 5_000_000)
+    assert checkpoint_bytes(str(local)) == 5_000_000 and checkpoint_bytes("demo") == 0

@@ -110,6 +110,19 @@ def checkpoint_path(checkpoint: str, cache_dir: str | os.PathLike | None = None)
     return checkpoint if file is None else str(cached_path(file, cache_dir))
 
 
+def checkpoint_bytes(checkpoint: str, cache_dir: str | os.PathLike | None = None) -> int:
+    """The size of the checkpoint ``model.checkpoint`` names, for the memory its jobs ask for: the
+    file's, else the Hub file's recorded size; 0 where not known yet (``demo``, whose checkpoints are
+    small, and an ``hf://`` file without a recorded size, for which retries ask for more)."""
+    if checkpoint == "demo":
+        return 0
+    file = hub_file(checkpoint)
+    if file is None:
+        return Path(checkpoint).stat().st_size
+    cached = cached_path(file, cache_dir)
+    return cached.stat().st_size if cached.is_file() else (file.size or 0)
+
+
 def needs_download(checkpoint: str, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether ``model.checkpoint`` names a Hub file that is not in the cache yet."""
     file = hub_file(checkpoint)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -32,6 +33,28 @@ from tessera.options import InferOptions
 from tessera.roi import read_roi_mask
 
 log = logging.getLogger(__name__)
+
+
+# Measured peaks of one infer job (benchmarks/fulltile.py: a whole tile with a year of demo scenes,
+# 60 S2 dates and 61 S1 passes; the small v2 demo checkpoint, 128 numbers per pixel, on the CPU;
+# README "One tile, stage by stage"): 3,370 MiB with 512 px patches, 2,644 MiB with 256 px ones,
+# i.e. 2,402 MiB whatever the patch (Python, torch, a batch of 4,096 pixels of up to 64 steps) plus
+# 3.8 KiB per patch pixel (its stacks, read and padded, and its embeddings).
+_MEMORY_BASE_MIB = 2402
+_MEMORY_MIB_PER_PIXEL = 0.003693
+_MEASURED_DIMS = 128
+
+
+def memory_mb(patch_pixels: int, dims: int, checkpoint_bytes: int) -> int:
+    """MB to ask for an infer job of patches of up to ``patch_pixels``, a family of ``dims`` numbers
+    per pixel and a checkpoint of ``checkpoint_bytes``: the measured peak, plus the weights (held
+    once: the checkpoint is memory-mapped and the model takes its tensors over) and float32 outputs
+    beyond the measured 128 numbers (both estimated, not measured), with 10 % to spare. The per-pixel
+    part grows with a tile's dates (twice the demo's is what the first retry asks for); on a GPU node
+    the host also holds CUDA's libraries, not measured here."""
+    per_pixel_mib = _MEMORY_MIB_PER_PIXEL + max(0, dims - _MEASURED_DIMS) * 4 / 2**20
+    mib = _MEMORY_BASE_MIB + per_pixel_mib * patch_pixels + checkpoint_bytes / 2**20
+    return 100 * math.ceil(1.1 * mib * 2**20 / 1e6 / 100)
 
 
 def tile_seed(seed: int, tile: str) -> int:
