@@ -99,7 +99,8 @@ def assemble_mem_mb(wildcards, attempt):
     plan = PLAN.by_name[wildcards.tile]
     patch_pixels = max((int(p.width) * int(p.height) for p in plan.patches), default=0)
     pixels = int(plan.window.width) * int(plan.window.height)
-    return memory_mb(pixels, ASSEMBLE_DIMS, patch_pixels, float32=CFG["export"]["float32"]) * attempt
+    return memory_mb(pixels, ASSEMBLE_DIMS, patch_pixels, float32=CFG["export"]["float32"],
+                     cog=CFG["export"]["cog"]) * attempt
 
 
 def roi_input():

@@ -74,6 +74,8 @@ def test_assemble_memory_follows_the_tile_and_the_family(tmp_path):
     # Above the measured peaks (MiB) at 128 and 1,024 numbers.
     assert memory_mb(full_tile, 128, 512 * 512) > 1004 * 1.048576
     assert memory_mb(full_tile, 1024, 512 * 512) > 6886 * 1.048576
+    # Without a COG, the quantisation's peak: a patch in float32 and the codes.
+    assert memory_mb(full_tile, 1024, 512 * 512, cog=False) < memory_mb(full_tile, 1024, 512 * 512) / 3
     # A small ROI in a large patch: reading the patch is the peak.
     assert memory_mb(1000, 1024, 512 * 512) > memory_mb(1000, 1024, 16 * 16)
 

@@ -256,12 +256,12 @@ _MEMORY_BYTES_PER_VALUE = 8.3
 ASSEMBLE_THREADS = 2  # what the constants were measured with, and the rule's threads
 
 
-def memory_mb(pixels: int, dims: int, patch_pixels: int = 0, *, float32: bool = False) -> int:
+def memory_mb(pixels: int, dims: int, patch_pixels: int = 0, *, float32: bool = False, cog: bool = True) -> int:
     """MB to ask for an assemble job of a tile whose ROI covers ``pixels`` with ``dims`` numbers per
-    pixel, read from patches of up to ``patch_pixels``: the measured peak of the COG, or of the
-    quantisation (one patch in float32, the codes, and the float32 export if asked for) where that
-    is more; plus a fifth, and at least 1,000 (a retry asks for a multiple of it)."""
-    cog = _MEMORY_BYTES_PER_VALUE * pixels * dims
+    pixel, read from patches of up to ``patch_pixels``: the measured peak of the COG (if one is
+    written), or of the quantisation (one patch in float32, the codes, and the float32 export if
+    asked for) where that is more; plus a fifth, and at least 1,000 (a retry asks for a multiple of it)."""
+    cog = _MEMORY_BYTES_PER_VALUE * pixels * dims if cog else 0
     quantise = (4 * patch_pixels + (5 if float32 else 1) * pixels) * dims
     return max(1000, int(1.2 * (_MEMORY_BASE_BYTES + max(cog, quantise)) / 1e6) + 1)
 
