@@ -470,6 +470,9 @@ def test_an_orbit_filter_leaves_the_other_directions_series_empty(tmp_path):
     assert stack.grid.preprocessing.s1_orbit_state == "descending"
     both = fetch_s1(TILE, WINDOW, 2024, source(radar), tmp_path / "both.zarr")
     assert len(open_s1(tmp_path / "both.zarr").ascending) == 1 and both["excluded_other_orbit"] == 0
+    with pytest.raises(UserError, match="fetch.s1_orbit_state left out all 1 scenes found"):
+        fetch_s1(TILE, WINDOW, 2024, source(radar[:1]), tmp_path / "none.zarr", s1_orbit_state="descending")
+    assert not (tmp_path / "none.zarr").exists()
 
 
 # float32(0.86496764): 20·log10 in float32 gives code 9748, in float64 9747 (the reference reads

@@ -49,6 +49,28 @@ def test_bad_periods_are_one_line_naming_the_key_and_the_fix(period, year, messa
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("04-01", "is not MM-DD/MM-DD"),
+    ("13-40/12-31", "13-40 does not exist"),
+    ("06-30/04-01", "ends before it starts"),
+])
+def test_bad_period_flags_are_one_line(text, message):
+    with pytest.raises(UserError, match=message):
+        Period.parse(text)
+
+
+def test_a_period_day_missing_from_a_year_is_one_line():
+    with pytest.raises(UserError, match="02-29 does not exist in 2023"):
+        Period.parse("02-29/03-31").dates(2023)
+    assert Period.parse("02-29/03-31").dates(2024).days == 32
+
+
+def test_a_damaged_time_series_record_is_one_line_naming_it(tmp_path):
+    (tmp_path / TIME_SERIES_FILE).write_text("{not json")
+    with pytest.raises(UserError, match=f"{TIME_SERIES_FILE} is damaged .*delete it"):
+        claim_directories([("output_dir", tmp_path)], WHOLE_YEAR, "both", write=False)
+
+
 def test_the_orbit_filter_is_the_references_three_states():
     assert cfg.validate({"roi": ROI, "year": 2024})["fetch"]["s1_orbit_state"] == "both"
     with pytest.raises(UserError, match="'fetch.s1_orbit_state': 'up' is not one of both, ascending, descending"):

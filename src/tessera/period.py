@@ -44,7 +44,10 @@ class MonthDay:
         return f"{self.month:02d}-{self.day:02d}"
 
     def of(self, year: int) -> dt.date:
-        return dt.date(year, self.month, self.day)
+        try:
+            return dt.date(year, self.month, self.day)
+        except ValueError:
+            raise UserError(f"period day {self} does not exist in {year}: give days every year of the run has") from None
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,14 @@ class Period:
         """From ``MM-DD/MM-DD`` (as ``str`` writes it; recorded in the stacks and on the command line)."""
         match = re.fullmatch(r"(\d{2})-(\d{2})/(\d{2})-(\d{2})", text)
         if match is None:
-            raise ValueError(f"period {text!r} is not MM-DD/MM-DD")
+            raise UserError(f"period {text!r} is not MM-DD/MM-DD: give e.g. 04-01/09-30")
         start_month, start_day, end_month, end_day = map(int, match.groups())
-        return cls(MonthDay(start_month, start_day), MonthDay(end_month, end_day))
+        period = cls(MonthDay(start_month, start_day), MonthDay(end_month, end_day))
+        for bound in (period.start, period.end):
+            bound.of(2000)  # a leap year: every day that exists in some year
+        if (period.end.month, period.end.day) < (period.start.month, period.start.day):
+            raise UserError(f"period {text!r} ends before it starts: a period lies within one calendar year")
+        return period
 
     def __str__(self) -> str:
         return f"{self.start}/{self.end}"
@@ -171,8 +179,12 @@ def _held_by(directory: Path, record: Path) -> tuple[Period, str] | None:
     from tessera.layout import EMBEDDINGS_DIR, Results  # numpy: only where a run starts
 
     if record.exists():
-        held = json.loads(record.read_text())
-        return Period.parse(held["period"]), held["s1_orbit_state"]
+        try:
+            held = json.loads(record.read_text())
+            return Period.parse(held["period"]), held["s1_orbit_state"]
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+            raise UserError(f"{record} is damaged ({type(exc).__name__}: {exc}): it records which time series "
+                            f"{directory} holds; restore it, or delete it if that is a whole year of both orbits") from None
     # Outputs (a sidecar, tiles) or work (year folders) written before periods existed are of whole
     # years, both orbits.
     if directory.is_dir() and (Results(directory).metadata.exists() or (directory / EMBEDDINGS_DIR).is_dir() or any(

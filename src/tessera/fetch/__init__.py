@@ -137,7 +137,12 @@ def _each_date(groups: dict, build: Callable, skipped: dict[str, str], desc: str
 
 
 def _too_few(tile: Tile, sensor: str, dates: DateRange, usable: int, min_scenes: int, skipped: dict[str, str],
-             searched: int) -> UserError:
+             searched: int, other_orbit: int = 0) -> UserError:
+    if other_orbit and not skipped and searched == 0:
+        return UserError(
+            f"tile {tile.name}: {usable} usable {sensor} dates in {dates}, fewer than fetch.min_scenes={min_scenes}: "
+            f"fetch.s1_orbit_state left out all {other_orbit} scenes found (the other orbit direction): keep both "
+            "directions or lower fetch.min_scenes")
     if skipped:
         listed = "; ".join(f"{item_id}: {reason}" for item_id, reason in list(skipped.items())[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -357,7 +362,7 @@ def fetch_s1(
             kept.append(f"{date.isoformat()} {orbit}")
         considered = len(found) - other_orbit
         if len(stack) < min_scenes:
-            raise _too_few(tile, "Sentinel-1", dates, len(stack), min_scenes, stack.skipped, considered)
+            raise _too_few(tile, "Sentinel-1", dates, len(stack), min_scenes, stack.skipped, considered, other_orbit)
         _too_many_skipped(tile, "Sentinel-1", stack.skipped, considered, max_skipped_pct)
         skipped = dict(stack.skipped)
     return _report(tile, "s1", out, found=len(found), kept=kept, low_coverage=low_coverage, skipped=skipped,
