@@ -39,7 +39,8 @@ import rasterio
 import rasterio.enums
 import rasterio.shutil
 
-from tessera.assemble import COG_BLOCK, available_cpus, cog_overview_factors, data_window
+from tessera.assemble import COG_BLOCK, cog_overview_factors, data_window
+from tessera.options import available_cpus
 from tessera.grid import Tile
 from tessera.layout import Results, WorkTile, patch_name, write_patch_embedding
 from tessera.plan import plan_tile

@@ -157,7 +157,8 @@ def fetch_reads(work, catalog_dir: Path) -> list[Path]:
     100 % cloud), the bands of the scenes of every date it kept, the VV and VH of every S1 scene.
     (The fetch skips the bands of a granule that gives a kept date no pixel: the floor is then a
     little high, never low.)"""
-    from tessera.fetch import ORBIT_STATES, S2_MAX_CLOUD_PCT
+    from tessera.fetch import S2_MAX_CLOUD_PCT
+    from tessera.period import S1_ORBIT_DIRECTIONS
     from tessera.sources import S1_POLARISATIONS, S2_BANDS, S2_SCL
 
     import zarr
@@ -174,7 +175,7 @@ def fetch_reads(work, catalog_dir: Path) -> list[Path]:
                     continue
                 assets = [S2_SCL, *S2_BANDS] if feature["id"] in kept else [S2_SCL]
             else:
-                if str(properties.get("sat:orbit_state", "")).lower() not in ORBIT_STATES:
+                if str(properties.get("sat:orbit_state", "")).lower() not in S1_ORBIT_DIRECTIONS:
                     continue
                 assets = list(S1_POLARISATIONS)
             paths += [catalog_dir / feature["assets"][asset]["href"][len(api_url):] for asset in assets]

@@ -25,6 +25,7 @@ from tessera.io import atomic_path, check_cog_complete, sha256_file
 from tessera.layout import Results, WorkTile, patch_origin, read_patch_embedding
 from tessera.models import family_entry
 from tessera.models.quantisation import Quantisation
+from tessera.options import available_cpus
 
 if TYPE_CHECKING:
     from tessera.models.family import Family
@@ -186,14 +187,6 @@ _DEQUANTISE_CHUNK_BYTES = 16 << 20
 # is not cached).
 _GDAL_CACHE_MB = 256
 COG_BLOCK = 256
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (a SLURM job's allocation, not the node's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path, out: Path, *, tags: dict[str, str],

@@ -10,6 +10,7 @@ this module is cheap (no torch): the Snakefile uses it.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields, replace
 
 from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, Period
@@ -17,6 +18,14 @@ from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, Period
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 S2_RESAMPLINGS = ("family", "bilinear", "nearest")  # family: the one the model family was trained on
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (a SLURM job's allocation, not the node's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class CommandLineOptions:

@@ -25,11 +25,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from tessera.errors import DamagedIntermediate, UserError
 from tessera.io import atomic_path
-from tessera.period import ALL_ORBITS, WHOLE_YEAR
+from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR
 
 S2_CHANNELS = 10
 S1_CHANNELS = 2  # VV, VH
-S1_ORBITS = ("ascending", "descending")
+S1_ORBITS = S1_ORBIT_DIRECTIONS  # the S1 store's groups, one per direction
 MAX_CHUNK = 512
 # Blosc's byte shuffle (the high and low bytes of the values apart) before zstd level 3. Measured
 # on a whole tile's stacks, a year of demo scenes (benchmarks/stack_codecs.py, README "One tile,

@@ -53,13 +53,12 @@ from tessera.grid import Tile
 from tessera.layout import WorkTile
 from tessera.models import GRANULE_ORDER, S1_LAYOVER_KEPT, S1_LAYOVER_MASKED
 from tessera.options import FetchOptions
-from tessera.period import ALL_ORBITS, WHOLE_YEAR, DateRange, Period
+from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, DateRange, Period
 from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search, utc_date
 from tessera.stack import MAX_CHUNK, S1_CHANNELS, Preprocessing, StackGrid, chunk_edge, write_s1, write_s2
 
 # The reference searches S2 with eo:cloud_cover < 100 (its S2_MAX_CLOUD default).
 S2_MAX_CLOUD_PCT = 100.0
-ORBIT_STATES = ("ascending", "descending")
 RESAMPLING = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 
 
@@ -86,7 +85,7 @@ def _orbit_of(item: pystac.Item) -> str:
 
 
 def _kept_orbits(s1_orbit_state: str) -> tuple[str, ...]:
-    return ORBIT_STATES if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
+    return S1_ORBIT_DIRECTIONS if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
 
 
 def _in_datetime_order(items: Iterable[pystac.Item]) -> list[pystac.Item]:
@@ -315,7 +314,7 @@ def fetch_s1(
         orbit = _orbit_of(item)
         if orbit in _kept_orbits(s1_orbit_state):
             groups[(utc_date(item), orbit)].append(item)
-        elif orbit in ORBIT_STATES:
+        elif orbit in S1_ORBIT_DIRECTIONS:
             other_orbit += 1
         else:
             no_orbit[item.id] = f"sat:orbit_state is {item.properties.get('sat:orbit_state')!r}, not ascending/descending"

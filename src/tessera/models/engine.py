@@ -44,7 +44,7 @@ from tqdm import tqdm
 from tessera.errors import UserError
 from tessera.layout import check_reference_arrays
 from tessera.models.family import Batch, Family
-from tessera.options import PRECISIONS, InferOptions
+from tessera.options import PRECISIONS, InferOptions, available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def cpu_threads(threads: int | None = None) -> int:
     from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return available_cpus()
 
 
 

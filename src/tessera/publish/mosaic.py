@@ -41,6 +41,7 @@ from affine import Affine
 from tessera.errors import UserError
 from tessera.grid import PIXEL_METRES, Tile, floor_pixels
 from tessera.io import atomic_path, check_raster_complete
+from tessera.options import available_cpus
 from tessera.layout import Results
 
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "int16": "Int16", "uint16": "UInt16", "float32": "Float32"}
@@ -145,7 +146,7 @@ def write_mosaic_cog(vrt: Path, out: Path) -> Path:
     with atomic_path(out) as tmp:
         rasterio.shutil.copy(
             vrt, tmp, driver="COG", compress="DEFLATE", predictor=predictor, blocksize=256,
-            overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(os.cpu_count() or 1),
+            overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(available_cpus()),
         )
         check_raster_complete(tmp)
     return out
