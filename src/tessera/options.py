@@ -130,7 +130,7 @@ class FetchOptions(CommandLineOptions):
     # None (the whole year; both orbit directions) leaves the flags out, so that the commands of runs
     # made before these options existed stay the same and their fetches are not redone.
     period: str | None = None
-    s1_only_orbit: str | None = None
+    s1_orbit_state: str | None = None
 
     HELP = {
         "min_coverage_pct": ("skip a date covering less than this percentage of the ROI pixels", {}),
@@ -144,15 +144,15 @@ class FetchOptions(CommandLineOptions):
                             "skipped (gone, refused or undecodable)", {}),
         "period": ("only these month-days of the year, MM-DD/MM-DD, both included (default: the whole year)",
                    {"type": str}),
-        "s1_only_orbit": ("keep only this orbit direction's Sentinel-1 scenes (default: both)",
-                          {"type": str, "choices": S1_ORBIT_DIRECTIONS}),
+        "s1_orbit_state": ("keep only this orbit direction's Sentinel-1 scenes (default: both)",
+                           {"type": str, "choices": S1_ORBIT_DIRECTIONS}),
     }
 
     @property
     def time_series(self) -> tuple[Period, str]:
         """The part of each year and the S1 orbit directions (``both``, ``ascending``, ``descending``) kept."""
         return (WHOLE_YEAR if self.period is None else Period.parse(self.period),
-                self.s1_only_orbit or ALL_ORBITS)
+                self.s1_orbit_state or ALL_ORBITS)
 
     @property
     def s2_method(self) -> str:
@@ -172,5 +172,5 @@ class FetchOptions(CommandLineOptions):
         given = cls(fetch["min_coverage_pct"], fetch["min_scenes"], fetch["s2_resampling"] or "family",
                     fetch["s1_mask_layover"], config["patch_size"], config["model"]["family"], fetch["max_skipped_pct"],
                     period=f"{period['start']}/{period['end']}" if period else None,
-                    s1_only_orbit=None if orbit == ALL_ORBITS else orbit)
+                    s1_orbit_state=None if orbit == ALL_ORBITS else orbit)
         return replace(given, s2_resampling=given.s2_method, family=None)
