@@ -69,6 +69,12 @@ def test_assemble_memory_follows_the_tile_and_the_family(tmp_path):
     jobs, _ = _dry_run_resources(tmp_path, "--cores", "2")
     assemble = [res for rule, res in jobs if rule == "assemble"]
     assert assemble and all(int(res["mem_mb"]) >= 1000 for res in assemble)
+    # The dry-run's own numbers follow the family (the teacher's 1,024 numbers per pixel) and the tile.
+    whole_tile = ("--cores", "2", "--config", "roi=6.001,52.001,6.099,52.099")
+    students, _ = _dry_run_resources(tmp_path / "v2", *whole_tile)
+    teacher, _ = _dry_run_resources(tmp_path / "teacher", *whole_tile, "model={'family': 'v2-teacher', 'checkpoint': 'demo'}")
+    ours, theirs = ([int(res["mem_mb"]) for name, res in jobs if name == "assemble"] for jobs in (students, teacher))
+    assert len(ours) == len(theirs) == 1 and theirs[0] > 4 * ours[0] > 4 * 1000
     full_tile = 731 * 1140  # 0.1° at 52° N
     assert memory_mb(full_tile, 128, 512 * 512) < 2000 < memory_mb(full_tile, 1024, 512 * 512)
     # Above the measured peaks (MiB) at 128 and 1,024 numbers.
