@@ -32,9 +32,10 @@ def test_leftovers_of_a_killed_writer_are_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, same_stem.name, "grid_6.05_52.05.npy", "s2.zarr"])
 
 
-def _small_cog(tmp_path, driver="COG"):
-    """A 4-band float32 raster of 3 x 3 tiles of 256 px with one overview, as GDAL's COG driver or
-    as a plain tiled GeoTIFF (no tile frames) writes it."""
+def _small_cog(tmp_path, driver="COG", bigtiff=False):
+    """A 4-band float32 raster of 3 x 3 tiles of 256 px with one overview, as GDAL's COG driver
+    (classic TIFF or BigTIFF, as the teacher's large tiles are) or as a plain tiled GeoTIFF (no tile
+    frames) writes it."""
     import numpy as np
     import rasterio
     import rasterio.shutil
@@ -48,19 +49,22 @@ def _small_cog(tmp_path, driver="COG"):
         return path
     with rasterio.open("", "w", driver="MEM", width=520, height=600, count=4, dtype="float32") as raster:
         raster.write(data)
-        rasterio.shutil.copy(raster, path, driver="COG", compress="DEFLATE", predictor=3, blocksize=256)
+        rasterio.shutil.copy(raster, path, driver="COG", compress="DEFLATE", predictor=3, blocksize=256,
+                             bigtiff="YES" if bigtiff else "NO")
     return path
 
 
+@pytest.mark.parametrize("bigtiff", [False, True], ids=["tiff", "bigtiff"])
 @pytest.mark.parametrize("damage", ["truncated", "last tile zeroed", "leader", "trailer", "offset"])
-def test_cog_check_sees_what_a_failed_write_leaves(tmp_path, damage):
+def test_cog_check_sees_what_a_failed_write_leaves(tmp_path, damage, bigtiff):
     import struct
 
     import rasterio
 
     from tessera.io import check_cog_complete
 
-    path = _small_cog(tmp_path)
+    path = _small_cog(tmp_path, bigtiff=bigtiff)
+    assert path.read_bytes()[2] == (43 if bigtiff else 42)  # TIFF's version: 42, BigTIFF's 43
     check_cog_complete(path)  # the control
     data = bytearray(path.read_bytes())
     with rasterio.open(path) as src:
@@ -75,8 +79,9 @@ def test_cog_check_sees_what_a_failed_write_leaves(tmp_path, damage):
     elif damage == "trailer":
         data[offset + count] ^= 0xFF
     else:  # an offset GDAL did not get to write: the table points at no tile
-        where = data.find(struct.pack("<I", offset))
-        data[where:where + 4] = struct.pack("<I", offset + 8)
+        entry = "<Q" if bigtiff else "<I"
+        where = data.find(struct.pack(entry, offset))
+        data[where:where + struct.calcsize(entry)] = struct.pack(entry, offset + 8)
     path.write_bytes(bytes(data))
     with pytest.raises(OSError, match="was not written whole"):
         check_cog_complete(path)
