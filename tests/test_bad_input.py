@@ -345,3 +345,10 @@ def test_an_all_cloud_year_fails_the_tile_naming_it(demo_catalog, tmp_path, caps
     assert_one_error_line(code, lines, "tile grid_6.05_52.05", "0 usable Sentinel-2 dates in 2024",
                           "no scene failed", "too little valid coverage", only_line=False)
     assert_nothing_left(out)
+
+
+@pytest.mark.parametrize("command", [["assemble", "--tile", "grid_6.05_52.05", "--year", "2024"], ["publish"]])
+def test_thread_counts_below_one_are_refused_by_the_command_line(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads: 0 is not at least 1" in capsys.readouterr().err

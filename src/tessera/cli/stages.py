@@ -26,6 +26,14 @@ def window_arg(text: str) -> Window:
     return Window(col, row, width, height)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
 def _tile_year(p: argparse.ArgumentParser, *, output_dir: bool = True) -> None:
     p.add_argument("--tile", required=True)
     p.add_argument("--year", type=int, required=True)
@@ -119,7 +127,7 @@ def add_assemble(sub) -> None:
     p.add_argument("--cog", action="store_true", help="also write the tile's float32 Cloud-Optimized GeoTIFF")
     p.add_argument("--dims", type=int, help="keep the first N numbers (Matryoshka prefix of v2 embeddings)")
     p.add_argument("--float32", action="store_true", help="also write the unquantised float32 (H, W, D) .npy")
-    p.add_argument("--threads", type=int, help="threads compressing the COG (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=positive_int, help="threads compressing the COG (default: the CPUs this process may use)")
     p.add_argument("patches", nargs="+", help="patch embeddings named r<row>_c<col>.npz, or folders of them")
     p.set_defaults(func=cmd_assemble)
 
@@ -143,7 +151,7 @@ def add_publish(sub) -> None:
     p.add_argument("--source", required=True)
     p.add_argument("--mosaics", action="store_true", help="per-UTM-zone VRT mosaics of the tile COGs and quicklooks")
     p.add_argument("--mosaic-cog", action="store_true", help="also write each mosaic as a COG next to its VRT")
-    p.add_argument("--threads", type=int, default=1, help="quicklooks written at once")
+    p.add_argument("--threads", type=positive_int, default=1, help="quicklooks written at once")
     p.add_argument("--benchmarks", help="Snakemake benchmark folder (logs/benchmarks), for the report's timings")
     p.add_argument("embeddings", nargs="+", help="the tile-years' embeddings (.npy in geotessera's layout)")
     InferOptions.add_arguments(p, only=InferOptions.PROVENANCE)  # how inference ran, for the provenance
