@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 # Measured peaks of one infer job (benchmarks/fulltile.py: a whole tile with a year of demo scenes,
-# 60 S2 dates and 61 S1 passes; the small v2 demo checkpoint, 128 numbers per pixel, on the CPU;
+# 60 S2 dates and 61 S1 passes; v2 at its published small size, a 28 MB checkpoint of seeded random
+# weights, 128 numbers per pixel, on the CPU;
 # README "One tile, stage by stage"): 3,370 MiB with 512 px patches, 2,644 MiB with 256 px ones,
 # i.e. 2,402 MiB whatever the patch (Python, torch, a batch of 4,096 pixels of up to 64 steps) plus
 # 3.8 KiB per patch pixel (its stacks, read and padded, and its embeddings).
@@ -48,7 +49,8 @@ _MEASURED_DIMS = 128
 def memory_mb(patch_pixels: int, dims: int, checkpoint_bytes: int) -> int:
     """MB to ask for an infer job of patches of up to ``patch_pixels``, a family of ``dims`` numbers
     per pixel and a checkpoint of ``checkpoint_bytes``: the measured peak, plus the weights (held
-    once: the checkpoint is memory-mapped and the model takes its tensors over) and float32 outputs
+    once: the checkpoint is memory-mapped and the model takes its tensors over; the measured 28 MB
+    are counted twice, which errs high) and float32 outputs
     beyond the measured 128 numbers (both estimated, not measured), with 10 % to spare. The per-pixel
     part grows with a tile's dates (twice the demo's is what the first retry asks for); on a GPU node
     the host also holds CUDA's libraries, not measured here."""
