@@ -96,7 +96,10 @@ class Period:
         start_month, start_day, end_month, end_day = map(int, match.groups())
         period = cls(MonthDay(start_month, start_day), MonthDay(end_month, end_day))
         for bound in (period.start, period.end):
-            bound.of(2000)  # a leap year: every day that exists in some year
+            try:
+                dt.date(2000, bound.month, bound.day)  # a leap year: every day that exists in some year
+            except ValueError:
+                raise UserError(f"period {text!r}: {bound} does not exist in any year: give MM-DD dates") from None
         if (period.end.month, period.end.day) < (period.start.month, period.start.day):
             raise UserError(f"period {text!r} ends before it starts: a period lies within one calendar year")
         return period
