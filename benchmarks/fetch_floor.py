@@ -1,4 +1,4 @@
-"""A tile's fetch CPU against its floor (plain decodes of the same blocks), both in one process.
+"""A tile's fetch CPU against its floors (plain decodes of the same blocks; GDAL's warp of the same COGs), in one process.
 
     .venv/bin/python benchmarks/fetch_floor.py --catalog-work-dir WORK [--tile grid_6.05_52.05] [--year 2024]
         [--scratch DIR] [--repeats 3]
@@ -8,7 +8,9 @@ For a demo catalog made already (``<WORK>/demo/<year>/catalog.json``, e.g. left 
 the tile shrunk by 0.001°, as fulltile.py), so that its CPU (``RUSAGE_SELF``) leaves out the demo's
 STAC server, a child process; then measures the floor ``--repeats`` times (fulltile.py's
 ``decode_floor``: each COG the fetch read opened once, its blocks under the work window decoded
-once, no warp) and prints the fetch's CPU as a multiple of the median floor.
+once, no warp) and the warp floor (fulltile.py's ``warp_floor``: the same COGs warped onto the work
+window from local disk by the fetch's own warp, one after the other), and prints the fetch's CPU as
+a multiple of each median floor.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fulltile import decode_floor
+from fulltile import decode_floor, warp_floor
 
 from tessera.cli import main as tessera_main
 from tessera.grid import Tile
@@ -62,14 +64,18 @@ def main() -> None:
             raise
     fetch_cpu, wall = cpu_seconds() - started, time.perf_counter() - wall
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    floors = []
+    work = WorkTile.at(work_dir, args.year, tile.name)
+    floors, warps = [], []
     for _ in range(args.repeats):
-        floor, reads, pixels = decode_floor(WorkTile.at(work_dir, args.year, tile.name), catalog, tile, repeats=1)
+        floor, reads, pixels = decode_floor(work, catalog, tile, repeats=1)
         floors.append(floor)
-    floor = statistics.median(floors)
+        warps.append(warp_floor(work, catalog, tile, repeats=1))
+    floor, warped = statistics.median(floors), statistics.median(warps)
     print(f"{tile.name} {args.year}: fetch (without the demo server) {wall:.1f} s wall, {fetch_cpu:.1f} s CPU, "
-          f"peak {peak_mib:.0f} MiB; floor: {reads} COGs, {pixels / 1e6:.0f} M px, "
-          f"{floor:.1f} s CPU (median of {', '.join(f'{f:.1f}' for f in floors)}) -> fetch = {fetch_cpu / floor:.2f}x its floor")
+          f"peak {peak_mib:.0f} MiB; decode floor: {reads} COGs, {pixels / 1e6:.0f} M px, {floor:.1f} s CPU (median of "
+          f"{', '.join(f'{f:.1f}' for f in floors)}); warp floor: {warped:.1f} s CPU (median of "
+          f"{', '.join(f'{f:.1f}' for f in warps)}) = {warped / floor:.2f}x the decode floor -> fetch = "
+          f"{fetch_cpu / floor:.2f}x the decode floor, {fetch_cpu / warped:.2f}x the warp floor")
     shutil.rmtree(scratch)
 
 

@@ -144,26 +144,8 @@ class WindowReader:
             # "/vsicurl/https" leaves every https file of this read uncached.
             options = {**options, "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/" + href.split(":", 1)[0]}
         self.gdal_messages.take()  # left by an earlier read of this thread that raised
-        with rasterio.Env(**options), rasterio.open(href) as src, WarpedVRT(
-            src,
-            crs=self.crs,
-            transform=self.transform,
-            width=self.width,
-            height=self.height,
-            resampling=resampling,
-            # Without a nodata value, an alpha band is what marks pixels outside the scene.
-            add_alpha=src.nodata is None,
-        ) as vrt:
-            # The warp runs in the source's data type, as the reference's (stackstac) does: an
-            # integer band is interpolated and rounded by GDAL before we see floats. One warp gives
-            # both the values and where they are valid: reading the mask band after the values
-            # (rasterio's masked read) warps the source a second time.
-            if src.nodata is None:
-                data, alpha = vrt.read([1, vrt.count])
-                valid = alpha != 0
-            else:
-                data = vrt.read(1)
-                valid = ~nodata_mask(data, vrt.nodata)
+        with rasterio.Env(**options), rasterio.open(href) as src:
+            data, valid = warp_onto(src, self.crs, self.transform, self.width, self.height, resampling)
         hidden = self.gdal_messages.take()
         if hidden:
             raise RasterioError(f"the read returned data but GDAL reported: {hidden[0]}")
@@ -195,6 +177,25 @@ class WindowReader:
                 raise
         if failures:
             raise SceneUnreadable(failures)
+
+
+def warp_onto(src: rasterio.io.DatasetReader, crs: str, transform, width: int, height: int,
+              resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, valid)`` of band 1 of ``src`` warped onto a grid, in the source's data type.
+
+    The warp runs in the source's data type, as the reference's (stackstac) does: an integer band
+    is interpolated and rounded by GDAL before we see floats. One warp gives both the values and
+    where they are valid: reading the mask band after the values (rasterio's masked read) warps the
+    source a second time.
+    """
+    # Without a nodata value, an alpha band is what marks pixels outside the scene.
+    with WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, resampling=resampling,
+                   add_alpha=src.nodata is None) as vrt:
+        if src.nodata is None:
+            data, alpha = vrt.read([1, vrt.count])
+            return data, alpha != 0
+        data = vrt.read(1)
+        return data, ~nodata_mask(data, vrt.nodata)
 
 
 def nodata_mask(data: np.ndarray, nodata: float) -> np.ndarray:
