@@ -158,12 +158,12 @@ def fetch_reads(work, catalog_dir: Path) -> list[tuple[Path, str]]:
     the SCL of every S2 scene it searched (but those of 100 % cloud), the bands of the scenes of
     every date it kept, the VV and VH of every S1 scene. (The fetch skips the bands of a granule
     that gives a kept date no pixel: the floors are then a little high, never low.)"""
+    import zarr
+
     from tessera.fetch import S2_MAX_CLOUD_PCT
     from tessera.period import S1_ORBIT_DIRECTIONS
     from tessera.sources import S1_POLARISATIONS, S2_BANDS, S2_SCL
     from tessera.sources.mpc import mpc_shaped_source
-
-    import zarr
 
     s2 = zarr.open_group(work.s2, mode="r").attrs
     kept = {scene for scenes in s2["scenes"] for scene in scenes}

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tessera.errors import UserError
-from tessera.sources.aws import aws_source
 from tessera.sources.mpc import MPC_ASSET_KEYS, PlanetaryComputerSigner, mpc_shaped_source, mpc_source
 from tessera.sources.stac import (
     BANDS,
@@ -67,6 +66,9 @@ def open_source(source_config: Mapping | str, *, demo_catalog: Path | None = Non
     if name == "mpc":
         yield mpc_source()
     elif name == "aws":
+        # asf-search (with xarray and pandas, ~0.5 s of CPU to import) is only needed by this source.
+        from tessera.sources.aws import aws_source
+
         yield aws_source()
     elif name == "stac":
         yield stac_source(spec)
