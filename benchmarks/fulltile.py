@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/fulltile.py [--tile grid_6.05_52.05] [--year 2024] [--patch-size 512]
         [--s2-revisit-days 5] [--s1-revisit-days 12] [--scratch DIR] [--keep] [--no-forward]
-        [--infer-patch-sizes 256,1024]
+        [--infer-patch-sizes 256,1024] [--checkpoint-size tiny]
 
 Runs the stages' own sub-commands in subprocesses, one after the other, as the rules run them:
-``tessera demo catalog``, ``tessera demo checkpoint`` (the small v2 demo checkpoint), ``tessera fetch``,
-``tessera infer``, ``tessera assemble --cog``, ``tessera publish``. Per stage: wall, CPU (user + sys
+``tessera demo catalog``, ``tessera demo checkpoint`` (a v2 demo checkpoint of ``--checkpoint-size``),
+``tessera fetch``, ``tessera infer``, ``tessera assemble --cog``, ``tessera publish``. Per stage: wall, CPU (user + sys
 of the process and the children it waited for, from wait4), peak RSS (the largest single process),
 bytes read and written by the stage's processes (the read_chars / write_chars of their /proc I/O
 counters, sampled every 0.2 s, so files and sockets both count), and for fetch the bytes the demo's
@@ -23,9 +23,13 @@ The ROI is the tile's cell shrunk by 0.001° (the whole tile's pixel grid but a 
 quick check, thin the year out with --s2-revisit-days 30 --s1-revisit-days 60 (figures for README
 come from the defaults: a full year).
 
-Then, unless --no-forward, benchmarks/infer.py measures the published-size v2 ("small") forward and
-end-to-end px/s in the same run, and the inference of the same tile with a real v2 checkpoint on
-this CPU is extrapolated from the tile's ROI pixel count.
+The infer stage uses the v2 demo size ``tiny`` by default (1 layer, latent 8; still 128 numbers per
+pixel): the published small size infers about 85 px per CPU-second on a 2-core EPYC, over 2 CPU-hours
+for a tile, so its inference would dominate every other stage. The infer figures (the stage's and the
+one-patch peak RSS) are then the tiny model's, not a real inference's: unless --no-forward, benchmarks/infer.py measures the published-size v2 ("small") forward
+and end-to-end px/s in the same run, and the inference of the same tile with a real v2 checkpoint on
+this CPU is extrapolated from the tile's ROI pixel count. (``--checkpoint-size small`` infers the tile
+at the published size instead.)
 """
 
 from __future__ import annotations
@@ -264,6 +268,9 @@ def main() -> None:
     parser.add_argument("--infer-patch-sizes", default="256,1024",
                         help="then infer the first patch of each of these sizes from the same stacks, for its peak "
                              "RSS (patches of a tile are inferred one after the other: one patch is the peak)")
+    parser.add_argument("--checkpoint-size", default="tiny",
+                        help="the v2 demo checkpoint's size (tessera demo checkpoint --size): tiny (default), so that "
+                             "CPU inference does not dominate, or small, the published small size")
     args = parser.parse_args()
 
     from tessera.grid import Tile
@@ -286,7 +293,8 @@ def main() -> None:
         ("demo catalog", [tessera, "demo", "catalog", "--roi", roi, "--year", str(args.year), "--work-dir", str(work_dir),
                           "--s2-revisit-days", str(args.s2_revisit_days), "--s1-revisit-days", str(args.s1_revisit_days)],
          [demo_catalog(work_dir, args.year).parent]),
-        ("demo checkpoint", [tessera, "demo", "checkpoint", "--family", "v2", "--work-dir", str(work_dir)], [checkpoint]),
+        ("demo checkpoint", [tessera, "demo", "checkpoint", "--family", "v2", "--size", args.checkpoint_size,
+                             "--work-dir", str(work_dir)], [checkpoint]),
         ("fetch", [tessera, "fetch", *tile_year, "--output-dir", str(output_dir), "--roi", roi, "--source", "demo",
                    "--patch-size", str(args.patch_size)],
          [work.s2, work.s1, work.roi_mask, work.stack_index, results.observations(tile.name, args.year)]),
@@ -302,7 +310,8 @@ def main() -> None:
           output_dir / "mosaic", results.zarr_store]),
     ]
     print(f"{tile.name} {args.year}, ROI {roi}: {tile.width} x {tile.height} px; S2 every {args.s2_revisit_days} d, "
-          f"S1 every {args.s1_revisit_days} d; patches of {args.patch_size}", flush=True)
+          f"S1 every {args.s1_revisit_days} d; patches of {args.patch_size}; v2 demo checkpoint of size "
+          f"{args.checkpoint_size}", flush=True)
     rows = []
     for name, command, outputs in stages:
         rows.append(run_stage(name, command, outputs, env))
@@ -342,7 +351,9 @@ def main() -> None:
           f"-> fetch = {client_cpu / floor:.2f}x the decode floor; GDAL warping the same COGs onto the tile from "
           f"local disk (the fetch's warp alone, median of 3): {warped:.1f} s CPU = {warped / floor:.2f}x the decode "
           f"floor -> fetch = {client_cpu / warped:.2f}x the warp floor")
-    print(f"infer (demo checkpoint): {roi_pixels / by_name['infer']['wall']:,.0f} px/s")
+    infer = by_name["infer"]
+    print(f"infer (v2 demo checkpoint, size {args.checkpoint_size}): {roi_pixels / infer['wall']:,.0f} px/s wall, "
+          f"{roi_pixels / infer['cpu']:,.0f} px per CPU-s")
     if not args.no_forward:
         forward, end_to_end, _ = forward_rates()
         print(f"v2 published size (benchmarks/infer.py, this run): forward {forward:.1f} px/s, end-to-end "

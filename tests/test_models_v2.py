@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tessera import layout
+from tessera.cli import main
 from tessera.errors import UserError
 from tessera.models import get_family, load_model, make_demo_checkpoint
 from tessera.models.v2 import pad_pattern
@@ -102,6 +104,37 @@ def test_demo_checkpoint_is_deterministic_published_and_labelled(tmp_path):
 def test_demo_checkpoint_unknown_size(tmp_path):
     with pytest.raises(UserError, match="size 'huge'"):
         make_demo_checkpoint(tmp_path / "x.pt", "v2", size="huge")
+
+
+def test_tiny_demo_size_keeps_128_numbers_with_far_fewer_weights():
+    arch = V2.demo_arch("tiny")
+    assert arch["repr_dim"] == 128 and arch["num_layers"] == 1
+    tiny, small = V2.build(**arch), V2.build(**V2.demo_arch("small"))
+    count = [sum(p.numel() for p in model.parameters()) for model in (tiny, small)]
+    assert count[0] * 50 < count[1], count
+
+
+def test_cli_demo_checkpoint_tiny_loads_and_embeds_128(tmp_path, capsys):
+    assert main(["-q", "demo", "checkpoint", "--family", "v2", "--size", "tiny", "--work-dir", str(tmp_path / "t")]) == 0
+    assert main(["-q", "demo", "checkpoint", "--family", "v2", "--work-dir", str(tmp_path / "s")]) == 0
+    tiny, small = layout.demo_checkpoint(tmp_path / "t", "v2"), layout.demo_checkpoint(tmp_path / "s", "v2")
+    assert tiny.stat().st_size * 50 < small.stat().st_size
+    assert "size tiny" in torch.load(tiny, weights_only=True)["tessera_demo"]
+    model = load_model(tiny, "v2")
+    assert model.arch["latent_dim"] == V2.demo_arch("tiny")["latent_dim"] and model.arch["num_layers"] == 1
+    s2 = torch.cat([torch.randn(3, 16, 10), torch.randint(1, 366, (3, 16, 1)).float()], -1)
+    s1 = torch.cat([torch.randn(3, 8, 2), torch.randint(1, 366, (3, 8, 1)).float()], -1)
+    with torch.inference_mode():
+        assert model(s2, s1).shape == (3, 128)
+
+
+def test_cli_demo_checkpoint_unknown_size_is_one_error_line_and_no_file(tmp_path, capsys):
+    code = main(["-q", "demo", "checkpoint", "--family", "v2", "--size", "huge", "--work-dir", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("tessera: error: ") and "size 'huge'" in err[0] and "tiny" in err[0], err
+    assert not layout.demo_checkpoint(tmp_path, "v2").exists()
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
 def test_output_is_layer_normalised_per_pixel(tmp_path):

@@ -170,7 +170,8 @@ def cmd_demo_catalog(args: argparse.Namespace) -> None:
 def cmd_demo_checkpoint(args: argparse.Namespace) -> None:
     from tessera.models import make_demo_checkpoint
 
-    make_demo_checkpoint(layout.demo_checkpoint(args.work_dir, args.family), family=args.family, seed=args.seed)
+    make_demo_checkpoint(layout.demo_checkpoint(args.work_dir, args.family), family=args.family, size=args.size,
+                         seed=args.seed)
 
 
 def add_demo(sub) -> None:
@@ -188,8 +189,12 @@ def add_demo(sub) -> None:
     q.set_defaults(func=cmd_demo_catalog)
     q = demo.add_parser("checkpoint", help="write seeded random weights in a family's published layout")
     q.add_argument("--family", required=True, choices=family_names())
+    q.add_argument("--size", default="small",
+                   help="the family's demo size (default small, the published small size where there is one); "
+                        "v2 also has tiny, a far faster one for trying or benchmarking the pipeline on a CPU "
+                        "(still 128 numbers per pixel); an unknown size names the family's sizes")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--work-dir", required=True, help="writes <work-dir>/demo/checkpoint-<family>.pt")
+    q.add_argument("--work-dir", required=True, help="writes <work-dir>/demo/checkpoint-<family>.pt (whatever the size)")
     q.set_defaults(func=cmd_demo_checkpoint)
 
 

@@ -136,7 +136,16 @@ class V2Student(BucketedFamily):
     quantisation = V2_QUANTISATION
     state_dict_keys = ("model",)
     bf16_on_cuda = False  # the reference runs the students in fp32 only (UPSTREAM.md §6.2)
-    demo_sizes = {"small": {}, "large": {"latent_dim": 160, "dim_feedforward": 2560}}
+    # "small" and "large" are published sizes. "tiny" is no published size: it exists to try or
+    # benchmark the pipeline on a CPU (benchmarks/fulltile.py) without the inference dominating:
+    # about 45x the small size's forward px/s and 60x its end-to-end px/s on 2 CPU threads (64-step
+    # bin, benchmarks/infer.py), 80x its forward on one thread. It keeps repr_dim 128, so the
+    # assembled tiles still have 128 bands; its embeddings are as meaningless as any demo checkpoint's.
+    demo_sizes = {
+        "small": {},
+        "large": {"latent_dim": 160, "dim_feedforward": 2560},
+        "tiny": {"latent_dim": 8, "num_layers": 1, "nhead": 2, "dim_feedforward": 32},
+    }
 
     def default_arch(self) -> dict[str, Any]:
         return {"repr_dim": 128, "latent_dim": 64, "num_layers": 4, "nhead": 4, "dim_feedforward": 1024,
