@@ -6,8 +6,9 @@
 
 Runs the stages' own sub-commands in subprocesses, one after the other, as the rules run them:
 ``tessera demo catalog``, ``tessera demo checkpoint`` (a v2 demo checkpoint of ``--checkpoint-size``),
-``tessera fetch``, ``tessera infer``, ``tessera assemble --cog``, ``tessera publish``. Per stage: wall, CPU (user + sys
-of the process and the children it waited for, from wait4), peak RSS (the largest single process),
+``tessera fetch``, ``tessera infer``, ``tessera assemble --cog``, ``tessera publish``. Per stage: wall,
+CPU (user + sys of the process and the children it waited for, from wait4), peak RSS (the largest
+single process),
 bytes read and written by the stage's processes (the read_chars / write_chars of their /proc I/O
 counters, sampled every 0.2 s, so files and sockets both count), and for fetch the bytes the demo's
 local STAC API sent (the source's side of the connection). The stage's outputs' bytes on disk are
@@ -16,8 +17,9 @@ printed too.
 The fetch's CPU without the demo's STAC server is then compared with a floor measured in the same
 run: plain reads (no warp) that open each COG the fetch read once and decode its blocks under the
 work window once (``decode_floor``), and with a second floor: GDAL alone warping the same COGs
-from local disk onto the work window with the fetch's own warp and resampling (``warp_floor``). With ``--infer-patch-sizes``, the first patch of each size is
-inferred again from the same stacks, for its peak RSS.
+from local disk onto the work window with the fetch's own warp and resampling (``warp_floor``).
+With ``--infer-patch-sizes``, the first patch of each size is inferred again from the same stacks,
+for its peak RSS.
 
 The ROI is the tile's cell shrunk by 0.001° (the whole tile's pixel grid but a thin border). For a
 quick check, thin the year out with --s2-revisit-days 30 --s1-revisit-days 60 (figures for README
@@ -26,8 +28,8 @@ come from the defaults: a full year).
 The infer stage uses the v2 demo size ``tiny`` by default (1 layer, latent 8; still 128 numbers per
 pixel): the published small size infers about 85 px per CPU-second on a 2-core EPYC, over 2 CPU-hours
 for a tile, so its inference would dominate every other stage. The infer figures (the stage's and the
-one-patch peak RSS) are then the tiny model's, not a real inference's: unless --no-forward, benchmarks/infer.py measures the published-size v2 ("small") forward
-and end-to-end px/s in the same run, and the inference of the same tile with a real v2 checkpoint on
+one-patch peak RSS) are then the tiny model's, not a real inference's: unless --no-forward,
+benchmarks/infer.py measures the published-size v2 ("small") forward and end-to-end px/s in the same run, and the inference of the same tile with a real v2 checkpoint on
 this CPU is extrapolated from the tile's ROI pixel count. (``--checkpoint-size small`` infers the tile
 at the published size instead.)
 """
