@@ -136,6 +136,22 @@ def test_mpc_harmonisation_without_a_baseline_starts_after_2022_01_25_and_spares
     assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc).dtype == np.uint16
 
 
+@pytest.mark.parametrize("harmonisation", ["mpc", "none"])
+@pytest.mark.parametrize("when", [utc(2021, 6, 1), utc(2024, 6, 1)])
+def test_s2_dn_encode_in_integers_exactly_as_in_float64(harmonisation, when):
+    """uint16 DN (what L2A COGs hold) are harmonised in integers: the same codes as the float64 path
+    the reference takes, for every DN, with no data (``valid`` False, or NaN in floats) as 0."""
+    dn = np.arange(65536, dtype=np.uint16)
+    valid = np.random.default_rng(0).random(dn.size) > 0.1
+    item, chosen = l2a_item(when), source([], harmonisation=harmonisation)
+    as_floats = np.where(valid, dn.astype(np.float64), np.nan)
+    expected = encode_s2(as_floats, item, chosen)
+    assert np.array_equal(encode_s2(dn, item, chosen, valid), expected)
+    assert np.array_equal(encode_s2(dn.astype(np.float32), item, chosen, valid), expected)
+    assert encode_s2(dn, item, chosen, valid).dtype == np.uint16
+    assert (expected[~valid] == 0).all() and (expected[valid] != dn[valid]).any() == (harmonisation == "mpc" and when.year > 2022)
+
+
 @needs_shared
 @pytest.mark.parametrize("fixture, offset", [
     ("mpc-sentinel-2-l2a-item-2019-06-29-baseline-02.12.json", False),
@@ -557,6 +573,8 @@ def test_one_warp_reads_the_values_and_validity_rasterios_masked_read_gives(tmp_
                                                height=reader.height, resampling=resampling,
                                                add_alpha=src.nodata is None) as vrt:
         expected = vrt.read(1, masked=True).astype(np.float64).filled(np.nan)
-    got = reader._warped(str(path), resampling, cached=True)
+    values, valid = reader._warped(str(path), resampling, cached=True)
+    got = np.where(valid, values.astype(np.float64), np.nan)
+    assert values.dtype == np.dtype(dtype)
     assert np.isnan(expected).any() and np.isfinite(expected).any()
     np.testing.assert_array_equal(got, expected)

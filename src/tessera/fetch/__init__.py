@@ -235,7 +235,8 @@ def fetch_s2(
         scls = {read[0].id: scl for read, scl in reader.read_all([(item, S2_SCL, Resampling.nearest) for item in day_items])}
         chosen = np.full((reader.height, reader.width), -1, np.int32)
         for index, item in enumerate(day_items):
-            chosen[(chosen < 0) & valid_scl(np.nan_to_num(scls.pop(item.id), nan=0.0))] = index
+            scl, in_scene = scls.pop(item.id)
+            chosen[(chosen < 0) & in_scene & valid_scl(scl)] = index
         valid = chosen >= 0
         if not coverage.enough(valid, min_coverage_pct):
             low_coverage.append(date.isoformat())
@@ -245,10 +246,14 @@ def fetch_s2(
         contributing = np.unique(value_from)
         reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in contributing]
         bands = np.empty((reader.height, reader.width, len(S2_BANDS)), np.uint16)
-        for (item, band, _), values in reader.read_all(reads):
+        for (item, band, _), (values, in_scene) in reader.read_all(reads):
+            band_values = bands[..., S2_BANDS.index(band)]
+            if len(contributing) == 1:  # one granule gives every pixel: no need to pick its part out
+                band_values[...] = encode_s2(values, item, source, in_scene)
+                continue
             take = value_from == granule_of[item.id]
             # Harmonisation and the cast work pixel by pixel, so each granule's part is encoded alone.
-            bands[..., S2_BANDS.index(band)][take] = encode_s2(values[take], item, source)
+            band_values[take] = encode_s2(values[take], item, source, in_scene[take])
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
@@ -334,9 +339,12 @@ def fetch_s1(
             mask = read.get((item.id, S1_MASK))
             contributed = False
             for channel, polarisation in enumerate(S1_POLARISATIONS):
-                gamma0 = read.pop((item.id, polarisation)).astype(gamma0_dtype)
+                values, in_scene = read.pop((item.id, polarisation))
+                gamma0 = values.astype(gamma0_dtype)
+                gamma0[~in_scene] = np.nan
                 if mask is not None:
-                    gamma0[mask != 0] = np.nan  # layover, shadow, or outside the mask (NaN != 0)
+                    layer, in_mask = mask
+                    gamma0[(layer != 0) | ~in_mask] = np.nan  # layover, shadow, or outside the mask layer
                 # The reference drops a polarisation of an item that covers too little of the ROI.
                 if coverage.pct(np.isfinite(gamma0) & (gamma0 > 0)) < min_coverage_pct:
                     continue

@@ -90,8 +90,9 @@ class WindowReader:
         self.parallel_reads = parallel_reads
         self.gdal_messages = GdalMessages()
 
-    def read(self, item: pystac.Item, band: str, resampling: Resampling) -> np.ndarray:
-        """float64 (H, W), NaN where the scene has no data (outside its footprint or its nodata).
+    def read(self, item: pystac.Item, band: str, resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
+        """``(values, valid)``, both (H, W): the values in the asset's own data type, and where the
+        scene has data (inside its footprint, not its nodata).
 
         Failures are told apart by what they say about the scene:
 
@@ -137,7 +138,7 @@ class WindowReader:
                     raise SceneUnreadable({item.id: f"{band}: {redact(reason)}"}) from None
         raise AssertionError("unreachable")
 
-    def _warped(self, href: str, resampling: Resampling, *, cached: bool) -> np.ndarray:
+    def _warped(self, href: str, resampling: Resampling, *, cached: bool) -> tuple[np.ndarray, np.ndarray]:
         options = self.options
         if not cached:
             # GDAL splits this option's list of path prefixes on ":", so a URL cannot be named:
@@ -145,16 +146,15 @@ class WindowReader:
             options = {**options, "CPL_VSIL_CURL_NON_CACHED": "/vsicurl/" + href.split(":", 1)[0]}
         self.gdal_messages.take()  # left by an earlier read of this thread that raised
         with rasterio.Env(**options), rasterio.open(href) as src:
-            data, valid = warp_onto(src, self.crs, self.transform, self.width, self.height, resampling)
+            warped = warp_onto(src, self.crs, self.transform, self.width, self.height, resampling)
         hidden = self.gdal_messages.take()
         if hidden:
             raise RasterioError(f"the read returned data but GDAL reported: {hidden[0]}")
-        values = data.astype(np.float64)
-        values[~valid] = np.nan
-        return values
+        return warped
 
-    def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]) -> Iterator[tuple[tuple, np.ndarray]]:
-        """``((item, band, resampling), array)`` for each read as it completes. Then, if any read
+    def read_all(self, reads: list[tuple[pystac.Item, str, Resampling]]
+                 ) -> Iterator[tuple[tuple, tuple[np.ndarray, np.ndarray]]]:
+        """``((item, band, resampling), (values, valid))`` for each read as it completes. Then, if any read
         failed, SceneUnreadable naming every failed item with its own reason (reads of the batch
         still running are waited for rather than dropped: a later open of a failed URL would only
         say that the file does not exist)."""
