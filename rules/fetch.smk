@@ -3,11 +3,12 @@
 # DAG small (Snakemake spends a few ms per job on every dry-run and every cluster job's start:
 # benchmarks/dag.py); the price is that a tile whose S1 fetch fails fetches its S2 again.
 
-# Memory from the measured peak of a whole tile's fetch (benchmarks/fulltile.py, a year of demo
-# scenes, README "One tile, stage by stage"): 669 MiB, for the 717 x 1118 px work window of a
-# 0.1° tile at 52°N. A fetch holds one date's window-sized arrays at a time; a window at the
-# equator has up to 1.53x those pixels (the whole 1113 x 1105 px tile); the demo's STAC server adds
-# ~100 MiB to the job: 669 x 1.53 + 100 = 1,124 MiB = 1,179 MB, rounded up. Each retry asks for this once more.
+# Memory from the highest measured peak of a whole tile's fetch (benchmarks/fulltile.py, a year of
+# demo scenes, README "One tile, stage by stage"): 669 MiB (a later run: 449 MiB), for the
+# 717 x 1118 px work window of a 0.1° tile at 52°N. A fetch holds one date's window-sized arrays at
+# a time; a window at the equator has up to 1.53x those pixels (the whole 1113 x 1105 px tile); the
+# demo's STAC server adds ~100 MiB to the job: 669 x 1.53 + 100 = 1,124 MiB = 1,179 MB, rounded up.
+# Each retry asks for this once more.
 FETCH_MEM_MB = 1200
 
 
