@@ -153,9 +153,11 @@ class StacFeed:
     # The demo API listens on a new port every run: its cache is keyed without the URL and its
     # asset hrefs are moved onto the current root when reused.
     ephemeral_url: bool = False
-    # The demo's API (stac-fastapi-static) lists items by id, ascending; Planetary Computer's pgstac,
-    # which it stands in for, by datetime, then id, descending. The fetch keeps the server's order
-    # among same-datetime granules (as the reference), so the demo's results are put in pgstac's.
+    # The demo's API (stac-fastapi-static 1.0) lists items in the order of a hash of their hrefs (it
+    # sorts its "walk paths", xxh3 digests of each href part: core/walk_path.py), which no catalog
+    # layout can steer; Planetary Computer's pgstac, which it stands in for, by datetime, then id,
+    # descending. The fetch keeps the server's order among same-datetime granules (as the
+    # reference), so the demo's results are put in pgstac's.
     pgstac_order: bool = False
 
     def describe(self) -> dict:
