@@ -63,7 +63,8 @@ def window_field(values):
     return np.pad(values, MARGIN, mode="edge")
 
 
-def s2_item(tmp_path, item_id, when, reflectance, scl, *, crs=None, transform=None, scl_transform=None, cloud=10.0):
+def s2_item(tmp_path, item_id, when, reflectance, scl, *, crs=None, transform=None, scl_transform=None, cloud=10.0,
+            scl_nodata=0):
     """An MPC-shaped S2 item; ``reflectance`` is one (h, w) field used for every band (band b gets + b)."""
     crs = crs or f"EPSG:{TILE.epsg}"
     transform = transform or GRANULE_TRANSFORM
@@ -73,21 +74,23 @@ def s2_item(tmp_path, item_id, when, reflectance, scl, *, crs=None, transform=No
     for offset, band in enumerate(S2_BANDS):
         path = write_raster(folder / f"{band}.tif", (reflectance + offset).astype(np.uint16), transform, crs, nodata=0)
         item.add_asset(band, pystac.Asset(str(path)))
-    scl_path = write_raster(folder / "SCL.tif", scl.astype(np.uint8), scl_transform or transform, crs, nodata=0)
+    scl_path = write_raster(folder / "SCL.tif", scl.astype(np.uint8), scl_transform or transform, crs, nodata=scl_nodata)
     item.add_asset("SCL", pystac.Asset(str(scl_path)))
     return item
 
 
-def s1_item(tmp_path, item_id, when, orbit, vv, vh, transform=GRANULE_TRANSFORM, mask=None):
+def s1_item(tmp_path, item_id, when, orbit, vv, vh, transform=GRANULE_TRANSFORM, mask=None, *, nodata=-32768,
+            mask_transform=None):
     folder = tmp_path / item_id
     folder.mkdir()
     props = {"sat:orbit_state": orbit} if orbit else {}
     item = pystac.Item(item_id, None, None, when, props, collection="sentinel-1-rtc")
     for name, field in (("vv", vv), ("vh", vh)):
-        path = write_raster(folder / f"{name}.tif", field.astype(np.float32), transform, nodata=-32768)
+        path = write_raster(folder / f"{name}.tif", field.astype(np.float32), transform, nodata=nodata)
         item.add_asset(name, pystac.Asset(str(path)))
     if mask is not None:  # OPERA's layover/shadow layer: 0 = valid
-        item.add_asset("mask", pystac.Asset(str(write_raster(folder / "mask.tif", mask.astype(np.uint8), transform))))
+        path = write_raster(folder / "mask.tif", mask.astype(np.uint8), mask_transform or transform)
+        item.add_asset("mask", pystac.Asset(str(path)))
     return item
 
 
@@ -176,6 +179,8 @@ def test_mpc_harmonisation_trusts_a_stated_baseline_over_the_date():
 
 def test_scl_classes():
     assert [int(c) for c in np.arange(12) if valid_scl(np.array([c]))[0]] == [4, 5, 6, 7, 10, 11]
+    # A float SCL's NaN is no data, as the reference's fill 0; other numbers it does not list are usable.
+    assert valid_scl(np.array([np.nan, 0.0, 4.0, 12.0])).tolist() == [False, False, True, True]
 
 
 # --- Sentinel-2 --------------------------------------------------------------------------------
@@ -511,6 +516,37 @@ def test_opera_layover_pixels_are_kept_by_default_and_encoded_in_float32(tmp_pat
     mpc_radar = s1_item(tmp_path, "mpc", utc(2024, 6, 3, 5), "ascending", vv, vv / 10)
     fetch_s1(TILE, WINDOW, 2024, source([mpc_radar]), tmp_path / "mpc.zarr")
     assert (open_s1(tmp_path / "mpc.zarr").ascending.arrays["sar"][0, :, :, 0] == 9747).all()
+
+
+def test_a_positive_s1_nodata_value_is_no_data_not_a_backscatter(tmp_path):
+    vv = np.full((H, W), 0.1)
+    vv[:, :10] = 5.0  # the feed's nodata value: 5.0 as a γ0 would encode to 12795
+    radar = s1_item(tmp_path, "burst", utc(2024, 6, 3, 5), "ascending", window_field(vv),
+                    window_field(np.full((H, W), 0.01)), nodata=5.0)
+    fetch_s1(TILE, WINDOW, 2024, source([radar]), tmp_path / "s1.zarr")
+    vv_codes = open_s1(tmp_path / "s1.zarr").ascending.arrays["sar"][0, :, :, 0]
+    assert (vv_codes[:, :10] == 0).all() and (vv_codes[:, 10:] == 6000).all()
+
+
+def test_a_mask_layer_smaller_than_the_burst_masks_what_it_does_not_cover(tmp_path):
+    """OPERA's mask layer has no nodata value: outside its footprint (an alpha band says so) the
+    pixels count as masked, as before they were NaN, and NaN != 0."""
+    vv = window_field(np.full((H, W), 0.1))
+    mask = np.zeros((H + 2 * MARGIN, W + 2 * MARGIN - 25), np.uint8)  # covers the window from column 15 on
+    east = GRANULE_TRANSFORM @ Affine.translation(25, 0)
+    radar = s1_item(tmp_path, "burst", utc(2024, 6, 3, 5), "ascending", vv, vv / 10, mask=mask, mask_transform=east)
+    fetch_s1(TILE, WINDOW, 2024, opera_shaped_source([radar]), tmp_path / "s1.zarr", mask_layover=True)
+    vv_codes = open_s1(tmp_path / "s1.zarr").ascending.arrays["sar"][0, :, :, 0]
+    assert (vv_codes[:, :15] == 0).all() and (vv_codes[:, 15:] == 6000).all()
+
+
+def test_an_scl_nodata_value_that_is_not_zero_is_no_data(tmp_path):
+    scl = np.full((H, W), 4)
+    scl[:, :10] = 255  # the granule's nodata: not an SCL class the reference rejects by number
+    item = s2_item(tmp_path, "A", utc(2024, 2, 10, 10, 30), CONSTANT, window_field(scl), scl_nodata=255)
+    fetch_s2(TILE, WINDOW, 2024, source([item]), tmp_path / "s2.zarr")
+    masks = open_s2(tmp_path / "s2.zarr").masks[0]
+    assert (masks[:, :10] == 0).all() and (masks[:, 10:] == 1).all()
 
 
 def test_verify_lists_the_scenes_each_tiles_fetch_skipped(tmp_path, monkeypatch, capsys):

@@ -400,3 +400,13 @@ def test_windows_at_the_grids_highest_latitudes_are_searched_where_they_are(lon,
     pole = tile.project(shapely.Point(0, 90 if lat > 0 else -90))
     if tile.pixel_box(tile.full_window).intersects(pole):
         assert (bbox[0], bbox[2]) == (-180.0, 180.0)
+
+
+def test_only_the_aws_source_imports_asf_search():
+    """asf-search brings xarray and pandas (~0.5 s of CPU): every fetch of another source would pay it."""
+    code = ("import sys, tessera.cli.stages, tessera.fetch, tessera.sources; "
+            "print(sorted({'asf_search', 'xarray', 'pandas'} & set(sys.modules)))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
+    code = "import sys, tessera.sources.aws; print('asf_search' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"

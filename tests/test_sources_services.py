@@ -17,6 +17,7 @@ import pytest
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
+from rasterio.windows import Window
 from shapely import box
 
 import tessera.fetch.reader as reader
@@ -656,6 +657,19 @@ def test_check_source_passes_for_demo_mpc_aws_and_stac(services, origin, catalog
     assert "credentials: Earthdata Login: token from EARTHDATA_TOKEN" in _check(sources["aws"])[1]
     assert "credentials: Planetary Computer: anonymous SAS tokens" in _check(sources["mpc"])[1]
     assert TOKEN not in caplog.text
+
+
+def test_check_source_notes_a_block_outside_the_scenes_footprint(catalog):
+    """The demo's scenes cover the BBOX at the tile's west edge (and 200 m around): the centre block
+    of the whole tile, 3 km east, is outside every scene the search finds."""
+    from tessera.sources.check import check_source
+
+    out = io.StringIO()
+    with open_source("demo", demo_catalog=catalog) as demo:
+        check_source(demo, TILE, Window(0, 0, TILE.width, TILE.height), YEAR, file=out)
+    text = out.getvalue()
+    assert "note: the B04 block of" in text and "note: the vv block of" in text, text
+    assert "holds no data (outside the scene's footprint)" in text
 
 
 def _one_failure(report, text, *needles):

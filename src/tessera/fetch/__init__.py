@@ -232,10 +232,11 @@ def fetch_s2(
     def build(date: dt.date, day_items: list[pystac.Item]):
         day_items = _in_datetime_order(day_items)
         # Which granule each pixel takes: the first (datetime order) whose SCL is valid there.
-        scls = {read[0].id: scl for read, scl in reader.read_all([(item, S2_SCL, Resampling.nearest) for item in day_items])}
+        scl_reads = {read[0].id: warped for read, warped in
+                     reader.read_all([(item, S2_SCL, Resampling.nearest) for item in day_items])}
         chosen = np.full((reader.height, reader.width), -1, np.int32)
         for index, item in enumerate(day_items):
-            scl, in_scene = scls.pop(item.id)
+            scl, in_scene = scl_reads.pop(item.id)
             chosen[(chosen < 0) & in_scene & valid_scl(scl)] = index
         valid = chosen >= 0
         if not coverage.enough(valid, min_coverage_pct):
@@ -248,7 +249,7 @@ def fetch_s2(
         bands = np.empty((reader.height, reader.width, len(S2_BANDS)), np.uint16)
         for (item, band, _), (values, in_scene) in reader.read_all(reads):
             band_values = bands[..., S2_BANDS.index(band)]
-            if len(contributing) == 1:  # one granule gives every pixel: no need to pick its part out
+            if len(contributing) == 1:  # every pixel comes from one granule: no need to pick its part out
                 band_values[...] = encode_s2(values, item, source, in_scene)
                 continue
             take = value_from == granule_of[item.id]
@@ -336,14 +337,14 @@ def fetch_s1(
         merged = np.zeros((reader.height, reader.width, S1_CHANNELS), np.int16)
         used = []
         for item in group_items:
-            mask = read.get((item.id, S1_MASK))
+            mask_read = read.get((item.id, S1_MASK))
             contributed = False
             for channel, polarisation in enumerate(S1_POLARISATIONS):
                 values, in_scene = read.pop((item.id, polarisation))
                 gamma0 = values.astype(gamma0_dtype)
                 gamma0[~in_scene] = np.nan
-                if mask is not None:
-                    layer, in_mask = mask
+                if mask_read is not None:
+                    layer, in_mask = mask_read
                     gamma0[(layer != 0) | ~in_mask] = np.nan  # layover, shadow, or outside the mask layer
                 # The reference drops a polarisation of an item that covers too little of the ROI.
                 if coverage.pct(np.isfinite(gamma0) & (gamma0 > 0)) < min_coverage_pct:

@@ -25,7 +25,7 @@ def encode_s2(values: np.ndarray, item: pystac.Item, source: Source, valid: np.n
             values[~valid] = np.nan
         return np.nan_to_num(source.harmonise_s2(values, item), nan=0.0).astype(np.uint16)
     harmonised = source.harmonise_s2(values, item)
-    return harmonised if valid is None else np.where(valid, harmonised, np.uint16(0))
+    return harmonised.astype(np.uint16) if valid is None else np.where(valid, harmonised, np.uint16(0))
 
 
 def encode_s1(gamma0: np.ndarray) -> np.ndarray:
@@ -48,6 +48,12 @@ def has_s1_code(sar: np.ndarray) -> np.ndarray:
 
 
 def valid_scl(scl: np.ndarray) -> np.ndarray:
-    """True where an SCL class is usable (4 vegetation, 5 bare, 6 water, 7 unclassified, 10 thin cirrus, 11 snow)."""
-    return ~np.isin(scl, INVALID_SCL)
+    """True where an SCL class is usable (4 vegetation, 5 bare, 6 water, 7 unclassified, 10 thin cirrus, 11 snow).
+
+    Any class but the reference's invalid ones is usable, as in the reference; NaN (a float SCL's
+    no data) is not, as the reference's fill value 0 is not."""
+    usable = ~np.isin(scl, INVALID_SCL)
+    if np.issubdtype(scl.dtype, np.floating):
+        usable &= ~np.isnan(scl)
+    return usable
 

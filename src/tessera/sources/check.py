@@ -113,7 +113,7 @@ def check_source(source: Source, tile: Tile, window: Window, year: int, *, file=
 
         for band in bands:
             try:
-                data = reader.read(item, band, Resampling.nearest)
+                _, in_scene = reader.read(item, band, Resampling.nearest)
                 per_scene += _asset_bytes(feed, item, band, reader, pixels)
             except SceneUnreadable as exc:
                 fail(f"{sensor} read of {band}", UserError(
@@ -125,7 +125,7 @@ def check_source(source: Source, tile: Tile, window: Window, year: int, *, file=
                 fail(f"{sensor} read of {band}", exc)
                 read_failed = True
                 break
-            if not np.isfinite(data).any():
+            if not in_scene.any():
                 say(f"  note: the {band} block of {item.id} holds no data (outside the scene's footprint)")
         if read_failed:
             continue

@@ -397,7 +397,9 @@ class Source:
         return "mpc" if self.harmonisation == "mpc" else "aws"
 
     def harmonise_s2(self, values: np.ndarray, item: pystac.Item) -> np.ndarray:
-        """S2 reflectance (float DN) of ``item`` brought to the pre-2022 baseline with this source's rule."""
+        """S2 reflectance DN of ``item`` (float, or uint16 as stored) brought to the pre-2022 baseline
+        with this source's rule. In uint16 the subtraction wraps below the offset, where its result
+        is not taken."""
         if self.harmonisation == "mpc" and carries_boa_offset(item):
             return np.where(values >= MPC_BOA_OFFSET, values - MPC_BOA_OFFSET, values)
         return values
