@@ -26,12 +26,12 @@ quick check, thin the year out with --s2-revisit-days 30 --s1-revisit-days 60 (f
 come from the defaults: a full year).
 
 The infer stage uses the v2 demo size ``tiny`` by default (1 layer, latent 8; still 128 numbers per
-pixel): the published small size infers about 85 px per CPU-second on a 2-core EPYC, over 2 CPU-hours
-for a tile, so its inference would dominate every other stage. The infer figures (the stage's and the
-one-patch peak RSS) are then the tiny model's, not a real inference's: unless --no-forward,
-benchmarks/infer.py measures the published-size v2 ("small") forward and end-to-end px/s in the same run, and the inference of the same tile with a real v2 checkpoint on
-this CPU is extrapolated from the tile's ROI pixel count. (``--checkpoint-size small`` infers the tile
-at the published size instead.)
+pixel): at the published small size, inference of a tile takes over an hour on a 2-core CPU (README
+"One tile, stage by stage") and would dominate every other stage. The infer figures (the stage's and
+the one-patch peak RSS) are then the tiny model's, not a real inference's: unless --no-forward,
+benchmarks/infer.py measures the published-size v2 ("small") forward and end-to-end px/s in the same
+run, and the inference of the same tile with a real v2 checkpoint on this CPU is extrapolated from
+the tile's ROI pixel count. (``--checkpoint-size small`` infers the tile at the published size.)
 """
 
 from __future__ import annotations
