@@ -148,7 +148,17 @@ def test_a_stack_from_before_periods_were_recorded_still_verifies(tmp_path, stac
         group = zarr.open_group(store, mode="r+")
         group.attrs["preprocessing"] = index["preprocessing"]
     assert open_s2(s2_path).grid.preprocessing.period == "01-01/12-31"
-    assert verify_stack_index(tmp_path / "stack.json", checksums=False).index["preprocessing"] == index["preprocessing"]
+    assert open_s1(s1_path).grid.preprocessing.s1_orbit_state == "both"
+    verify_stack_index(tmp_path / "stack.json", checksums=False)  # does not refuse the older index
+
+
+def test_a_stack_index_with_unknown_preprocessing_is_refused_in_one_line(tmp_path, stacks):
+    s2_path, s1_path = stacks
+    index = write_stack_index(s2_path, s1_path, tmp_path / "stack.json")
+    index["preprocessing"]["resampling_of_the_future"] = "lanczos"
+    (tmp_path / "stack.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"stack.json records preprocessing .* damaged or from another version"):
+        verify_stack_index(tmp_path / "stack.json", checksums=False)
 
 
 def test_stack_index_refuses_stacks_on_different_grids(tmp_path, stacks):

@@ -69,6 +69,17 @@ class Preprocessing:
         return dict(self.__dict__)
 
     @classmethod
+    def from_attrs(cls, attrs: Mapping, where: Path) -> Preprocessing:
+        """The choices recorded in a store or an index (``where``); a record that does not hold them is
+        refused in one line."""
+        try:
+            return cls(**attrs)
+        except TypeError:
+            raise UserError(f"{where} records preprocessing {dict(attrs)!r}, not the choices this version records "
+                            f"({', '.join(cls.__dataclass_fields__)}): it is damaged or from another version; "
+                            "delete it and rerun the fetch of this tile") from None
+
+    @classmethod
     def expected_by(cls, family: str, harmonisation: str) -> Preprocessing:
         """What a family's checkpoints were trained on, for data of a source with this rule."""
         from tessera.models import expected_preprocessing
@@ -109,7 +120,7 @@ class StackGrid:
             raise UserError(f"stack {store} lacks {', '.join(missing)} (written by an older tessera-workflow?): "
                             "delete it and rerun the fetch of this tile")
         return cls(attrs["tile"], attrs["year"], Window(*attrs["window"]), attrs["crs"], Affine(*attrs["transform"]),
-                   attrs["source"], attrs["data_kind"], Preprocessing(**attrs["preprocessing"]))
+                   attrs["source"], attrs["data_kind"], Preprocessing.from_attrs(attrs["preprocessing"], store))
 
 
 def chunk_edge(patch_size: int) -> int:
@@ -424,7 +435,7 @@ def verify_stack_index(index_json: str | os.PathLike, *, checksums: bool = True)
     current = _describe(open_s2(s2_path), open_s1(s1_path), checksums)
     recorded = {key: value for key, value in index.items() if key != "stores"}
     # An index written before a choice was recorded holds that choice's default (as the stores read back).
-    recorded["preprocessing"] = Preprocessing(**recorded.get("preprocessing", {})).attrs()
+    recorded["preprocessing"] = Preprocessing.from_attrs(recorded.get("preprocessing", {}), index_json).attrs()
     if not checksums:
         recorded = _without_checksums(recorded)
     if current != recorded:
