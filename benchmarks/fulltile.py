@@ -167,7 +167,7 @@ def fetch_reads(work, catalog_dir: Path) -> list[tuple[Path, str]]:
     import zarr
 
     from tessera.fetch import S2_MAX_CLOUD_PCT
-    from tessera.period import S1_ORBIT_DIRECTIONS
+    from tessera.period import S1_ORBIT_DIRECTIONS, orbit_of
     from tessera.sources import S1_POLARISATIONS, S2_BANDS, S2_SCL
     from tessera.sources.mpc import mpc_shaped_source
 
@@ -187,7 +187,7 @@ def fetch_reads(work, catalog_dir: Path) -> list[tuple[Path, str]]:
                     continue
                 assets = [S2_SCL, *S2_BANDS] if feature["id"] in kept else [S2_SCL]
             else:
-                if str(properties.get("sat:orbit_state", "")).lower() not in S1_ORBIT_DIRECTIONS:
+                if orbit_of(properties) not in S1_ORBIT_DIRECTIONS:
                     continue
                 assets = list(S1_POLARISATIONS)
             reads += [(catalog_dir / feature["assets"][asset]["href"][len(api_url):], resampling[asset])

@@ -111,10 +111,15 @@ def test_the_plan_expects_fewer_scenes_of_a_period_and_of_one_orbit_direction(tm
     # A cached S1 search holds both directions: only the kept one counts.
     cache = tmp_path / "2024" / "grid_5.95_52.05" / "search_s1.json"
     cache.parent.mkdir(parents=True)
+    # Feeds differ in case, and the fetch reads "ASCENDING" as ascending; an item without a direction
+    # is never fetched.
     cache.write_text(json.dumps({"features": [{"properties": {"sat:orbit_state": orbit}}
-                                              for orbit in ("ascending", "descending", "descending")]}))
+                                              for orbit in ("ascending", "ASCENDING", "descending", "descending")]
+                                             + [{"properties": {}}]}))
     cached = estimates(make_plan(cfg.validate({**config, "fetch": {"s1_orbit_state": "ascending"}})))
-    assert cached["s1_scenes"] == 1 + round(TYPICAL_S1_ITEMS / 2)
+    assert cached["s1_scenes"] == 2 + round(TYPICAL_S1_ITEMS / 2)
+    both = estimates(make_plan(cfg.validate(config)))
+    assert both["s1_scenes"] == 4 + TYPICAL_S1_ITEMS
 
 
 def test_tessera_plan_names_the_time_series_and_its_variant(tmp_path, capsys):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,17 @@ from tessera.io import atomic_path
 # The reference's S1_ORBIT_STATE: both, or one direction.
 ALL_ORBITS = "both"
 S1_ORBIT_DIRECTIONS = ("ascending", "descending")
+
+
+def orbit_of(properties: Mapping) -> str:
+    """An S1 item's orbit direction from its STAC properties, lower-cased (feeds differ in case);
+    anything but ascending or descending is unusable."""
+    return str(properties.get("sat:orbit_state", "")).lower()
+
+
+def kept_orbits(s1_orbit_state: str) -> tuple[str, ...]:
+    """The orbit directions a time series of ``s1_orbit_state`` (both, ascending, descending) takes."""
+    return S1_ORBIT_DIRECTIONS if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
 
 
 @dataclass(frozen=True, order=True)

@@ -24,7 +24,7 @@ from tessera.layout import WorkTile
 from tessera.models import family_entry
 from tessera.io import atomic_path
 from tessera.options import FetchOptions
-from tessera.period import ALL_ORBITS, DateRange
+from tessera.period import ALL_ORBITS, DateRange, kept_orbits, orbit_of
 from tessera.roi import is_bbox, read_roi
 
 
@@ -99,15 +99,14 @@ STACK_S1_BYTES = 2 * 2
 COG_BYTES_PER_VALUE = 4 * 0.82
 
 
-def _cached_item_count(path: Path, s1_orbit_state: str = ALL_ORBITS) -> int | None:
-    """Items in a cached search result (the fetch stage writes it) that the fetch keeps of an orbit
-    direction (S1 searches find both), or None when there is none."""
+def _cached_items(path: Path) -> list[dict] | None:
+    """The properties of the items in a cached search result (the fetch stage writes it), or None
+    when there is none."""
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     items = data.get("features", []) if isinstance(data, dict) else data
-    return sum(s1_orbit_state == ALL_ORBITS or item.get("properties", {}).get("sat:orbit_state") == s1_orbit_state
-               for item in items)
+    return [item.get("properties", {}) for item in items]
 
 
 def plan_tile(roi: BaseGeometry, tile: Tile, patch_size: int) -> TilePlan | None:
@@ -200,8 +199,11 @@ def estimates(plan: Plan) -> dict[str, float]:
         for t in plan.tiles:
             pixels = t.window.width * t.window.height
             work = WorkTile.at(cfg["work_dir"], year, t.name)
-            s2_items = _cached_item_count(work.search("s2"))
-            s1_items = _cached_item_count(work.search("s1"), s1_orbit_state)
+            s2_items, s1_items = _cached_items(work.search("s2")), _cached_items(work.search("s1"))
+            if s2_items is not None:
+                s2_items = len(s2_items)
+            if s1_items is not None:  # the items of the orbit directions the fetch keeps (S1 searches find both)
+                s1_items = sum(orbit_of(properties) in kept_orbits(s1_orbit_state) for properties in s1_items)
             totals["cached_searches"] += (s2_items is not None) + (s1_items is not None)
             s2_items = round(TYPICAL_S2_ITEMS * share) if s2_items is None else s2_items
             s1_items = round(TYPICAL_S1_ITEMS * share * s1_share) if s1_items is None else s1_items

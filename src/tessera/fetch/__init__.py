@@ -53,7 +53,7 @@ from tessera.grid import Tile
 from tessera.layout import WorkTile
 from tessera.models import GRANULE_ORDER, S1_LAYOVER_KEPT, S1_LAYOVER_MASKED
 from tessera.options import FetchOptions
-from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, DateRange, Period
+from tessera.period import ALL_ORBITS, S1_ORBIT_DIRECTIONS, WHOLE_YEAR, DateRange, Period, kept_orbits, orbit_of
 from tessera.sources import S1_MASK, S1_POLARISATIONS, S2_BANDS, S2_SCL, Source, cached_search, utc_date
 from tessera.stack import MAX_CHUNK, S1_CHANNELS, Preprocessing, StackGrid, chunk_edge, write_s1, write_s2
 
@@ -77,15 +77,6 @@ def window_bbox_lonlat(tile: Tile, window: Window) -> tuple[float, float, float,
         if area.intersects(tile.project(Point(0.0, pole))):
             return (-180.0, min(south, pole), 180.0, max(north, pole))
     return west, south, east, north
-
-
-def _orbit_of(item: pystac.Item) -> str:
-    """An S1 item's orbit direction (ascending or descending; anything else is unusable)."""
-    return str(item.properties.get("sat:orbit_state", "")).lower()
-
-
-def _kept_orbits(s1_orbit_state: str) -> tuple[str, ...]:
-    return S1_ORBIT_DIRECTIONS if s1_orbit_state == ALL_ORBITS else (s1_orbit_state,)
 
 
 def _in_datetime_order(items: Iterable[pystac.Item]) -> list[pystac.Item]:
@@ -317,8 +308,8 @@ def fetch_s1(
     no_orbit = {}
     other_orbit = 0
     for item in found:
-        orbit = _orbit_of(item)
-        if orbit in _kept_orbits(s1_orbit_state):
+        orbit = orbit_of(item.properties)
+        if orbit in kept_orbits(s1_orbit_state):
             groups[(utc_date(item), orbit)].append(item)
         elif orbit in S1_ORBIT_DIRECTIONS:
             other_orbit += 1
@@ -396,7 +387,7 @@ def print_scenes(source: Source, tile: Tile, window: Window, year: int, *, perio
         cache = None if work is None else work.search(sensor)
         items = _in_datetime_order(cached_search(source, feed, bbox, dates, cache))
         if sensor == "s1":
-            items = [item for item in items if _orbit_of(item) in _kept_orbits(s1_orbit_state)]
+            items = [item for item in items if orbit_of(item.properties) in kept_orbits(s1_orbit_state)]
         print(f"{tile.name} {dates} {sensor.upper()} from {source.name}: {len(items)} scenes", file=file)
         print(f"  {'date':<10}  {'platform':<12} {'orbit':<15} {'cloud %':>7} {'coverage %':>10}  id", file=file)
         for item in items:
