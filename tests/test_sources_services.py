@@ -572,19 +572,18 @@ def test_a_token_that_expires_mid_tile_is_renewed_after_the_refusal(services, or
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_a_token_is_renewed_before_its_expiry_without_a_refusal(services, origin, monkeypatch):
+def test_a_token_within_the_margin_of_its_expiry_is_renewed_before_use(services, origin, monkeypatch):
     """The client's side: a token within ``TOKEN_REFRESH_MARGIN_S`` of its ``msft:expiry`` is not
     used again; a new one is asked for before the storage would refuse it (the client's clock moves on)."""
     late = {"by": 0.0}
     monkeypatch.setattr(mpc, "time", types.SimpleNamespace(time=lambda: time.time() + late["by"], sleep=time.sleep))
     signer, account, container = mpc.PlanetaryComputerSigner(), "sentinel2l2a01", "sentinel2-l2"
-    requests_before, refused_before = len(origin.traffic.sas_requests), _refused_blob_reads(origin)
+    requests_before = len(origin.traffic.sas_requests)
     first = signer.token(account, container)
     late["by"] = 3600 - mpc.TOKEN_REFRESH_MARGIN_S - 5  # just outside the margin of the hour's expiry
     assert signer.token(account, container) == first and len(origin.traffic.sas_requests) == requests_before + 1
     late["by"] = 3600 - mpc.TOKEN_REFRESH_MARGIN_S + 5  # within it
     assert signer.token(account, container) != first and len(origin.traffic.sas_requests) == requests_before + 2
-    assert _refused_blob_reads(origin) == refused_before
 
 
 def test_an_incomplete_cmr_answer_fails_the_search_instead_of_losing_bursts(services, monkeypatch):
