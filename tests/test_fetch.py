@@ -131,12 +131,12 @@ def test_mpc_harmonisation_without_a_baseline_starts_after_2022_01_25_and_spares
     mpc, none = source([]), source([], harmonisation="none")
     values = np.array([999.0, 1000.0, 1500.0, 1500.9, np.nan])
     # 23:59 UTC on the 25th is still the 25th; 00:30 at UTC+2 on the 26th is the 25th in UTC.
-    assert encode_s2(values, l2a_item(utc(2022, 1, 25, 23, 59)), mpc).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, l2a_item(utc(2022, 1, 25, 23, 59)), mpc, ~np.isnan(values)).tolist() == [999, 1000, 1500, 1500, 0]
     plus_two = dt.datetime(2022, 1, 26, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))
-    assert encode_s2(values, l2a_item(plus_two), mpc).tolist() == [999, 1000, 1500, 1500, 0]
-    assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc).tolist() == [999, 0, 500, 500, 0]
-    assert encode_s2(values, l2a_item(utc(2024, 6, 1)), none).tolist() == [999, 1000, 1500, 1500, 0]
-    assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc).dtype == np.uint16
+    assert encode_s2(values, l2a_item(plus_two), mpc, ~np.isnan(values)).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc, ~np.isnan(values)).tolist() == [999, 0, 500, 500, 0]
+    assert encode_s2(values, l2a_item(utc(2024, 6, 1)), none, ~np.isnan(values)).tolist() == [999, 1000, 1500, 1500, 0]
+    assert encode_s2(values, l2a_item(utc(2022, 1, 26)), mpc, ~np.isnan(values)).dtype == np.uint16
 
 
 @pytest.mark.parametrize("harmonisation", ["mpc", "none"])
@@ -148,7 +148,7 @@ def test_s2_dn_encode_in_integers_exactly_as_in_float64(harmonisation, when):
     valid = np.random.default_rng(0).random(dn.size) > 0.1
     item, chosen = l2a_item(when), source([], harmonisation=harmonisation)
     as_floats = np.where(valid, dn.astype(np.float64), np.nan)
-    expected = encode_s2(as_floats, item, chosen)
+    expected = encode_s2(as_floats, item, chosen, ~np.isnan(as_floats))
     assert np.array_equal(encode_s2(dn, item, chosen, valid), expected)
     assert np.array_equal(encode_s2(dn.astype(np.float32), item, chosen, valid), expected)
     assert encode_s2(dn, item, chosen, valid).dtype == np.uint16
@@ -164,17 +164,17 @@ def test_s2_dn_encode_in_integers_exactly_as_in_float64(harmonisation, when):
 def test_mpc_harmonisation_of_real_items_follows_their_processing_baseline(fixture, offset):
     item = pystac.Item.from_dict(json.loads((STAC_FIXTURES / fixture).read_text()))
     values = np.array([999.0, 1500.0])
-    assert encode_s2(values, item, source([])).tolist() == ([999, 500] if offset else [999, 1500])
+    assert encode_s2(values, item, source([]), ~np.isnan(values)).tolist() == ([999, 500] if offset else [999, 1500])
 
 
 def test_mpc_harmonisation_trusts_a_stated_baseline_over_the_date():
     """The date rule only stands for the baseline: 04.00 products of 2022-01-25 carry the offset,
     an older date reprocessed under 05.00 does too, and an unreadable baseline falls back to the date."""
     mpc, values = source([]), np.array([1500.0])
-    assert encode_s2(values, l2a_item(utc(2022, 1, 25, 10), "04.00"), mpc).tolist() == [500]
-    assert encode_s2(values, l2a_item(utc(2019, 6, 29, 10), "05.00"), mpc).tolist() == [500]
-    assert encode_s2(values, l2a_item(utc(2023, 6, 29, 10), "03.01"), mpc).tolist() == [1500]
-    assert encode_s2(values, l2a_item(utc(2023, 6, 29, 10), "N/A"), mpc).tolist() == [500]
+    assert encode_s2(values, l2a_item(utc(2022, 1, 25, 10), "04.00"), mpc, ~np.isnan(values)).tolist() == [500]
+    assert encode_s2(values, l2a_item(utc(2019, 6, 29, 10), "05.00"), mpc, ~np.isnan(values)).tolist() == [500]
+    assert encode_s2(values, l2a_item(utc(2023, 6, 29, 10), "03.01"), mpc, ~np.isnan(values)).tolist() == [1500]
+    assert encode_s2(values, l2a_item(utc(2023, 6, 29, 10), "N/A"), mpc, ~np.isnan(values)).tolist() == [500]
 
 
 def test_scl_classes():

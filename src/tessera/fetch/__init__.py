@@ -234,18 +234,19 @@ def fetch_s2(
             low_coverage.append(date.isoformat())
             return None
         value_from = np.where(valid, chosen, 0)
-        granule_of = {item.id: index for index, item in enumerate(day_items)}
         contributing = np.unique(value_from)
+        # The pixels each contributing granule gives, once per date; None: every pixel, from the only one.
+        part_of = {day_items[index].id: None if len(contributing) == 1 else value_from == index
+                   for index in contributing}
         reads = [(day_items[index], band, band_resampling) for band in S2_BANDS for index in contributing]
         bands = np.empty((reader.height, reader.width, len(S2_BANDS)), np.uint16)
         for (item, band, _), (values, in_scene) in reader.read_all(reads):
             band_values = bands[..., S2_BANDS.index(band)]
-            if len(contributing) == 1:  # every pixel comes from one granule: no need to pick its part out
+            take = part_of[item.id]
+            if take is None:
                 band_values[...] = encode_s2(values, item, source, in_scene)
-                continue
-            take = value_from == granule_of[item.id]
-            # Harmonisation and the cast work pixel by pixel, so each granule's part is encoded alone.
-            band_values[take] = encode_s2(values[take], item, source, in_scene[take])
+            else:  # harmonisation and the cast work pixel by pixel, so each granule's part is encoded alone
+                band_values[take] = encode_s2(values[take], item, source, in_scene[take])
         return [item.id for item in day_items], bands, valid.astype(np.uint8)
 
     kept: list[str] = []
@@ -328,15 +329,16 @@ def fetch_s1(
         merged = np.zeros((reader.height, reader.width, S1_CHANNELS), np.int16)
         used = []
         for item in group_items:
-            mask_read = read.get((item.id, S1_MASK))
+            mask_read = read.pop((item.id, S1_MASK), None)
+            # Layover, shadow, or outside the mask layer: once per item, for both polarisations.
+            masked = None if mask_read is None else (mask_read[0] != 0) | ~mask_read[1]
             contributed = False
             for channel, polarisation in enumerate(S1_POLARISATIONS):
                 values, in_scene = read.pop((item.id, polarisation))
                 gamma0 = values.astype(gamma0_dtype)
                 gamma0[~in_scene] = np.nan
-                if mask_read is not None:
-                    layer, in_mask = mask_read
-                    gamma0[(layer != 0) | ~in_mask] = np.nan  # layover, shadow, or outside the mask layer
+                if masked is not None:
+                    gamma0[masked] = np.nan
                 # The reference drops a polarisation of an item that covers too little of the ROI.
                 if coverage.pct(np.isfinite(gamma0) & (gamma0 > 0)) < min_coverage_pct:
                     continue

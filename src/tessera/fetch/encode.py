@@ -12,20 +12,18 @@ INVALID_SCL = (0, 1, 2, 3, 8, 9)  # no data, saturated/defective, dark area, clo
 S1_CODE_MAX = 32767
 
 
-def encode_s2(values: np.ndarray, item: pystac.Item, source: Source, valid: np.ndarray | None = None) -> np.ndarray:
+def encode_s2(values: np.ndarray, item: pystac.Item, source: Source, valid: np.ndarray) -> np.ndarray:
     """Reflectance DN of ``item`` -> the reference's uint16: harmonise, no data -> 0, truncate.
 
-    ``values`` are in the asset's data type; no data is where ``valid`` is False, and NaN. The
+    ``values`` are in the asset's data type; no data is where ``valid`` is False (and NaN). The
     reference computes in float64; for uint16 DN (what L2A COGs hold) the same integers come out of
     integer arithmetic, at a fraction of the cost, so only other types are converted.
     """
     if values.dtype != np.uint16:
         values = values.astype(np.float64)
-        if valid is not None:
-            values[~valid] = np.nan
+        values[~valid] = np.nan
         return np.nan_to_num(source.harmonise_s2(values, item), nan=0.0).astype(np.uint16)
-    harmonised = source.harmonise_s2(values, item)
-    return harmonised.astype(np.uint16) if valid is None else np.where(valid, harmonised, np.uint16(0))
+    return np.where(valid, source.harmonise_s2(values, item), np.uint16(0))
 
 
 def encode_s1(gamma0: np.ndarray) -> np.ndarray:
