@@ -55,8 +55,9 @@ def test_bad_periods_are_one_line_naming_the_key_and_the_fix(period, year, messa
     ("06-30/04-01", "ends before it starts"),
 ])
 def test_bad_period_flags_are_one_line(text, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as refused:
         Period.parse(text)
+    assert "\n" not in str(refused.value)
 
 
 def test_a_period_day_missing_from_a_year_is_one_line():

@@ -186,3 +186,12 @@ def test_corrupted_chunk_fails_to_read_instead_of_returning_garbage(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(Exception):
         open_s2(tmp_path / "s2.zarr").bands[:]
+
+
+def test_a_record_without_preprocessing_is_refused_in_one_line_naming_it(tmp_path):
+    """What publish reads of a stack index written before preprocessing was recorded."""
+    from tessera.stack import Preprocessing
+
+    with pytest.raises(UserError, match=r"old/stack.json records preprocessing \{\}, not the choices .* rerun the fetch") as refused:
+        Preprocessing.from_attrs(None, tmp_path / "old" / "stack.json")
+    assert "\n" not in str(refused.value)

@@ -73,7 +73,7 @@ class Preprocessing:
         """The choices recorded in a store or an index (``where``); a record that does not hold them is
         refused in one line."""
         try:
-            return cls(**attrs)
+            return cls(**(attrs or {}))
         except TypeError:
             raise UserError(f"{where} records preprocessing {dict(attrs)!r}, not the choices this version records "
                             f"({', '.join(cls.__dataclass_fields__)}): it is damaged or from another version; "

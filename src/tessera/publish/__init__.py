@@ -39,12 +39,10 @@ def tiles_of_embeddings(results: Results, work_dir: Path,
             raise UserError(f"tile {tile} {year} has no complete embedding in {results.root} or no stack index in "
                             f"{work_dir} (embedding, scales, stack.json): run its fetch and assemble jobs first")
         index = json.loads(work.stack_index.read_text())
-        if "preprocessing" not in index:
-            raise UserError(f"stack index {work.stack_index} records no preprocessing (written by an older "
-                            "tessera-workflow): delete the tile's work folder and rerun its fetch")
         tiles.append(files)
         scene_ids[(tile, year)] = scene_ids_of_index(index)
-        preprocessing[(tile, year)] = Preprocessing(**index["preprocessing"]).attrs()  # with what older ones lack
+        # With what older indexes lack; one that records none, or other choices, is refused in one line.
+        preprocessing[(tile, year)] = Preprocessing.from_attrs(index.get("preprocessing"), work.stack_index).attrs()
         roi_masks[tile] = work.roi_mask
     return sorted(tiles, key=lambda f: (f.year, f.tile.name)), scene_ids, preprocessing, roi_masks
 
