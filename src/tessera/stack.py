@@ -75,7 +75,7 @@ class Preprocessing:
         try:
             return cls(**(attrs or {}))
         except TypeError:
-            raise UserError(f"{where} records preprocessing {dict(attrs)!r}, not the choices this version records "
+            raise UserError(f"{where} records preprocessing {dict(attrs or {})!r}, not the choices this version records "
                             f"({', '.join(cls.__dataclass_fields__)}): it is damaged or from another version; "
                             "delete it and rerun the fetch of this tile") from None
 
