@@ -225,8 +225,9 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path,
                            transform=transform, nodata=float("nan"), interleave="band") as raster:
             for row in range(0, height, step):
                 rows = slice(row, min(row + step, height))
-                # (bands, rows, cols), as the raster holds them: codes × scale, the product in float32.
-                block = np.multiply(np.moveaxis(codes[rows], -1, 0), scales[rows], dtype=np.float32)
+                # (bands, rows, cols) in C order, as the raster holds them (numpy would keep the codes'
+                # pixel-interleaved layout, which rasterio then copies at a stride): codes × scale in float32.
+                block = np.multiply(np.moveaxis(codes[rows], -1, 0), scales[rows], dtype=np.float32, order="C")
                 raster.write(block, window=rasterio.windows.Window(0, row, width, rows.stop - row))
             del codes, scales  # unmapped: their pages no longer count against the job's memory
             raster.descriptions = tuple(f"Tessera_Band_{i}" for i in range(dims))
@@ -241,11 +242,11 @@ def write_tile_cog(embedding_path: Path, scales_path: Path, roi_mask_path: Path,
 
 
 # Peak memory of assemble_tile with the COG, measured (benchmarks/assemble.py, a full tile at
-# 52° N, 833,000 px, 2 threads): 1,004 MiB at 128 dims, 6,886 MiB at 1,024: ~165 MiB + 8.3 bytes per
-# pixel and number. Per pixel and number: 4 bytes of the in-memory raster, 1.33 of its overviews,
+# 52° N whose COG covers its 717 x 1118 = 801,606 px data window, what the rule passes; 2 threads):
+# 1,004 MiB at 128 dims, 6,886 MiB at 1,024: 165 MiB + 8.57 and 8.59 bytes per pixel and number. Per pixel and number: 4 bytes of the in-memory raster, 1.33 of its overviews,
 # and ~3 of GDAL's compression buffers in the COG copy (they grow with the threads: ~1.5 with one).
 _MEMORY_BASE_BYTES = 165 * 2**20
-_MEMORY_BYTES_PER_VALUE = 8.3
+_MEMORY_BYTES_PER_VALUE = 8.6
 ASSEMBLE_THREADS = 2  # what the constants were measured with, and the rule's threads
 
 
