@@ -143,6 +143,8 @@ CONFIG_FILE_CASES = [
     ("not a mapping", "- roi\n- year\n", ["must be a mapping"]),
     ("binary file", b"\x89PNG\r\n\x1a\n\xff\xfe\x00", ["not UTF-8 text"]),
     ("missing roi", "year: 2024\n", ["'roi' is required"]),
+    ("impossible unquoted date", f"roi: '{TINY_ROI}'\nyear: 2024\nperiod: {{start: 2024-02-30, end: 2024-03-31}}\n",
+     ["impossible date", "day is out of range", "quote it"]),
 ]
 
 
