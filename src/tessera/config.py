@@ -75,11 +75,11 @@ def read_config_files(paths: list[str | Path]) -> dict:
             loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}: fix it (see config/config.yaml)") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file {str(path)!r} is not UTF-8 text: pass a YAML file (e.g. config/demo.yaml)") from None
         except ValueError as exc:  # YAML reads an unquoted 2024-02-30 as a date, which does not exist
             raise UserError(f"config file {str(path)!r} holds an impossible date ({exc}): fix it, or quote it to have "
                             "it checked against the key's rules") from None
-        except UnicodeDecodeError:
-            raise UserError(f"config file {str(path)!r} is not UTF-8 text: pass a YAML file (e.g. config/demo.yaml)") from None
         except OSError as exc:
             raise UserError(f"config file {str(path)!r} cannot be read ({exc.strerror}): pass a readable YAML file") from None
         if not isinstance(loaded, dict):
