@@ -149,7 +149,7 @@ def test_mosaics_move_with_the_output_directory(run_dir, tmp_path):
 
 def test_mosaic_cog_on_request(run_dir, tmp_path):
     vrt = _mosaic(run_dir, "quicklook", 32631)
-    cog = write_mosaic_cog(vrt, tmp_path / "quicklook_epsg32631.tif")
+    cog = write_mosaic_cog(vrt, tmp_path / "quicklook_epsg32631.tif", threads=2)
     with rasterio.open(vrt) as src, rasterio.open(cog) as dst:
         assert dst.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and dst.overviews(1)
         assert dst.transform == src.transform and dst.crs == src.crs
@@ -222,7 +222,7 @@ def test_geotessera_registry_tools_accept_our_directory(geotessera_dir, tmp_path
 def test_every_cog_passes_rio_cogeo_validate(run_dir, tmp_path):
     cogeo = pytest.importorskip("rio_cogeo.cogeo")
     cogs = [*run_dir.glob("cog/*/*.tif"), *run_dir.glob("quicklook/*/*.tif"),
-            write_mosaic_cog(_mosaic(run_dir, "tessera", 32631), tmp_path / "tessera_epsg32631.tif")]
+            write_mosaic_cog(_mosaic(run_dir, "tessera", 32631), tmp_path / "tessera_epsg32631.tif", threads=2)]
     assert len(cogs) == 7
     for cog in cogs:
         # What `rio cogeo validate --strict` runs: warnings (e.g. missing overviews) count as failures.

@@ -88,7 +88,7 @@ def publish(
         for vrt in write_zone_mosaics(results, [files.tile for files in tiles if files.year == year], year):
             log.info("wrote %s", vrt)
             if mosaic_cog:
-                log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif")))
+                log.info("wrote %s", write_mosaic_cog(vrt, vrt.with_suffix(".tif"), threads))
     write_stac(results, tiles, family=family, checkpoint_sha256=sha256_file(checkpoint), source=source,
                variant=variant, scene_ids=scene_ids, processing=processing)
     write_zarr_store(results, tiles, dataset_version=family_entry(family).dataset_version)

@@ -41,7 +41,6 @@ from affine import Affine
 from tessera.errors import UserError
 from tessera.grid import PIXEL_METRES, Tile, floor_pixels
 from tessera.io import atomic_path, check_raster_complete
-from tessera.options import available_cpus
 from tessera.layout import Results
 
 _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "int16": "Int16", "uint16": "UInt16", "float32": "Float32"}
@@ -139,14 +138,15 @@ def write_zone_mosaics(results: Results, tiles: list[Tile], year: int) -> list[P
     return written
 
 
-def write_mosaic_cog(vrt: Path, out: Path) -> Path:
-    """The mosaic as one Cloud-Optimized GeoTIFF (same grid and bands; overviews averaged)."""
+def write_mosaic_cog(vrt: Path, out: Path, threads: int) -> Path:
+    """The mosaic as one Cloud-Optimized GeoTIFF (same grid and bands; overviews averaged), compressed
+    by ``threads`` (the publish job's)."""
     with rasterio.open(vrt) as src:
         predictor = 3 if src.dtypes[0].startswith("float") else 2
     with atomic_path(out) as tmp:
         rasterio.shutil.copy(
             vrt, tmp, driver="COG", compress="DEFLATE", predictor=predictor, blocksize=256,
-            overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(available_cpus()),
+            overview_resampling="average", bigtiff="IF_SAFER", num_threads=str(threads),
         )
         check_raster_complete(tmp)
     return out
