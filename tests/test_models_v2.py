@@ -114,11 +114,10 @@ def test_tiny_demo_size_keeps_128_numbers_with_far_fewer_weights():
     assert count[0] * 50 < count[1], count
 
 
-def test_cli_demo_checkpoint_tiny_loads_and_embeds_128(tmp_path, capsys):
-    assert main(["-q", "demo", "checkpoint", "--family", "v2", "--size", "tiny", "--work-dir", str(tmp_path / "t")]) == 0
-    assert main(["-q", "demo", "checkpoint", "--family", "v2", "--work-dir", str(tmp_path / "s")]) == 0
-    tiny, small = layout.demo_checkpoint(tmp_path / "t", "v2"), layout.demo_checkpoint(tmp_path / "s", "v2")
-    assert tiny.stat().st_size * 50 < small.stat().st_size
+def test_cli_demo_checkpoint_tiny_loads_and_embeds_128(tmp_path):
+    """The size reaches the checkpoint (its architecture and label); its weights' count is checked above."""
+    assert main(["-q", "demo", "checkpoint", "--family", "v2", "--size", "tiny", "--work-dir", str(tmp_path)]) == 0
+    tiny = layout.demo_checkpoint(tmp_path, "v2")
     assert "size tiny" in torch.load(tiny, weights_only=True)["tessera_demo"]
     model = load_model(tiny, "v2")
     assert model.arch["latent_dim"] == V2.demo_arch("tiny")["latent_dim"] and model.arch["num_layers"] == 1
