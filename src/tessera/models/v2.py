@@ -139,7 +139,8 @@ class V2Student(BucketedFamily):
     # "small" and "large" are published sizes. "tiny" is no published size: it exists to try or
     # benchmark the pipeline on a CPU (benchmarks/fulltile.py) without the inference dominating:
     # about 45x the small size's forward px/s and 60x its end-to-end px/s on 2 CPU threads (64-step
-    # bin, benchmarks/infer.py), 80x its forward on one thread. It keeps repr_dim 128, so the
+    # bin; `benchmarks/infer.py --families v2 --checkpoint v2=<a tiny demo checkpoint>` against the
+    # small size), 80x its forward on one thread. It keeps repr_dim 128, so the
     # assembled tiles still have 128 bands; its embeddings are as meaningless as any demo checkpoint's.
     demo_sizes = {
         "small": {},
