@@ -226,6 +226,10 @@ class Origin:
         self.sas_errors = 0  # the next N token requests answer 503
         self.token_lifetime = timedelta(hours=1)
         self.token_expiry: dict[str, datetime] = {}
+        # A token is a container SAS ("sr=c" in the documented response, shared/fixtures/stac/
+        # mpc-sas-token-response-docs-example.json, asked for at /token/{account}/{container}):
+        # storage refuses it for another container's blobs (403, its signature does not match).
+        self.token_scope: dict[str, tuple[str, str]] = {}
         # The SAS API's and blob storage's clock. A test moves it on, e.g. after some blob reads
         # (``advance_clock_after_blob_reads``: (reads, by how much)), to play a read that took an
         # hour without waiting for it: deterministically, unlike short-lived tokens.
@@ -274,7 +278,7 @@ class Origin:
             if api is not None and path.startswith(prefix):
                 return await self._stac(request, api, path[len(prefix):].rstrip("/"))
         if path.startswith("/mpc/api/sas/v1/token/"):
-            return self._sas_token(request)
+            return self._sas_token(request, path[len("/mpc/api/sas/v1/token/"):])
         if path in self.files:
             return self._file(request, self.files[path])
         return PlainTextResponse("not found", status_code=404)
@@ -288,7 +292,7 @@ class Origin:
             return JSONResponse(api.search(body), media_type="application/geo+json")
         return PlainTextResponse("not found", status_code=404)
 
-    def _sas_token(self, request: Request) -> Response:
+    def _sas_token(self, request: Request, account_and_container: str) -> Response:
         self.subscription_keys.append(request.headers.get("ocp-apim-subscription-key"))
         self.traffic.sas_requests.append(request.url.path)
         # Throttling: the SAS API is rate limited per client IP; the planetary-computer SDK retries
@@ -309,6 +313,8 @@ class Origin:
             self.valid_tokens.add(signature)
         expiry = self.now() + self.token_lifetime
         self.token_expiry[signature] = expiry
+        account, _, container = account_and_container.strip("/").partition("/")
+        self.token_scope[signature] = (account, container)
         response["msft:expiry"] = expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # The documented example with its redacted signature replaced by a live one.
         query = parse_qs(response["token"], keep_blank_values=True)
@@ -321,7 +327,8 @@ class Origin:
         container, _, blob = path.lstrip("/").partition("/")
         signature = parse_qs(request.url.query).get("sig", [None])[0]
         expired = signature in self.token_expiry and self.now() > self.token_expiry[signature]
-        if signature not in self.valid_tokens or expired:
+        other_container = self.token_scope.get(signature, (account, container)) != (account, container)
+        if signature not in self.valid_tokens or expired or other_container:
             # Azure answers an expired or revoked SAS with 403 AuthenticationFailed ("Signed expiry
             # time ... must be after signed start time" / "Signature not valid in the specified time frame").
             return Response("<Error><Code>AuthenticationFailed</Code></Error>", status_code=403, media_type="application/xml")

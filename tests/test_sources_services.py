@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import types
+from urllib.parse import urlparse
 
 import numpy as np
 import planetary_computer.sas
@@ -15,6 +16,7 @@ import planetary_computer.settings
 import pystac
 import pytest
 import rasterio
+import rasterio.errors
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.windows import Window
@@ -570,6 +572,25 @@ def test_a_token_that_expires_mid_tile_is_renewed_after_the_refusal(services, or
     assert len(origin.traffic.sas_requests) - requests_before >= 2  # the first token, then a renewal
     for ours, theirs in zip(_s2_stack_values(tmp_path / "s2.zarr"), _s2_stack_values(tmp_path / "clean.zarr")):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_containers_token_reads_its_blobs_and_not_another_containers(services, origin):
+    """The stand-in's tokens are container SAS tokens, as MPC's: the fetch's signing per container
+    is what makes its reads work, not a storage that takes any live token."""
+    from tessera.fetch.reader import GDAL_HTTP_OPTIONS
+
+    feed = mpc_source(services[2].mpc_url).s2
+    item = feed.search(window_bbox_lonlat(TILE, WINDOW), DateRange.whole_year(YEAR))[0]
+    signed = feed.href(item, "B04")
+    account = urlparse(signed).hostname.split(".")[0]
+    other = signed.split("?")[0] + "?" + feed.signer.token(account, "another-container")
+    refused_before = _refused_blob_reads(origin)
+    with rasterio.Env(**GDAL_HTTP_OPTIONS, CPL_VSIL_CURL_NON_CACHED="/vsicurl/https"):
+        with rasterio.open(signed) as src:
+            assert src.width > 0
+        with pytest.raises(rasterio.errors.RasterioIOError, match="403"):
+            rasterio.open(other)
+    assert _refused_blob_reads(origin) > refused_before
 
 
 def test_a_token_within_the_margin_of_its_expiry_is_renewed_before_use(services, origin, monkeypatch):
