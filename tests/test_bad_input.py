@@ -316,8 +316,9 @@ def assert_nothing_left(out: Path) -> None:
 
 def test_empty_search_fails_the_tile_naming_it(demo_catalog, tmp_path, capsys):
     code, lines, out = _fetch(capsys, tmp_path, demo_catalog, FAR_ROI)
-    assert_one_error_line(code, lines, "tile grid_6.25_52.05", "0 usable Sentinel-2 dates in 2024", "0 scenes found",
-                          only_line=False)
+    assert_one_error_line(code, lines, "tile grid_6.25_52.05", "0 usable Sentinel-2 dates in 2024", "(no scene found)",
+                          "check the source's coverage of this tile", only_line=False)
+    assert not any("too little valid coverage" in line for line in lines)  # nothing was found to have too little
     assert_nothing_left(out)
 
 

@@ -128,21 +128,29 @@ def _each_date(groups: dict, build: Callable, skipped: dict[str, str], desc: str
 
 def _too_few(tile: Tile, sensor: str, dates: DateRange, usable: int, min_scenes: int, skipped: dict[str, str],
              searched: int, other_orbit: int = 0) -> UserError:
-    if other_orbit and not skipped and searched == 0:
-        return UserError(
-            f"tile {tile.name}: {usable} usable {sensor} dates in {dates}, fewer than fetch.min_scenes={min_scenes}: "
-            f"fetch.s1_orbit_state left out all {other_orbit} scenes found (the other orbit direction): keep both "
-            "directions or lower fetch.min_scenes")
+    """Why a tile has too few dates, and what to change: failed scenes (rerun), none found (the
+    period or the orbit filter), or too little valid coverage (the thresholds)."""
+    reasons, fixes = [], []
     if skipped:
         listed = "; ".join(f"{item_id}: {reason}" for item_id, reason in list(skipped.items())[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        failed = f"failed scenes: {listed}{more}"
-    else:
-        failed = f"no scene failed; {searched} scenes found, the rest had too little valid coverage"
-    return UserError(
-        f"tile {tile.name}: {usable} usable {sensor} dates in {dates}, fewer than fetch.min_scenes={min_scenes} "
-        f"({failed}): rerun if the source had trouble, else lower fetch.min_scenes or fetch.min_coverage_pct"
-    )
+        reasons.append(f"failed scenes: {listed}{more}")
+        fixes.append("rerun if the source had trouble")
+    if other_orbit:
+        reasons.append(f"fetch.s1_orbit_state left out all {other_orbit} scenes found (the other orbit direction)"
+                       if searched == 0 else f"fetch.s1_orbit_state left out {other_orbit} of the other orbit direction")
+        fixes.append("keep both directions")
+    if searched == 0 and not other_orbit:
+        reasons.append("no scene found")
+        fixes.append("widen config period" if dates.days < DateRange.whole_year(dates.start.year).days
+                     else "check the source's coverage of this tile")
+    if searched and not skipped:
+        reasons.append(f"no scene failed; {searched} scenes found, the rest had too little valid coverage")
+    if searched:
+        fixes.append("lower fetch.min_coverage_pct")
+    fixes.append("lower fetch.min_scenes")
+    return UserError(f"tile {tile.name}: {usable} usable {sensor} dates in {dates}, fewer than "
+                     f"fetch.min_scenes={min_scenes} ({'; '.join(reasons)}): {', or '.join(fixes)}")
 
 
 def _too_many_skipped(tile: Tile, sensor: str, skipped: dict[str, str], found: int, max_skipped_pct: float) -> None:
