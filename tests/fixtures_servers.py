@@ -230,7 +230,9 @@ class Origin:
         # mpc-sas-token-response-docs-example.json, asked for at /token/{account}/{container}):
         # storage refuses it for another container's blobs (403, its signature does not match).
         self.token_scope: dict[str, tuple[str, str]] = {}
-        # The SAS API's and blob storage's clock. A test moves it on, e.g. after some blob reads
+        # The SAS API's and blob storage's clock; the storage judges a token by its own clock, not
+        # the client's (clock skew gives 403s: learn.microsoft.com/azure/storage/common/
+        # storage-sas-overview, "Be careful with SAS start time"). A test moves it on, e.g. after some blob reads
         # (``advance_clock_after_blob_reads``: (reads, by how much)), to play a read that took an
         # hour without waiting for it: deterministically, unlike short-lived tokens.
         self.clock_offset = timedelta(0)
@@ -329,8 +331,10 @@ class Origin:
         expired = signature in self.token_expiry and self.now() > self.token_expiry[signature]
         other_container = self.token_scope.get(signature, (account, container)) != (account, container)
         if signature not in self.valid_tokens or expired or other_container:
-            # Azure answers an expired or revoked SAS with 403 AuthenticationFailed ("Signed expiry
-            # time ... must be after signed start time" / "Signature not valid in the specified time frame").
+            # Azure answers an expired or revoked SAS with 403 AuthenticationFailed ("Signature not
+            # valid in the specified time frame: Start ... Expiry ... Current ...", quoted in
+            # microsoft/AzureStorageExplorer#3219); a token for another resource with "Signature did
+            # not match" (Azure/azure-storage-ruby#217).
             return Response("<Error><Code>AuthenticationFailed</Code></Error>", status_code=403, media_type="application/xml")
         file = self.blobs.get((account, container, blob))
         if file is None:
